@@ -1,0 +1,40 @@
+"""Progress on long work: a tqdm bar on a terminal, one line per finished step always (stderr)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence step lines and bars (``recsys --quiet``)."""
+    global _quiet
+    _quiet = quiet
+
+
+def note(message: str) -> None:
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """Time a step and print ``[name] done in 1.2 s`` when it ends."""
+    start = time.perf_counter()
+    yield
+    note(f"[{name}] {time.perf_counter() - start:.1f} s")
+
+
+def bar(items: Iterable[T], *, total: int | None = None, desc: str, unit: str = "it") -> Iterator[T]:
+    """A progress bar on a terminal; silent when stderr is not a terminal or when quiet."""
+    disable = _quiet or not sys.stderr.isatty()
+    yield from tqdm(items, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True)

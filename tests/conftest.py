@@ -1,0 +1,63 @@
+"""Shared fixtures: real worlds and builds on disk (small and fast), real public samples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys.config import load_config
+from recsys.schemas import BuildConfig, SynthConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+#: A world small enough to generate twice in a test, with histories well beyond 100 events.
+TINY = ["num_users=120", "num_items=1500", "num_categories=30", "num_brands=10", "activity.median_events=200",
+        "activity.max_events=2000", "impressions.request_rate=0.3"]
+
+
+def tiny_config(*extra: str) -> SynthConfig:
+    return load_config(SynthConfig, ROOT / "configs" / "synth" / "small.yaml", [*TINY, *extra])
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `recsys` command in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"public sample {path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """The `small` preset, as `make demo` generates it."""
+    from features.synth import generate
+
+    out = tmp_path_factory.mktemp("small") / "world"
+    generate(load_config(SynthConfig, ROOT / "configs" / "synth" / "small.yaml"), out, preset="small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from features.synth import generate
+
+    out = tmp_path_factory.mktemp("tiny") / "world"
+    generate(tiny_config(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_world, tmp_path_factory) -> Path:
+    from features.build import build
+
+    out = tmp_path_factory.mktemp("tiny_data") / "data"
+    build(f"synth:{tiny_world}", out, BuildConfig())
+    return out
