@@ -1,0 +1,316 @@
+"""``recsys data build``: raw logs -> vocabularies, history store, training requests, report.
+
+Output directory (it appears whole, by an atomic rename, or not at all)::
+
+    dataset.json              what is where: features and vocabulary sizes, splits, history layout
+    report.json               rows read and rejected, sizes, requests per split, history lengths
+    rejects.csv               the skipped bad rows: file, line, field, value, reason, raw
+    config.yaml               the resolved build config
+    vocab/<name>.parquet      index, raw, count (row 0 = out-of-vocabulary)
+    items.parquet             row i = item index i: item_id and feature indices
+    users.parquet             row u = user index u: user_id, profile indices, history_len
+    history/history.arrow     per-user lifelong history (features/history.py)
+    requests/{train,valid,test}.parquet   one row per request (features/requests.py)
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from recsys.schemas import BuildConfig, SynthConfig
+    >>> from features.synth import generate
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = generate(SynthConfig(num_users=60, num_items=600, num_categories=12, num_brands=6), root / "w")
+    >>> report = build("synth:" + str(root / "w"), root / "d", BuildConfig())
+    >>> report["rows_rejected"], sorted(report["requests"])
+    (0, ['test', 'train', 'valid'])
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features.history import HistoryStore, write_history
+from features.requests import SPLITS, requests_from_impressions, sampled_requests, split_by_time
+from features.sources import SourceData, read_source
+from features.validate import write_rejects
+from features.vocab import Vocab
+from recsys import __version__
+from recsys.config import dump_config
+from recsys.errors import DataError
+from recsys.io import atomic_output_dir, check_output_dir, write_json
+from recsys.metrics import auc
+from recsys.progress import note
+from recsys.schemas import BuildConfig
+from recsys.types import BEHAVIORS
+
+ITEM_FEATURES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
+PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Step:
+            def __enter__(self) -> None:
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc: object) -> None:
+                took = time.perf_counter() - self.start
+                timer.seconds[name] = round(took, 3)
+                if exc[0] is None:
+                    note(f"[build] {name}: {took:.1f} s")
+
+        return _Step()
+
+
+def build(
+    source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Build training data from ``source`` (``synth:DIR`` or ``taobao:FILE``) into ``out``.
+
+    Returns:
+        The report (also written to ``out/report.json``).
+
+    Raises:
+        RecsysError: a bad source spec, an unreadable file, no usable events, or (``strict``) a bad row.
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+    """
+    check_output_dir(out, overwrite=overwrite)
+    timer = _Timer()
+    with timer("read and validate"):
+        src = read_source(source, cfg, strict=strict)
+    if src.events.height == 0:
+        raise DataError("no valid events to build from (see the rejects above)", file=str(src.path))
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with timer("vocabularies"):
+            vocabs = fit_vocabs(src, cfg)
+            (tmp / "vocab").mkdir()
+            for v in vocabs.values():
+                v.save(tmp / "vocab")
+            items = item_table(src, vocabs)
+            users = user_table(src, vocabs)
+        with timer("history"):
+            (tmp / "history").mkdir()
+            events = build_history(src.events.lazy(), vocabs, tmp / "history" / "history.arrow")
+            store = HistoryStore.open(tmp / "history" / "history.arrow")
+            users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
+            items.write_parquet(tmp / "items.parquet")
+            users.write_parquet(tmp / "users.parquet")
+        with timer("requests"):
+            item_cols = [c for c in items.columns if c not in ("item", "item_id")]
+            if src.impressions is not None:
+                imp = src.impressions.lazy().with_columns(
+                    user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
+                )
+                requests = requests_from_impressions(imp, items, item_cols, store)
+            else:
+                requests = sampled_requests(events, store, items, item_cols, cfg.sampling)
+            profile_cols = [c for c in users.columns if c in PROFILE_FEATURES.values()]
+            requests = requests.with_columns(
+                **{c: pl.Series(users[c].to_numpy()[requests["user"].to_numpy()], dtype=pl.Int32) for c in profile_cols}
+            )
+            order = ["request_id", "user", "user_id", "timestamp", "hist_len", *profile_cols,
+                     "item", *item_cols, "position", "label", "true_prob"]
+            requests = requests.select(order)
+            parts, cuts = split_by_time(requests, cfg.split)
+            (tmp / "requests").mkdir()
+            for name, part in parts.items():
+                part.write_parquet(tmp / "requests" / f"{name}.parquet", compression="zstd")
+        rejects_file = None
+        if src.rejects.height:
+            rejects_file = "rejects.csv"
+            write_rejects(src.rejects, tmp / rejects_file)
+        report = make_report(source, src, vocabs, store, parts, cuts, rejects_file, timer.seconds)
+        write_json(tmp / "report.json", report)
+        write_json(tmp / "dataset.json", dataset_manifest(source, src, vocabs, items, users, store, parts, cuts, cfg))
+        (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if report["rows_rejected"]:
+        note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabularies and tables
+
+
+def fit_vocabs(src: SourceData, cfg: BuildConfig) -> dict[str, Vocab]:
+    """user_id, item_id, category_id always; brand_id, price_bucket, segment, age_bucket where present."""
+    mc = cfg.vocab.min_count
+
+    def ids(column: str, *frames: pl.DataFrame | None) -> pl.Series:
+        return pl.concat([f[column] for f in frames if f is not None and column in f.columns])
+
+    vocabs = {
+        "user_id": Vocab.fit("user_id", ids("user_id", src.events, src.impressions, src.users)),
+        "item_id": Vocab.fit("item_id", ids("item_id", src.events, src.impressions), min_count=mc.item_id),
+        "category_id": Vocab.fit("category_id", ids("category_id", src.events, src.items), min_count=mc.category_id),
+    }
+    if src.items is not None:
+        vocabs["brand_id"] = Vocab.fit("brand_id", src.items["brand_id"], min_count=mc.brand_id)
+        vocabs["price_bucket"] = Vocab.fit("price_bucket", src.items["price_bucket"])
+    if src.users is not None:
+        for column in PROFILE_FEATURES:
+            vocabs[column] = Vocab.fit(column, src.users[column])
+    return vocabs
+
+
+def item_table(src: SourceData, vocabs: dict[str, Vocab]) -> pl.DataFrame:
+    """Row i = item index i (row 0: OOV, all features OOV). A Taobao item takes its most
+    frequent category in the events (ties: the smallest category id)."""
+    if src.items is not None:
+        raw = src.items.select("item_id", *ITEM_FEATURES)
+    else:
+        raw = (
+            src.events.group_by("item_id", "category_id").len()
+            .sort(["item_id", "len", "category_id"], descending=[False, True, False])
+            .unique("item_id", keep="first", maintain_order=True)
+            .select("item_id", "category_id")
+        )
+    present = {k: v for k, v in ITEM_FEATURES.items() if k in raw.columns}
+    encoded = raw.with_columns(**{name: vocabs[col].encode_expr(col) for col, name in present.items()})
+    base = vocabs["item_id"].table.select(pl.col("index").alias("item"), pl.col("raw").alias("item_id"))
+    return (
+        base.join(encoded.select("item_id", *present.values()), on="item_id", how="left", maintain_order="left")
+        .with_columns(pl.col(list(present.values())).fill_null(0).cast(pl.Int32))
+    )
+
+
+def user_table(src: SourceData, vocabs: dict[str, Vocab]) -> pl.DataFrame:
+    """Row u = user index u: raw id and profile feature indices (row 0: OOV)."""
+    base = vocabs["user_id"].table.select(pl.col("index").alias("user"), pl.col("raw").alias("user_id"))
+    if src.users is None:
+        return base
+    encoded = src.users.select(
+        "user_id", *(vocabs[c].encode_expr(c).alias(name) for c, name in PROFILE_FEATURES.items())
+    )
+    return base.join(encoded, on="user_id", how="left", maintain_order="left").with_columns(
+        pl.col(list(PROFILE_FEATURES.values())).fill_null(0).cast(pl.Int32)
+    )
+
+
+def encode_events(events: pl.LazyFrame, vocabs: dict[str, Vocab]) -> pl.LazyFrame:
+    """Raw-id events -> indices, sorted by (user, timestamp, line): the history order."""
+    return events.with_columns(
+        user=vocabs["user_id"].encode_expr("user_id"),
+        item=vocabs["item_id"].encode_expr("item_id"),
+        category=vocabs["category_id"].encode_expr("category_id"),
+    ).sort("user", "timestamp", "line")
+
+
+def build_history(events: pl.LazyFrame, vocabs: dict[str, Vocab], path: Path) -> pl.DataFrame:
+    """Encode raw-id events, sort them into history order and write the store at ``path``.
+
+    Returns:
+        The encoded, sorted events (``user, item, category, behavior, timestamp, user_id, line``).
+    """
+    encoded = encode_events(events, vocabs).collect()
+    write_history(
+        path,
+        num_users=vocabs["user_id"].size,
+        **{c: encoded[c].to_numpy() for c in ("user", "item", "category", "behavior", "timestamp")},
+        presorted=True,
+    )
+    return encoded
+
+
+# --------------------------------------------------------------------------------------------
+# Report and dataset manifest
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"min": 0, "median": 0, "p90": 0, "max": 0}
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+        "max": int(values.max()),
+    }
+
+
+def _iso(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def make_report(
+    source: str,
+    src: SourceData,
+    vocabs: dict[str, Vocab],
+    store: HistoryStore,
+    parts: dict[str, pl.DataFrame],
+    cuts: dict[str, int],
+    rejects_file: str | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    per_request = np.concatenate([p["hist_len"].to_numpy() for p in parts.values()])
+    by_reason = src.rejects.group_by("reason").len().sort("len", descending=True).head(10)
+    report: dict[str, Any] = {
+        "source": source,
+        "rows_read": src.rows_read,
+        "rows_rejected": src.rejects.height,
+        "rejects_file": rejects_file,
+        "rejects_by_reason": dict(zip(by_reason["reason"].to_list(), by_reason["len"].to_list(), strict=True)),
+        "users": vocabs["user_id"].size - 1,
+        "items": vocabs["item_id"].size - 1,
+        "categories": vocabs["category_id"].size - 1,
+        "events": store.num_events,
+        "requests": {s: parts[s].height for s in SPLITS},
+        "candidates": {s: int(parts[s]["item"].list.len().sum() or 0) for s in SPLITS},
+        "positives": {s: int(parts[s]["label"].list.sum().sum() or 0) for s in SPLITS},
+        "split": {"valid_from": _iso(cuts["valid_from"]), "test_from": _iso(cuts["test_from"])},
+        "history_length": {
+            "per_user": _quantiles(store.lengths()[1:]),
+            "per_request": _quantiles(per_request),
+        },
+    }
+    if src.impressions is not None:
+        report["oracle_auc"] = {}
+        for s in SPLITS:
+            labels = parts[s]["label"].explode().to_numpy()
+            probs = parts[s]["true_prob"].explode().to_numpy()
+            report["oracle_auc"][s] = round(auc(labels, probs), 4) if len(labels) else None
+    report["seconds"] = seconds
+    return report
+
+
+def dataset_manifest(
+    source: str,
+    src: SourceData,
+    vocabs: dict[str, Vocab],
+    items: pl.DataFrame,
+    users: pl.DataFrame,
+    store: HistoryStore,
+    parts: dict[str, pl.DataFrame],
+    cuts: dict[str, int],
+    cfg: BuildConfig,
+) -> dict[str, Any]:
+    """``dataset.json``: everything a model needs to build its tables and read the data."""
+    names = {"user_id": "user", "item_id": "item", **ITEM_FEATURES, **PROFILE_FEATURES}
+    features = {
+        names[v]: {"vocab": f"vocab/{v}.parquet", "size": vocabs[v].size, "min_count": vocabs[v].min_count}
+        for v in vocabs
+    }
+    features["behavior"] = {"size": len(BEHAVIORS), "values": list(BEHAVIORS)}
+    return {
+        "kind": "recsys.dataset",
+        "format_version": 1,
+        "recsys_version": __version__,
+        "source": {"spec": source, "kind": src.kind},
+        "features": features,
+        "candidate_features": [c for c in items.columns if c != "item_id"],
+        "profile_features": [c for c in users.columns if c in PROFILE_FEATURES.values()],
+        "history": {"path": "history/history.arrow", "users": store.num_users, "events": store.num_events,
+                    "fields": ["item", "category", "behavior", "timestamp"]},
+        "requests": {s: {"path": f"requests/{s}.parquet", "requests": parts[s].height} for s in SPLITS},
+        "split": cuts,
+        "has_true_prob": src.impressions is not None,
+        "config": cfg.model_dump(mode="json"),
+    }

@@ -1,0 +1,176 @@
+"""Training requests: one row per (user, cut-off time) with its M candidates and labels.
+
+Two ways to get them:
+
+* :func:`requests_from_impressions`: a source with impression logs (the synthetic world): group
+  the impressions of a request, candidates in display order, labels = clicks, ``true_prob`` kept.
+* :func:`sampled_requests`: a source without impressions (Taobao UserBehavior), as the DIN/SIM
+  papers do: every positive behaviour at time t is a request whose candidates are the positive
+  item and ``negatives`` sampled items (uniformly, or from the positive's category), in a random
+  order; ``position`` is -1 (no display position) and ``true_prob`` is null.
+
+In both, ``hist_len`` = the user's events strictly before the cut-off (features/history.py), so an
+example never sees the behaviour it is labelled with, nor anything later.
+
+Request columns (Parquet, one row per request)::
+
+    request_id int64, user int32 (index), user_id int64 (raw), timestamp int64 (cut-off),
+    hist_len int32, [profile: segment, age_bucket int32],
+    item, category, [brand, price_bucket] list<int32>   candidate features (indices)
+    position list<int32>, label list<int8>, true_prob list<float32> (null without ground truth)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from features.history import HistoryStore
+from features.steps import feature_step
+from recsys.schemas import SamplingConfig, SplitConfig
+from recsys.types import BEHAVIOR_CODE, OOV_INDEX
+
+SPLITS = ("train", "valid", "test")
+
+
+@feature_step({"request_id": pl.Int64, "user": pl.Int32, "timestamp": pl.Int64, "item": pl.List(pl.Int32),
+               "position": pl.List(pl.Int32), "label": pl.List(pl.Int8), "true_prob": pl.List(pl.Float32)})
+def group_impressions(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Encoded impressions (one row per candidate) -> one row per request, display order."""
+    return (
+        lf.sort("request_id", "position")
+        .group_by("request_id", maintain_order=True)
+        .agg(
+            pl.col("user").first(),
+            pl.col("user_id").first(),
+            pl.col("timestamp").first(),
+            pl.col("item"),
+            pl.col("position").cast(pl.Int32),
+            pl.col("clicked").cast(pl.Int8).alias("label"),
+            pl.col("true_prob").cast(pl.Float32),
+        )
+    )
+
+
+def requests_from_impressions(
+    impressions: pl.LazyFrame, items: pl.DataFrame, item_columns: list[str], store: HistoryStore
+) -> pl.DataFrame:
+    """Requests from encoded impressions (``user``, ``item`` indices; raw ``user_id`` kept)."""
+    requests = impressions.pipe(group_impressions).collect()
+    requests = _with_item_features(requests, items, item_columns)
+    hist_len = store.cutoff_lengths(requests["user"].to_numpy(), requests["timestamp"].to_numpy())
+    return requests.with_columns(hist_len=pl.Series(hist_len, dtype=pl.Int32))
+
+
+def _with_item_features(requests: pl.DataFrame, items: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """Gather item feature lists by index with one numpy take per feature (no per-row Python)."""
+    flat = requests["item"].explode().to_numpy()
+    offsets = requests["item"].list.len().cum_sum().to_numpy()
+    offsets = np.concatenate([[0], offsets]).astype(np.int64)
+    out = {}
+    for c in columns:
+        values = items[c].to_numpy()[flat]
+        out[c] = _list_series(c, values, offsets, pl.Int32)
+    return requests.with_columns(**out)
+
+
+def _list_series(name: str, values: np.ndarray, offsets: np.ndarray, dtype: pl.DataType) -> pl.Series:
+    """A list column from flat values and offsets [n+1] (zero-copy into Arrow)."""
+    arr = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
+    return pl.Series(name, arr).cast(pl.List(dtype))
+
+
+def sampled_requests(
+    events: pl.DataFrame,
+    store: HistoryStore,
+    items: pl.DataFrame,
+    item_columns: list[str],
+    cfg: SamplingConfig,
+) -> pl.DataFrame:
+    """Requests from positives with sampled negatives (see the module docstring).
+
+    Args:
+        events: encoded events (``user, item, behavior, timestamp``, raw ``user_id``).
+        items: the item table (row i = item index i; column ``category``).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    codes = [BEHAVIOR_CODE[b] for b in cfg.positive_behaviors]
+    pos = events.filter(pl.col("behavior").is_in(codes)).select("user", "user_id", "item", "timestamp")
+    hist_len = store.cutoff_lengths(pos["user"].to_numpy(), pos["timestamp"].to_numpy())
+    pos = pos.with_columns(hist_len=pl.Series(hist_len, dtype=pl.Int32)).filter(pl.col("hist_len") >= cfg.min_history)
+    if cfg.max_per_user is not None:
+        pos = pos.filter(
+            pl.col("timestamp").rank("ordinal", descending=True).over("user") <= cfg.max_per_user
+        )
+    pos = pos.sort("timestamp", "user", "item")
+    n, k = pos.height, cfg.negatives
+    positive = pos["item"].to_numpy().astype(np.int64)
+    negatives = _sample_negatives(positive, items["category"].to_numpy(), k, cfg.strategy, rng)  # [n, k]
+    cands = np.concatenate([positive[:, None], negatives], axis=1)  # [n, 1+k], positive first
+    order = np.argsort(rng.random((n, 1 + k)), axis=1)  # shuffle so the order says nothing
+    cands = np.take_along_axis(cands, order, axis=1)
+    labels = (order == 0).astype(np.int8)
+    offsets = np.arange(0, n * (1 + k) + 1, 1 + k, dtype=np.int64)
+    requests = pos.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("request_id"), "user", "user_id", "timestamp", "hist_len"
+    ).with_columns(
+        _list_series("item", cands.ravel(), offsets, pl.Int32),
+        _list_series("position", np.full(n * (1 + k), -1), offsets, pl.Int32),
+        _list_series("label", labels.ravel(), offsets, pl.Int8),
+        pl.lit(None, pl.List(pl.Float32)).alias("true_prob"),
+    )
+    return _with_item_features(requests, items, item_columns)
+
+
+def _sample_negatives(
+    positive: np.ndarray, item_category: np.ndarray, k: int, strategy: str, rng: np.random.Generator
+) -> np.ndarray:
+    """[n, k] items != the positive: uniform over known items, or within the positive's category
+    (uniform when the category has no other item). Collisions are redrawn the same way."""
+    n_items = len(item_category)
+    if n_items <= 2:
+        raise ValueError(f"need at least two known items to sample negatives, the vocabulary has {n_items - 1}")
+    known = np.arange(OOV_INDEX + 1, n_items)
+    if strategy == "same_category":
+        by_cat = known[np.argsort(item_category[known], kind="stable")]
+        cats_sorted = item_category[by_cat]
+        cat = item_category[positive]
+        lo = np.searchsorted(cats_sorted, cat, side="left")  # [n]
+        size = np.searchsorted(cats_sorted, cat, side="right") - lo
+        own = size > 1  # categories with another item to offer
+
+    def draw(rows: np.ndarray) -> np.ndarray:
+        out = rng.integers(OOV_INDEX + 1, n_items, len(rows))
+        if strategy == "same_category":
+            pick = lo[rows] + (rng.random(len(rows)) * size[rows]).astype(np.int64)
+            out = np.where(own[rows], by_cat[np.minimum(pick, len(by_cat) - 1)], out)
+        return out
+
+    rows = np.repeat(np.arange(len(positive)), k)
+    out = draw(rows).reshape(len(positive), k)
+    for _ in range(1000):  # redraw collisions with the positive
+        clash = out == positive[:, None]
+        if not clash.any():
+            break
+        out[clash] = draw(np.nonzero(clash)[0])
+    return out
+
+
+def split_by_time(requests: pl.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+    """Split requests by cut-off time: train < valid_from <= valid < test_from <= test."""
+    ts = requests["timestamp"]
+    if requests.height == 0:
+        return {s: requests for s in SPLITS}, {"valid_from": 0, "test_from": 0}
+    test_from = int(ts.quantile(1 - cfg.test_fraction, interpolation="higher")) if cfg.test_fraction else int(ts.max()) + 1
+    valid_from = (
+        int(ts.quantile(1 - cfg.test_fraction - cfg.valid_fraction, interpolation="higher"))
+        if cfg.valid_fraction else test_from
+    )
+    valid_from = min(valid_from, test_from)
+    parts = {
+        "train": requests.filter(pl.col("timestamp") < valid_from),
+        "valid": requests.filter((pl.col("timestamp") >= valid_from) & (pl.col("timestamp") < test_from)),
+        "test": requests.filter(pl.col("timestamp") >= test_from),
+    }
+    return parts, {"valid_from": valid_from, "test_from": test_from}

@@ -1,0 +1,139 @@
+"""Row validation shared by every source: checks as polars expressions, rejects, strict mode.
+
+A check is a boolean expression that is true on a bad row, with the field it concerns, the value
+to show and the reason. :func:`with_checks` tags each row with its first failing check (in order),
+:func:`split_rejects` separates the bad rows into the rejects table (``file, line, field, value,
+reason, raw``) or, in strict mode, raises a :class:`DataError` naming the first one. ``line`` is
+the 1-based line of a CSV file or the 1-based row of a Parquet file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from features.steps import feature_step
+from recsys.errors import DataError
+from recsys.types import BEHAVIORS
+
+REJECTS_SCHEMA = {
+    "file": pl.String,
+    "line": pl.Int64,
+    "field": pl.String,
+    "value": pl.String,
+    "reason": pl.String,
+    "raw": pl.String,
+}
+_TAGS = ("_field", "_value", "_reason")
+
+
+@dataclass(frozen=True)
+class Check:
+    """``bad`` is true on rows that fail; ``value`` and ``reason`` are string expressions."""
+
+    bad: pl.Expr
+    field: str
+    value: pl.Expr
+    reason: pl.Expr | str
+
+
+def non_negative_int(column: str, parsed: pl.Expr, text: pl.Expr) -> Check:
+    return Check(parsed.is_null() | (parsed < 0), column, text, "not a non-negative integer")
+
+
+def known_behavior(column: str, text: pl.Expr) -> Check:
+    return Check(
+        text.is_null() | ~text.is_in(list(BEHAVIORS)),
+        column,
+        text,
+        f"unknown behaviour type (expected one of {', '.join(BEHAVIORS)})",
+    )
+
+
+def not_null(column: str) -> Check:
+    return Check(pl.col(column).is_null(), column, pl.lit(None, pl.String), "missing value")
+
+
+@feature_step({"_field": pl.String, "_value": pl.String, "_reason": pl.String})
+def with_checks(lf: pl.LazyFrame, checks: Sequence[Check]) -> pl.LazyFrame:
+    """Tag each row with its first failing check (``_field, _value, _reason``; null when valid)."""
+
+    def first(pick) -> pl.Expr:
+        expr: pl.Expr = pl.lit(None, pl.String)
+        for check in reversed(checks):  # built inside out so the first check wins
+            expr = pl.when(check.bad.fill_null(True)).then(pick(check)).otherwise(expr)
+        return expr
+
+    return lf.with_columns(
+        _field=first(lambda c: pl.lit(c.field)),
+        _value=first(lambda c: c.value.cast(pl.String)),
+        _reason=first(lambda c: pl.lit(c.reason) if isinstance(c.reason, str) else c.reason),
+    )
+
+
+def split_rejects(
+    df: pl.DataFrame, *, file: str, strict: bool, raw: str | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split a checked frame into (valid rows without the tags, rejects).
+
+    Args:
+        df: output of :func:`with_checks` with a ``line`` column.
+        file: the file name used in rejects and errors.
+        strict: raise on the first bad row instead of collecting rejects.
+        raw: a column holding the row's original text, copied to the rejects.
+
+    Raises:
+        DataError: in strict mode, naming the file, line, field and value of the first bad row.
+    """
+    bad = df.filter(pl.col("_reason").is_not_null())
+    if strict and bad.height:
+        row = bad.sort("line").row(0, named=True)
+        raise DataError(
+            f"{row['_reason']} ({bad.height:,} bad row{'s' if bad.height > 1 else ''} in all; "
+            "run without --strict to skip them into rejects.csv)",
+            file=file,
+            line=int(row["line"]),
+            field=row["_field"],
+            value=row["_value"],
+        )
+    rejects = bad.select(
+        pl.lit(file).alias("file"),
+        pl.col("line").cast(pl.Int64),
+        pl.col("_field").alias("field"),
+        pl.col("_value").alias("value"),
+        pl.col("_reason").alias("reason"),
+        (pl.col(raw) if raw else pl.lit(None, pl.String)).cast(pl.String).alias("raw"),
+    )
+    valid = df.filter(pl.col("_reason").is_null()).drop(*_TAGS)
+    return valid, rejects
+
+
+def empty_rejects() -> pl.DataFrame:
+    return pl.DataFrame(schema=REJECTS_SCHEMA)
+
+
+def write_rejects(rejects: pl.DataFrame, path: Path) -> None:
+    rejects.sort("file", "line").write_csv(path)
+
+
+def require_columns(schema: pl.Schema, required: dict[str, str], *, file: str) -> None:
+    """Raise a DataError naming the file and the first missing or mistyped column.
+
+    Args:
+        required: column -> the kind it must be: ``"int"``, ``"float"``, ``"str"``, ``"list"``
+            (``"str"`` also accepts a categorical).
+    """
+    kinds = {
+        "int": lambda d: d.is_integer(),
+        "float": lambda d: d.is_float(),
+        "str": lambda d: d in (pl.String, pl.Categorical) or isinstance(d, (pl.Categorical, pl.Enum)),
+        "list": lambda d: isinstance(d, pl.List),
+    }
+    for column, kind in required.items():
+        if column not in schema:
+            raise DataError(f"missing column {column!r} (columns present: {', '.join(schema.names())})", file=file)
+        if not kinds[kind](schema[column]):
+            raise DataError(f"column {column!r} has type {schema[column]}, expected {kind}", file=file)
