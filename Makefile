@@ -31,7 +31,6 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: $(STAMP)
 	$(BIN)/recsys data synth --preset small --out $(DEMO)/world --overwrite
 	$(BIN)/recsys data build --source synth:$(DEMO)/world --out $(DEMO)/data --overwrite
-	$(BIN)/recsys data report $(DEMO)/data
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

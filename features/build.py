@@ -42,32 +42,12 @@ from recsys.config import dump_config
 from recsys.errors import DataError
 from recsys.io import atomic_output_dir, check_output_dir, write_json
 from recsys.metrics import auc
-from recsys.progress import note
+from recsys.progress import Steps, note
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIORS
 
 ITEM_FEATURES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Step:
-            def __enter__(self) -> None:
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc: object) -> None:
-                took = time.perf_counter() - self.start
-                timer.seconds[name] = round(took, 3)
-                if exc[0] is None:
-                    note(f"[build] {name}: {took:.1f} s")
-
-        return _Step()
 
 
 def build(
@@ -83,7 +63,7 @@ def build(
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
     """
     check_output_dir(out, overwrite=overwrite)
-    timer = _Timer()
+    timer = Steps("build")
     with timer("read and validate"):
         src = read_source(source, cfg, strict=strict)
     if src.events.height == 0:
@@ -230,8 +210,8 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
         return {"min": 0, "median": 0, "p90": 0, "max": 0}
     return {
         "min": int(values.min()),
-        "median": float(np.median(values)),
-        "p90": float(np.percentile(values, 90)),
+        "median": round(float(np.median(values)), 1),
+        "p90": round(float(np.percentile(values, 90)), 1),
         "max": int(values.max()),
     }
 

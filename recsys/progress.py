@@ -26,12 +26,28 @@ def note(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def step(name: str) -> Iterator[None]:
-    """Time a step and print ``[name] done in 1.2 s`` when it ends."""
-    start = time.perf_counter()
-    yield
-    note(f"[{name}] {time.perf_counter() - start:.1f} s")
+class Steps:
+    """Times named steps, prints ``[prefix] name: 1.2 s`` as each ends, keeps the seconds.
+
+    Example:
+        >>> steps = Steps("build")
+        >>> with steps("vocabularies"):
+        ...     pass
+        >>> list(steps.seconds)
+        ['vocabularies']
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        took = time.perf_counter() - start
+        self.seconds[name] = round(took, 3)
+        note(f"[{self.prefix}] {name}: {took:.1f} s")
 
 
 def bar(items: Iterable[T], *, total: int | None = None, desc: str, unit: str = "it") -> Iterator[T]:
