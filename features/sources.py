@@ -145,14 +145,18 @@ def taobao_checks(cfg: BuildConfig) -> list[Check]:
     return checks
 
 
-@feature_step(EVENTS_SCHEMA)
+@feature_step({**EVENTS_SCHEMA, "raw": pl.String, "_field": pl.String, "_value": pl.String, "_reason": pl.String})
 def typed_events(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Valid rows only: parse the string fields into the events schema."""
+    """Parse the string fields into the events schema (null on bad rows, which keep their text);
+    only the rejects keep strings, so a 100M-line file is held as integers."""
+    bad = pl.col("_reason").is_not_null()
     return lf.select(
         pl.col("line"),
-        *(pl.col(f"_{n}").cast(pl.Int64).alias(n) for n in ("user_id", "item_id", "category_id")),
-        pl.col("_behavior_type").replace_strict(BEHAVIOR_CODE, return_dtype=pl.Int8).alias("behavior"),
-        pl.col("_timestamp").cast(pl.Int64).alias("timestamp"),
+        *(pl.col(f"_{n}").cast(pl.Int64, strict=False).alias(n) for n in ("user_id", "item_id", "category_id")),
+        pl.col("_behavior_type").replace_strict(BEHAVIOR_CODE, default=None, return_dtype=pl.Int8).alias("behavior"),
+        pl.col("_timestamp").cast(pl.Int64, strict=False).alias("timestamp"),
+        pl.when(bad).then(pl.col("raw")).alias("raw"),
+        "_field", "_value", "_reason",
     )
 
 
@@ -161,12 +165,11 @@ def read_taobao(path: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
         scan_lines(path)
         .pipe(split_fields)
         .pipe(with_checks, taobao_checks(cfg))
-        # keep the raw text only on bad rows: the valid ones are parsed already
-        .with_columns(raw=pl.when(pl.col("_reason").is_not_null()).then(pl.col("raw")))
+        .pipe(typed_events)
         .collect(engine="streaming")
     )
     valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
-    events = valid.lazy().pipe(typed_events).collect()
+    events = valid.select(list(EVENTS_SCHEMA))
     return SourceData(kind="taobao", path=path, events=events, rows_read={"events": checked.height}, rejects=rejects)
 
 

@@ -31,7 +31,7 @@ class Vocab:
 
     name: str
     table: pl.DataFrame
-    min_count: int
+    min_count: int | None  # None when loaded from disk (dataset.json records it)
 
     @property
     def size(self) -> int:
@@ -77,4 +77,4 @@ class Vocab:
             raise DataError("vocabulary not found", file=str(path)) from None
         if dict(table.schema) != VOCAB_SCHEMA or table.height == 0 or table["raw"][0] is not None:
             raise DataError(f"not a vocabulary (expected columns {list(VOCAB_SCHEMA)} with the OOV row first)", file=str(path))
-        return cls(name=name, table=table, min_count=0)
+        return cls(name=name, table=table, min_count=None)
