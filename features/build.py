@@ -67,7 +67,7 @@ def build(
     with timer("read and validate"):
         src = read_source(source, cfg, strict=strict)
     if src.events.height == 0:
-        raise DataError("no valid events to build from (see the rejects above)", file=str(src.path))
+        raise DataError(_why_no_events(src), file=src.path.name if src.kind == "taobao" else "events.parquet")
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with timer("vocabularies"):
@@ -115,6 +115,17 @@ def build(
     if report["rows_rejected"]:
         note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
     return report
+
+
+def _why_no_events(src: SourceData) -> str:
+    read = src.rows_read.get("events", 0)
+    if read == 0:
+        return "no valid events to build from: the file has no rows"
+    first = src.rejects.sort("line").row(0, named=True)
+    return (
+        f"no valid events to build from: all {read:,} rows were rejected; the first, line {first['line']}, "
+        f"field '{first['field']}': {first['reason']}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -165,3 +165,14 @@ def test_overwrite_is_explicit_and_atomic(tiny_world, tmp_path):
     build(f"synth:{tiny_world}", out, cfg, overwrite=True)
     assert json.loads((out / "dataset.json").read_text())["config"]["split"]["test_fraction"] == 0.3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_corrupted_parquet_file_is_named(tiny_world, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_world, bad)
+    (bad / "users.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=rf"^{bad / 'users.parquet'}: cannot read Parquet"):
+        build(f"synth:{bad}", tmp_path / "d", BuildConfig())
+    assert not (tmp_path / "d").exists()

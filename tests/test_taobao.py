@@ -128,9 +128,21 @@ def test_invalid_utf8_is_a_rejected_row_not_a_crash(tmp_path):
 def test_a_file_of_only_bad_rows_is_an_error(tmp_path):
     path = tmp_path / "ub.csv"
     path.write_text("a,b,c\n")
-    with pytest.raises(DataError, match="no valid events to build from"):
+    with pytest.raises(DataError) as err:
         build(f"taobao:{path}", tmp_path / "out", BuildConfig())
+    assert str(err.value) == (
+        "ub.csv: no valid events to build from: all 1 rows were rejected; the first, line 1, "
+        "field '*': expected 5 fields, got 3"
+    )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "ub.csv"
+    path.write_text("")
+    with pytest.raises(DataError) as err:
+        build(f"taobao:{path}", tmp_path / "out", BuildConfig())
+    assert str(err.value) == "ub.csv: no valid events to build from: the file has no rows"
 
 
 def test_the_timestamp_range_is_configurable(tmp_path):
