@@ -25,6 +25,7 @@ from features.synth import generate
 from features.vocab import Vocab
 from recsys.progress import note
 from recsys.schemas import BuildConfig, SynthConfig
+from recsys.types import BEHAVIOR_CODE
 
 HISTORY_VOCABS = ("user_id", "item_id", "category_id")
 
@@ -38,8 +39,7 @@ def history_pandas(events_path: Path, vocab_dir: Path, out: Path) -> None:
         vocab = pd.read_parquet(vocab_dir / f"{column}.parquet").iloc[1:]
         mapping = pd.Series(vocab["index"].to_numpy(), index=vocab["raw"].to_numpy())
         df[name] = df[column].map(mapping).fillna(0).astype("int32")
-    codes = {"pv": 0, "cart": 1, "fav": 2, "buy": 3}
-    df["behavior"] = df["behavior"].astype(str).map(codes).astype("int8")
+    df["behavior"] = df["behavior"].astype(str).map(BEHAVIOR_CODE).astype("int8")
     df = df.sort_values(["user", "timestamp"], kind="stable")
     n_users = len(pd.read_parquet(vocab_dir / "user_id.parquet"))
     write_history(
@@ -55,7 +55,7 @@ def history_polars(events_path: Path, vocab_dir: Path, out: Path) -> None:
         pl.scan_parquet(events_path)
         .with_row_index("line")
         .with_columns(
-            pl.col("behavior").cast(pl.String).replace_strict({"pv": 0, "cart": 1, "fav": 2, "buy": 3}, return_dtype=pl.Int8)
+            pl.col("behavior").cast(pl.String).replace_strict(BEHAVIOR_CODE, return_dtype=pl.Int8)
         )
     )
     build_history(events, vocabs, out)

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from features.history import HistoryStore
 from features.steps import feature_step
+from recsys.errors import DataError
 from recsys.schemas import SamplingConfig, SplitConfig
 from recsys.types import BEHAVIOR_CODE, OOV_INDEX
 
@@ -130,9 +131,9 @@ def _sample_negatives(
     (uniform when the category has no other item). Collisions are redrawn the same way."""
     n_items = len(item_category)
     if n_items <= 2:
-        raise ValueError(f"need at least two known items to sample negatives, the vocabulary has {n_items - 1}")
-    known = np.arange(OOV_INDEX + 1, n_items)
+        raise DataError(f"need at least two known items to sample negatives, the data has {n_items - 1}")
     if strategy == "same_category":
+        known = np.arange(OOV_INDEX + 1, n_items)
         by_cat = known[np.argsort(item_category[known], kind="stable")]
         cats_sorted = item_category[by_cat]
         cat = item_category[positive]

@@ -43,7 +43,6 @@ def feature_step(
                     )
             return lf
 
-        run.output_schema = dict(output)  # type: ignore[attr-defined]
         return run
 
     return wrap

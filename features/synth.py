@@ -233,13 +233,9 @@ def _segment_cumsum(values: np.ndarray, first: np.ndarray, group: np.ndarray) ->
     return total - before[group]
 
 
-def _shard_rng(cfg: SynthConfig, shard: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, 1, shard])
-
-
 def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id: int) -> Shard:
     """Users ``[shard·shard_users, …)``: profiles, events, requests and impressions."""
-    rng = _shard_rng(cfg, shard)
+    rng = np.random.default_rng([cfg.seed, 1, shard])
     u0 = shard * cfg.shard_users
     n = min(cfg.shard_users, cfg.num_users - u0)
     act, inter = cfg.activity, cfg.interests
@@ -339,8 +335,8 @@ def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id:
     order = np.lexsort((all_time, all_user))  # stable: ties keep generation order
     all_user, all_time, all_item, all_beh = all_user[order], all_time[order], all_item[order], all_beh[order]
 
-    stats = _shard_stats(cfg, terms, logit, clicked, all_user, all_time, world.item_category[all_item],
-                         r_user, r_time, world.item_category[cand_item], lt_aff, lt_cat)
+    stats = _shard_stats(cfg, terms, logit, prob, clicked, all_user, all_time, world.item_category[all_item],
+                         r_user, r_time, world.item_category[cand_item])
 
     # ---- tables (raw ids)
     start = int(cfg.time.start.timestamp())
@@ -491,6 +487,7 @@ def _shard_stats(
     cfg: SynthConfig,
     terms: np.ndarray,
     logit: np.ndarray,
+    prob: np.ndarray,
     clicked: np.ndarray,
     ev_user: np.ndarray,
     ev_time: np.ndarray,
@@ -498,9 +495,9 @@ def _shard_stats(
     r_user: np.ndarray,
     r_time: np.ndarray,
     cand_cat: np.ndarray,
-    lt_aff: np.ndarray,
-    lt_cat: np.ndarray,
 ) -> dict[str, Any]:
+    """Per-shard sums for the manifest: AUC histograms (full and per removed term), visibility
+    counts, clicks, the sum of true probabilities and the longest history."""
     weights = {t: getattr(cfg.click_model, t) for t in TERMS}
     hists = {"full": _logit_hist(logit, clicked)}
     for i, t in enumerate(TERMS):
@@ -523,9 +520,7 @@ def _shard_stats(
         window = np.where(valid, ev_cat[np.maximum(idx, 0)], -1)  # [chunk, RECENT]
         recent = (window[:, None, :] == cand_cat[lo:hi, :, None]).any(axis=2)  # [chunk, M]
         visibility[lo:hi][recent] = 0
-    # lt_cat holds k_max columns; only the user's own k_u interests have affinity > 0
-    aff = (cand_cat[:, :, None] == lt_cat[r_user][:, None, :]) * lt_aff[r_user][:, None, :]
-    is_lt = aff.max(axis=2) > 0  # [R, M]
+    is_lt = terms[TERMS.index("long_term")] > 0  # [R, M] a long-term category has affinity > 0
     vis_counts = np.zeros((2, 3, 2), dtype=np.int64)  # [is_lt, visibility, clicked]
     np.add.at(vis_counts, (is_lt.ravel().astype(np.int64), visibility.ravel(), clicked.ravel().astype(np.int64)), 1)
     return {
@@ -533,7 +528,8 @@ def _shard_stats(
         "visibility": vis_counts,
         "clicks": int(clicked.sum()),
         "impressions": int(clicked.size),
-        "prob_sum": float((1.0 / (1.0 + np.exp(-logit))).sum()),
+        "prob_sum": float(prob.sum()),
+        "max_history": int(np.bincount(ev_user).max()) if len(ev_user) else 0,
     }
 
 
@@ -594,19 +590,11 @@ def generate(cfg: SynthConfig, out: str | Path, *, preset: str | None = None, ov
                 for key, h in part.stats["hists"].items():
                     hists[key] = hists[key] + h if key in hists else h
                 vis += part.stats["visibility"]
-                if part.events.num_rows:
-                    counts = np.unique(part.events.column("user_id").to_numpy(), return_counts=True)[1]
-                    max_history = max(max_history, int(counts.max()))
+                max_history = max(max_history, part.stats["max_history"])
         finally:
             for w in writers.values():
                 w.close()
-        manifest = _manifest(cfg, preset, totals, hists, vis, prob_sum, max_history)
-        # The co-action table is a parameter of the click function: rows are segments, columns
-        # are brands by index; brand_ids maps a column to the brand_id in items.parquet.
-        manifest["click_model"]["coaction_table"] = {
-            "brand_ids": raw_ids(np.arange(cfg.num_brands), _ID_MULT["brand"]).tolist(),
-            "values": np.round(world.coaction, 5).tolist(),
-        }
+        manifest = _manifest(cfg, world, preset, totals, hists, vis, prob_sum, max_history)
         manifest["files"] = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.parquet"))
         }
@@ -635,6 +623,7 @@ def _write_items(cfg: SynthConfig, world: World, path: Path, start: int) -> None
 
 def _manifest(
     cfg: SynthConfig,
+    world: World,
     preset: str | None,
     totals: dict[str, int],
     hists: dict[str, np.ndarray],
@@ -681,6 +670,12 @@ def _manifest(
                 "quality": "latent item quality, N(0, 1) (items.parquet: true_quality)",
                 "coaction": "segment x brand table, N(0,1) double-centred (zero row and column means), unit std",
                 "position": "-log2(1 + position), position 0 is the top",
+            },
+            # A parameter of the function: rows are segments, columns brands by index;
+            # brand_ids maps a column to the brand_id in items.parquet.
+            "coaction_table": {
+                "brand_ids": raw_ids(np.arange(cfg.num_brands), _ID_MULT["brand"]).tolist(),
+                "values": np.round(world.coaction, 5).tolist(),
             },
         },
         "effects": effects,

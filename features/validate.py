@@ -53,10 +53,6 @@ def known_behavior(column: str, text: pl.Expr) -> Check:
     )
 
 
-def not_null(column: str) -> Check:
-    return Check(pl.col(column).is_null(), column, pl.lit(None, pl.String), "missing value")
-
-
 @feature_step({"_field": pl.String, "_value": pl.String, "_reason": pl.String})
 def with_checks(lf: pl.LazyFrame, checks: Sequence[Check]) -> pl.LazyFrame:
     """Tag each row with its first failing check (``_field, _value, _reason``; null when valid)."""

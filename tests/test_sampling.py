@@ -91,3 +91,13 @@ def test_sampling_is_deterministic(csv, tmp_path):
     for split in ("train", "valid", "test"):
         a = pl.read_parquet(tmp_path / "a" / "requests" / f"{split}.parquet")
         assert a.height > 0 and a.equals(pl.read_parquet(tmp_path / "b" / "requests" / f"{split}.parquet"))
+
+
+def test_one_known_item_cannot_give_negatives(tmp_path):
+    from recsys.errors import DataError
+
+    path = tmp_path / "ub.csv"
+    path.write_text("".join(f"1,7,3,pv,{T0 + i}\n" for i in range(5)))
+    with pytest.raises(DataError, match="need at least two known items to sample negatives, the data has 1"):
+        build(f"taobao:{path}", tmp_path / "d", BuildConfig())
+    assert not (tmp_path / "d").exists()
