@@ -159,22 +159,31 @@ class HistoryStore:
         hi = hi if length is None else lo + min(length, hi - lo)
         return {name: getattr(self, name)[lo:hi] for name in EVENT_FIELDS}
 
-    def recent(self, users: np.ndarray, lengths: np.ndarray, max_len: int, field: str = "item") -> Jagged:
-        """The last ``max_len`` events before each example's cut-off, as a jagged batch.
+    def recent_index(self, users: np.ndarray, lengths: np.ndarray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the last ``max_len`` events before each example's cut-off, and their offsets.
 
         Args:
             users: [B] user indices. lengths: [B] events before the cut-off (``hist_len``).
-            max_len: keep at most this many most recent events per example.
+            max_len: keep at most this many most recent events per example (None: all of them).
 
         Returns:
-            ``Jagged(values [L_total], offsets [B+1])``, oldest first within an example.
+            ``(index [L_total], offsets [B+1])``: example b's events are rows
+            ``index[offsets[b]:offsets[b+1]]`` of the store's arrays, oldest first.
         """
         users = np.asarray(users, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
-        take = np.minimum(lengths, max_len)
+        take = lengths if max_len is None else np.minimum(lengths, max_len)
         out_offsets = np.zeros(len(users) + 1, dtype=np.int64)
         np.cumsum(take, out=out_offsets[1:])
         start = self.offsets[users] + lengths - take  # [B]
         within = np.arange(out_offsets[-1]) - np.repeat(out_offsets[:-1], take)
-        index = np.repeat(start, take) + within
-        return Jagged(values=getattr(self, field)[index], offsets=out_offsets)
+        return np.repeat(start, take) + within, out_offsets
+
+    def recent(self, users: np.ndarray, lengths: np.ndarray, max_len: int | None, field: str = "item") -> Jagged:
+        """The last ``max_len`` events before each example's cut-off, as a jagged batch.
+
+        Returns:
+            ``Jagged(values [L_total], offsets [B+1])`` of ``field``, oldest first within an example.
+        """
+        index, offsets = self.recent_index(users, lengths, max_len)
+        return Jagged(values=getattr(self, field)[index], offsets=offsets)

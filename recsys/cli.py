@@ -2,7 +2,8 @@
 
 Errors caused by input (config, data, arguments) print as one line on stderr and exit with code 2;
 ``--debug`` shows the traceback instead. This module is the edge of the library: it is the only
-module of the ``recsys`` package that imports ``features`` (lazily, inside the commands).
+module of the ``recsys`` package that imports ``features``, ``models``, ``pipelines`` and ``serving``
+(lazily, inside the commands, so that ``recsys --help`` stays fast).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, help="random seed (same seed and config, same bytes)")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     _add_common(synth)
-    synth.set_defaults(run=_cmd_synth)
+    synth.set_defaults(handler=_cmd_synth)
 
     build = data_cmds.add_parser(
         "build", help="build vocabularies, the history store and training requests from a source",
@@ -88,12 +89,90 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", type=Path, help="build config (YAML, BuildConfig schema; default configs/data/default.yaml)")
     build.add_argument("--strict", action="store_true", help="stop at the first bad row (exit code 2) instead of skipping it")
     _add_common(build)
-    build.set_defaults(run=_cmd_build)
+    build.set_defaults(handler=_cmd_build)
 
     report = data_cmds.add_parser("report", help="print the report of a built dataset")
     report.add_argument("path", type=Path, metavar="DIR", help="a directory written by `recsys data build`")
     report.add_argument("--json", action="store_true", help="print the raw JSON")
-    report.set_defaults(run=_cmd_report)
+    report.set_defaults(handler=_cmd_report)
+
+    train = groups.add_parser(
+        "train", help="train a model config on a built dataset (in process or on Ray Train)",
+        formatter_class=fmt,
+        description="Train a model (configs/models/NAME.yaml) on `recsys data build` output. The same per-worker\n"
+        "loop runs in this process (--workers 0) or on N Ray Train workers (gloo, torchrec sharding).\n"
+        "RAY_ADDRESS connects to an existing cluster; otherwise a local one is started.\n"
+        "Writes RUN/config.yaml, RUN/run.json, RUN/metrics.jsonl and a checkpoint per epoch.",
+        epilog="example: recsys train --config configs/models/din.yaml --data out/demo/data --out out/runs/din",
+    )
+    train.add_argument("--config", type=Path, required=True, help="model config (YAML, RunConfig schema)")
+    train.add_argument("--data", type=Path, required=True, help="a directory written by `recsys data build`")
+    train.add_argument("--out", type=Path, required=True, help="run directory to create")
+    train.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2); 0 = in this process")
+    _add_common(train)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = groups.add_parser(
+        "eval", help="AUC, GAUC, logloss, calibration and the oracle AUC of a run on a split",
+        formatter_class=fmt,
+        description="Score a split with the run's latest checkpoint. oracle_auc is the AUC of the true click\n"
+        "probabilities on the same impressions (synthetic data only): the ceiling for any model.\n"
+        "Writes RUN/eval/SPLIT.json, SPLIT.png (ROC + calibration) and SPLIT-scores.parquet.",
+    )
+    evaluate.add_argument("--run", type=Path, required=True, help="a directory written by `recsys train`")
+    evaluate.add_argument("--split", choices=["train", "valid", "test"], default="valid", help="default valid")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    ablation = groups.add_parser(
+        "ablation", help="train and evaluate several model configs on the same data, one row each",
+        formatter_class=fmt,
+        description="For each NAME in --models: train configs/models/NAME.yaml on --data and evaluate it on\n"
+        "--split; print one row per model (AUC, GAUC, logloss, oracle AUC, parameters, examples/s).",
+        epilog="example: recsys ablation --data out/demo/data --models din --json",
+    )
+    ablation.add_argument("--data", type=Path, required=True, help="a directory written by `recsys data build`")
+    ablation.add_argument("--models", required=True, help="comma-separated model names (configs/models/NAME.yaml)")
+    ablation.add_argument("--out", type=Path, default=Path("out/ablation"), help="where the runs go (default out/ablation; replaced)")
+    ablation.add_argument("--workers", type=int, default=0, help="Ray Train workers per run (default 0: in process)")
+    ablation.add_argument("--split", choices=["valid", "test"], default="test", help="default test")
+    ablation.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ablation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override every model's config, e.g. --set train.epochs=1")
+    ablation.set_defaults(handler=_cmd_ablation)
+
+    export = groups.add_parser(
+        "export", help="package a run for serving: config, vocabularies, weights, manifest with checksums",
+        description="Write an export directory (weights loaded without pickle; every file checksummed).",
+    )
+    export.add_argument("--run", type=Path, required=True, help="a directory written by `recsys train`")
+    export.add_argument("--out", type=Path, required=True, help="export directory to create")
+    export.add_argument("--no-history", action="store_true", help="do not ship the history store (requests must carry histories)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    export.set_defaults(handler=_cmd_export)
+
+    serve = groups.add_parser(
+        "serve", help="the HTTP scorer: POST /v1/score, GET /healthz",
+        description="Serve an export over HTTP. The export is verified (checksums) before it is loaded.",
+        epilog="example: curl -s localhost:8000/v1/score -d '{\"user_id\": 1, \"candidates\": [{\"item_id\": 5}]}'",
+    )
+    serve.add_argument("--export", type=Path, required=True, help="a directory written by `recsys export`")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.set_defaults(handler=_cmd_serve)
+
+    demo = groups.add_parser(
+        "demo", help="the whole flow on the small synthetic world (what `make demo` runs)",
+        formatter_class=fmt,
+        description="synth small -> build -> train DIN on Ray -> eval -> export -> HTTP scorer -> scores checked\n"
+        "against eval -> summary table. Outputs under --out (replaced).",
+    )
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="default out/demo")
+    demo.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2; 0 = in process)")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override the DIN config, e.g. --set train.epochs=1")
+    demo.set_defaults(handler=_cmd_demo)
 
     bench = groups.add_parser("bench", help="benchmarks (figures for docs/BENCHMARKS.md)",
                               description="Benchmarks that print figures; each compares against a baseline in the same run.")
@@ -110,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     bdata.add_argument("--work", type=Path, default=Path("out/bench-data"), help="scratch directory (default out/bench-data)")
     bdata.add_argument("--json", action="store_true", help="print one JSON object")
     bdata.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override the world config")
-    bdata.set_defaults(run=_cmd_bench_data)
+    bdata.set_defaults(handler=_cmd_bench_data)
     return parser
 
 
@@ -179,6 +258,61 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import train
+    from recsys.model_schemas import RunConfig
+
+    if args.workers < 0:
+        raise RecsysError(f"--workers must be >= 0, got {args.workers}")
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    run = train(cfg, args.data, args.out, workers=args.workers, overwrite=args.overwrite)
+    print(f"trained {cfg.name}: {run.path} (checkpoint {run.info['checkpoint']}); next: recsys eval --run {run.path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate_run, format_eval
+
+    result = evaluate_run(args.run, args.split)
+    print(json.dumps(result, indent=2) if args.json else format_eval(result))
+    return 0
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from pipelines.ablation import format_table, run_ablation
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise RecsysError("--models needs at least one model name, e.g. --models din")
+    rows = run_ablation(args.data, models, config_dir=config_dir(), out=args.out, workers=args.workers,
+                        split=args.split, overrides=args.overrides)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from models.export import save_export
+
+    manifest = save_export(args.run, args.out, include_history=not args.no_history, overwrite=args.overwrite)
+    print(f"exported {args.run} to {args.out} ({len(manifest['files'])} files, checksummed in manifest.json)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.http import serve
+
+    serve(args.export, host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import format_summary, run_demo
+
+    summary = run_demo(out=args.out, config_dir=config_dir(), workers=args.workers, overrides=args.overrides)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The data report as aligned text."""
     lines = [f"data report: {r['source']}"]
@@ -217,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
     try:
-        return args.run(args)
+        return args.handler(args)
     except RecsysError as exc:
         if args.debug:
             raise

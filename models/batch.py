@@ -1,0 +1,205 @@
+"""Request batches and the one place that turns them into torchrec ``KeyedJaggedTensor``s.
+
+A batch is B requests; request b is one user at one cut-off time with M_b candidates and the
+user's history before the cut-off. Everything per request is stored once, not per candidate::
+
+    sequence KJT, stride B (EmbeddingCollection input):
+        hist_item, hist_category, hist_behavior, hist_gap   lengths [B] = history lengths L_b
+        cand_item, cand_category[, cand_brand, cand_price_bucket]   lengths [B] = M_b
+    profile KJT, stride B, one id per request (EmbeddingBagCollection input):
+        [user,] [segment, age_bucket]                       as the data has them
+    labels [C] float32, C = sum M_b, candidates of request 0 first
+
+``hist_gap`` is the log2 bucket of the gap between the cut-off and the event in minutes
+(:func:`time_gap_bucket`). The item and category tables serve both ``hist_*`` and ``cand_*``.
+
+Example:
+    >>> spec = FeatureSpec(sizes={"item": 10, "category": 4}, time_gap_buckets=8)
+    >>> hist = {f: Jagged(np.array(v), np.array([0, 0, 2])) for f, v in
+    ...         {"item": [3, 4], "category": [1, 2], "behavior": [0, 3], "timestamp": [0, 3540]}.items()}
+    >>> b = make_batch(spec, history=hist, request_time=np.array([60, 3600]),
+    ...                candidates={"item": np.array([5, 6, 7]), "category": np.array([1, 1, 2])},
+    ...                num_candidates=np.array([1, 2]))
+    >>> b.sequence["hist_item"].lengths().tolist(), b.sequence["cand_item"].lengths().tolist()
+    ([0, 2], [1, 2])
+    >>> b.sequence["hist_gap"].values().tolist()   # 60 minutes before, 1 minute before
+    [5, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchrec import KeyedJaggedTensor
+
+from features.history import HistoryStore
+from recsys.errors import DataError
+from recsys.types import Jagged
+
+#: History fields read from the store for every request (timestamp becomes ``hist_gap``).
+HISTORY_FIELDS = ("item", "category", "behavior", "timestamp")
+#: Candidate features, in order; item and category are required, the others used when present.
+CANDIDATE_FEATURES = ("item", "category", "brand", "price_bucket")
+#: Per-request profile features used when the data has them (``user`` only when configured).
+PROFILE_FEATURES = ("user", "segment", "age_bucket")
+
+
+def time_gap_bucket(gap_seconds: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Bucket b holds gaps of [2^b - 1, 2^(b+1) - 1) minutes; the last bucket all older ones.
+
+    Example:
+        >>> time_gap_bucket(np.array([0, 59, 60, 179, 180, 10**9]), 8).tolist()
+        [0, 0, 1, 1, 2, 7]
+    """
+    minutes = np.maximum(np.asarray(gap_seconds, dtype=np.int64), 0) // 60
+    return np.minimum(np.floor(np.log2(minutes + 1.0)).astype(np.int64), num_buckets - 1)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which id features a dataset has and their vocabulary sizes (rows, OOV row 0 included)."""
+
+    sizes: Mapping[str, int]
+    time_gap_buckets: int = 20
+    use_user_id: bool = False
+
+    def __post_init__(self) -> None:
+        missing = [f for f in ("item", "category") if f not in self.sizes]
+        if missing:
+            raise ValueError(f"feature sizes must include {missing}, got {sorted(self.sizes)}")
+
+    @classmethod
+    def from_dataset(cls, dataset: Mapping[str, Any], *, time_gap_buckets: int, use_user_id: bool) -> FeatureSpec:
+        """From a built dataset's ``dataset.json``."""
+        sizes = {name: int(f["size"]) for name, f in dataset["features"].items()}
+        return cls(sizes=sizes, time_gap_buckets=time_gap_buckets, use_user_id=use_user_id)
+
+    @property
+    def candidate(self) -> tuple[str, ...]:
+        return tuple(f for f in CANDIDATE_FEATURES if f in self.sizes)
+
+    @property
+    def profile(self) -> tuple[str, ...]:
+        return tuple(f for f in PROFILE_FEATURES if f in self.sizes and (f != "user" or self.use_user_id))
+
+    @property
+    def sequence_keys(self) -> tuple[str, ...]:
+        return ("hist_item", "hist_category", "hist_behavior", "hist_gap", *(f"cand_{f}" for f in self.candidate))
+
+
+@dataclass
+class RequestBatch:
+    """B requests as model input (see the module docstring for the layout)."""
+
+    sequence: KeyedJaggedTensor
+    profile: KeyedJaggedTensor | None
+    num_candidates: torch.Tensor  # [B] int64
+    labels: torch.Tensor | None = None  # [C] float32
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # per-candidate bookkeeping (not model input)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.num_candidates)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> RequestBatch:
+        return RequestBatch(
+            sequence=self.sequence.to(device, non_blocking=non_blocking),
+            profile=None if self.profile is None else self.profile.to(device, non_blocking=non_blocking),
+            num_candidates=self.num_candidates.to(device, non_blocking=non_blocking),
+            labels=None if self.labels is None else self.labels.to(device, non_blocking=non_blocking),
+            extra=self.extra,
+        )
+
+
+def make_batch(
+    spec: FeatureSpec,
+    *,
+    history: Mapping[str, Jagged],
+    request_time: np.ndarray,
+    candidates: Mapping[str, np.ndarray],
+    num_candidates: np.ndarray,
+    profile: Mapping[str, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+) -> RequestBatch:
+    """Build the KJTs of B requests from vocabulary indices (the only place that does).
+
+    Args:
+        history: ``item, category, behavior, timestamp`` as jagged [L_total] with offsets [B+1].
+        request_time: [B] cut-off of each request (unix seconds).
+        candidates: feature -> [C] indices, for every feature in ``spec.candidate``.
+        num_candidates: [B] M_b. profile: feature -> [B] indices for ``spec.profile``.
+        labels: [C] 0/1 or None (serving).
+    """
+    offsets = history["item"].offsets
+    hist_len = np.diff(offsets)  # [B]
+    gap = np.repeat(np.asarray(request_time, dtype=np.int64), hist_len) - history["timestamp"].values
+    num_candidates = np.array(num_candidates, dtype=np.int64)  # a writable copy: torch shares it
+    seq_values = [history["item"].values, history["category"].values, history["behavior"].values,
+                  time_gap_bucket(gap, spec.time_gap_buckets)]
+    seq_lengths = [hist_len] * 4
+    for f in spec.candidate:
+        seq_values.append(candidates[f])
+        seq_lengths.append(num_candidates)
+    sequence = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(spec.sequence_keys),
+        values=torch.from_numpy(np.concatenate([np.asarray(v, dtype=np.int64) for v in seq_values])),
+        lengths=torch.from_numpy(np.concatenate(seq_lengths).astype(np.int32)),
+    )
+    prof = None
+    if spec.profile:
+        b = len(num_candidates)
+        prof = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(spec.profile),
+            values=torch.from_numpy(np.concatenate([np.asarray(profile[f], dtype=np.int64) for f in spec.profile])),
+            lengths=torch.ones(b * len(spec.profile), dtype=torch.int32),
+        )
+    return RequestBatch(
+        sequence=sequence,
+        profile=prof,
+        num_candidates=torch.from_numpy(num_candidates),
+        labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.float32)),
+    )
+
+
+def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (flat values [C], lengths [B])."""
+    col = table.column(name).combine_chunks()
+    if col.null_count:
+        raise DataError(f"{col.null_count} null candidate lists", field=name)
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    return col.flatten().to_numpy(zero_copy_only=False), lengths
+
+
+def batch_from_requests(
+    spec: FeatureSpec, table: pa.Table, store: HistoryStore, *, max_history: int | None
+) -> RequestBatch:
+    """A batch from rows of ``requests/*.parquet`` (features/requests.py) and the history store.
+
+    Args:
+        table: request rows (Arrow; Ray Data hands these over with ``batch_format="pyarrow"``).
+        max_history: the most recent events each request needs (None: the whole history).
+
+    The batch's ``extra`` keeps per-candidate ``request_id``, ``user``, ``true_prob`` (when the
+    data has it) for evaluation.
+    """
+    users = table.column("user").to_numpy().astype(np.int64)
+    index, offsets = store.recent_index(users, table.column("hist_len").to_numpy(), max_history)
+    history = {f: Jagged(getattr(store, f)[index], offsets) for f in HISTORY_FIELDS}
+    cands, num = {}, None
+    for f in spec.candidate:
+        cands[f], num = _flat_list(table, f)
+    labels, _ = _flat_list(table, "label")
+    profile = {f: table.column(f).to_numpy() for f in spec.profile}
+    batch = make_batch(spec, history=history, request_time=table.column("timestamp").to_numpy(),
+                       candidates=cands, num_candidates=num, profile=profile, labels=labels)
+    extra = {"request_id": np.repeat(table.column("request_id").to_numpy(), num),
+             "user": np.repeat(users, num)}
+    if "true_prob" in table.column_names and table.column("true_prob").null_count == 0:
+        extra["true_prob"], _ = _flat_list(table, "true_prob")
+    batch.extra = extra
+    return batch

@@ -1,0 +1,92 @@
+"""The composed CTR model: embeddings -> blocks (each on/off by config) -> MLP head -> one logit per candidate.
+
+Blocks read the embedded batch and return one vector per candidate; the head concatenates::
+
+    [profile [C, P*D] | candidate features [C, F*D] | block outputs ...] -> MLP -> logit [C]
+
+This issue's block is DIN target attention over the most recent ``din.max_len`` behaviours.
+History tokens (the keys) are ``[item | category] + [behavior | time gap]``, ``[L_total, 2D]``;
+a candidate's query is ``[item | category]``, ``[C, 2D]``: the item and category tables are the
+same for both, so a candidate and a behaviour of the same item share their embedding.
+
+Example:
+    >>> from models.batch import FeatureSpec
+    >>> from recsys.model_schemas import ModelConfig
+    >>> model = build_model(ModelConfig(), FeatureSpec(sizes={"item": 50, "category": 5}))
+    >>> model.history_len, sorted(model.blocks)
+    (100, ['din'])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.batch import FeatureSpec, RequestBatch
+from models.din import DINAttention
+from models.embedding import Embedded, FeatureEmbeddings
+from models.jagged import pad, segment_ids, tail
+from models.mlp import MLP
+from recsys.model_schemas import DINConfig, ModelConfig
+
+
+class DINBlock(nn.Module):
+    """Target attention over the last ``max_len`` behaviours of each request."""
+
+    def __init__(self, *, dim: int, cfg: DINConfig) -> None:
+        super().__init__()
+        self.max_len = cfg.max_len
+        self.attention = DINAttention(dim=2 * dim, hidden=cfg.attention_hidden, weighting=cfg.weighting)
+        self.out_dim = 2 * dim
+
+    def forward(self, emb: Embedded, request: torch.Tensor) -> torch.Tensor:
+        h = emb.history
+        tokens = torch.cat([h["item"], h["category"]], -1) + torch.cat([h["behavior"], h["gap"]], -1)  # [L_total, 2D]
+        tokens, offsets = tail(tokens, emb.hist_offsets, self.max_len)
+        longest = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
+        keys, mask = pad(tokens, offsets, max(longest, 1))  # [B, N, 2D], [B, N]; N >= 1 so empty works
+        query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
+        return self.attention(keys, mask, query, request)  # [C, 2D]
+
+
+class CTRModel(nn.Module):
+    """Embeddings, the enabled blocks and the head; ``forward(batch) -> logits [C]``."""
+
+    def __init__(self, *, embeddings: FeatureEmbeddings, blocks: dict[str, nn.Module], head: MLP) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.blocks = nn.ModuleDict(blocks)
+        self.head = head
+
+    @property
+    def history_len(self) -> int | None:
+        """Most recent events a batch must carry (None: the whole history)."""
+        lens = [b.max_len for b in self.blocks.values()]
+        return max(lens) if lens else 0
+
+    def forward(self, batch: RequestBatch) -> torch.Tensor:
+        emb = self.embeddings(batch)
+        request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
+        parts = [emb.profile[request], *emb.candidate.values()]  # [C, P*D], F x [C, D]
+        parts += [block(emb, request) for block in self.blocks.values()]
+        return self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # [C]
+
+
+def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> CTRModel:
+    """The composed model for a dataset's features (``FeatureSpec``) and a model config."""
+    dim = cfg.embedding.dim
+    embeddings = FeatureEmbeddings(spec=spec, dim=dim, device=device)
+    blocks: dict[str, nn.Module] = {}
+    if cfg.din.enabled:
+        blocks["din"] = DINBlock(dim=dim, cfg=cfg.din)
+    in_dim = embeddings.profile_dim + dim * len(spec.candidate) + sum(b.out_dim for b in blocks.values())
+    head = MLP(in_dim=in_dim, hidden=cfg.head.hidden, out_dim=1, dropout=cfg.head.dropout)
+    model = CTRModel(embeddings=embeddings, blocks=blocks, head=head)
+    return model.to(device) if device is not None else model
+
+
+def parameter_count(model: nn.Module) -> dict[str, int]:
+    """Parameters of the embedding tables and of the dense part."""
+    emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embeddings."))
+    total = sum(p.numel() for p in model.parameters())
+    return {"embedding": emb, "dense": total - emb, "total": total}

@@ -1,0 +1,90 @@
+"""The embedding layer: torchrec tables built from the feature spec.
+
+* ``EmbeddingCollection`` (unpooled, one vector per id) for sequences: tables ``item`` and
+  ``category`` (each serving the history feature and the candidate feature: one table, two
+  feature names), ``behavior``, ``time_gap``, and the candidate-only ``brand``, ``price_bucket``.
+* ``EmbeddingBagCollection`` (pooled) for per-request profile features (``segment``,
+  ``age_bucket``, optionally ``user``).
+
+Output, for B requests with L_total history events and C candidates::
+
+    history[name]     [L_total, D]   name in item, category, behavior, gap
+    hist_offsets      [B+1]
+    candidate[name]   [C, D]         name in spec.candidate
+    cand_offsets      [B+1]
+    profile           [B, P*D]       concatenated profile embeddings (P may be 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    PoolingType,
+)
+
+from models.batch import FeatureSpec, RequestBatch
+from recsys.types import BEHAVIORS
+
+
+@dataclass
+class Embedded:
+    history: dict[str, torch.Tensor]
+    hist_offsets: torch.Tensor
+    candidate: dict[str, torch.Tensor]
+    cand_offsets: torch.Tensor
+    profile: torch.Tensor
+
+
+class FeatureEmbeddings(nn.Module):
+    """All id embeddings of the model; the only module that owns torchrec tables."""
+
+    def __init__(self, *, spec: FeatureSpec, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.dim = dim
+        s = spec.sizes
+        tables = [
+            EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=s["item"], feature_names=["hist_item", "cand_item"]),
+            EmbeddingConfig(name="category", embedding_dim=dim, num_embeddings=s["category"],
+                            feature_names=["hist_category", "cand_category"]),
+            EmbeddingConfig(name="behavior", embedding_dim=dim, num_embeddings=len(BEHAVIORS), feature_names=["hist_behavior"]),
+            EmbeddingConfig(name="time_gap", embedding_dim=dim, num_embeddings=spec.time_gap_buckets, feature_names=["hist_gap"]),
+        ]
+        tables += [EmbeddingConfig(name=f, embedding_dim=dim, num_embeddings=s[f], feature_names=[f"cand_{f}"])
+                   for f in spec.candidate if f not in ("item", "category")]
+        self.sequence = EmbeddingCollection(tables=tables, device=device)
+        self.pooled = None
+        if spec.profile:
+            self.pooled = EmbeddingBagCollection(
+                tables=[EmbeddingBagConfig(name=f"profile_{f}", embedding_dim=dim, num_embeddings=s[f], feature_names=[f],
+                                           pooling=PoolingType.SUM) for f in spec.profile],
+                device=device,
+            )
+
+    @property
+    def profile_dim(self) -> int:
+        return self.dim * len(self.spec.profile)
+
+    def forward(self, batch: RequestBatch) -> Embedded:
+        jt = self.sequence(batch.sequence)  # feature -> JaggedTensor
+        hist = {name: jt[f"hist_{name}"].values() for name in ("item", "category", "behavior", "gap")}  # [L_total, D]
+        cand = {f: jt[f"cand_{f}"].values() for f in self.spec.candidate}  # [C, D]
+        b = batch.batch_size
+        if self.pooled is not None:
+            profile = self.pooled(batch.profile).values()  # [B, P*D]
+        else:
+            profile = torch.zeros(b, 0, device=batch.num_candidates.device)
+        return Embedded(
+            history=hist,
+            hist_offsets=jt["hist_item"].offsets(),
+            candidate=cand,
+            cand_offsets=jt["cand_item"].offsets(),
+            profile=profile,
+        )

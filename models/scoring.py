@@ -1,0 +1,62 @@
+"""Scoring request tables with a trained model (no gradients): what eval, export checks and serving share.
+
+Example:
+    >>> import pyarrow as pa
+    >>> from models.ctr import build_model
+    >>> from recsys.model_schemas import ModelConfig
+    >>> spec = FeatureSpec(sizes={"item": 9, "category": 3})
+    >>> probs = probabilities(build_model(ModelConfig(), spec), [])
+    >>> probs.shape
+    (0,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from features.history import HistoryStore
+from models.batch import FeatureSpec, RequestBatch, batch_from_requests
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, batches: Iterable[RequestBatch]) -> np.ndarray:
+    """[C] click probabilities of every candidate of every batch, in order (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.sigmoid(model(b)).double().numpy() for b in batches]
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def score_requests(
+    model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, *,
+    history_len: int | None, batch_size: int = 512,
+) -> dict[str, np.ndarray]:
+    """Score every candidate of a request table.
+
+    Returns:
+        Per candidate [C]: ``request_id``, ``user``, ``label``, ``prob`` and, when the data has the
+        ground truth, ``true_prob``.
+    """
+    parts: list[RequestBatch] = []
+
+    def batches():
+        for start in range(0, table.num_rows, batch_size):
+            b = batch_from_requests(spec, table.slice(start, batch_size), store, max_history=history_len)
+            parts.append(b)
+            yield b
+
+    prob = probabilities(model, batches())
+    out = {"prob": prob}
+    for key in ("request_id", "user", "true_prob"):
+        if parts and all(key in p.extra for p in parts):
+            out[key] = np.concatenate([p.extra[key] for p in parts])
+    out["label"] = np.concatenate([p.labels.numpy() for p in parts]) if parts else np.zeros(0)
+    return out

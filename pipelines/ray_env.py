@@ -1,0 +1,31 @@
+"""Starting or joining a Ray cluster: the one place that calls ``ray.init``.
+
+``RAY_ADDRESS`` set: connect to that cluster. Unset: start a local one on this machine (no
+dashboard; logs at WARNING) and shut it down afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    kwargs = {} if address else {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Workers' output stays in Ray's log files (Ray's own monitors are chatty); training progress reaches
+    # the terminal through RUN/train.log instead.
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()

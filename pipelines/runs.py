@@ -1,0 +1,96 @@
+"""The run directory written by ``recsys train`` and read by eval, export and ablation::
+
+    RUN/config.yaml                  the resolved RunConfig
+    RUN/run.json                     data dir, feature spec, history length, workers, latest checkpoint
+    RUN/metrics.jsonl                one JSON line per epoch (train loss, examples/s, valid metrics)
+    RUN/checkpoints/epoch-NNN.pt     the unsharded state dict (plain tensors; loaded weights_only)
+    RUN/eval/SPLIT.json|.png|-scores.parquet   written by ``recsys eval``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from features.history import HistoryStore
+from models.batch import FeatureSpec
+from models.ctr import CTRModel, build_model
+from recsys.config import load_config
+from recsys.errors import DataError
+from recsys.io import read_json, write_json
+from recsys.model_schemas import RunConfig
+
+
+def dataset_spec(data_dir: Path, cfg: RunConfig) -> tuple[dict[str, Any], FeatureSpec]:
+    """A built dataset's ``dataset.json`` and the feature spec a model config derives from it."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "dataset.json").is_file():
+        raise DataError("not a built dataset (no dataset.json; run `recsys data build` first)", file=str(data_dir))
+    dataset = read_json(data_dir / "dataset.json", what="dataset description")
+    spec = FeatureSpec.from_dataset(
+        dataset, time_gap_buckets=cfg.model.embedding.time_gap_buckets, use_user_id=cfg.model.embedding.user_id
+    )
+    return dataset, spec
+
+
+def split_path(data_dir: Path, split: str) -> Path:
+    path = Path(data_dir) / "requests" / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"no {split} split in the built dataset", file=str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: RunConfig
+    info: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        path = Path(path)
+        if not (path / "config.yaml").is_file():
+            raise DataError("not a training run (no config.yaml; run `recsys train` first)", file=str(path))
+        return cls(path=path, config=load_config(RunConfig, path / "config.yaml"), info=read_json(path / "run.json", what="run info"))
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.info["data"])
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(**self.info["spec"])
+
+    @property
+    def history_len(self) -> int | None:
+        return self.info["history_len"]
+
+    def store(self) -> HistoryStore:
+        return HistoryStore.open(self.data_dir / "history" / "history.arrow")
+
+    def checkpoint(self) -> Path:
+        rel = self.info.get("checkpoint")
+        if not rel:
+            raise DataError("the run has no checkpoint yet (did training finish an epoch?)", file=str(self.path / "run.json"))
+        path = self.path / rel
+        if not path.is_file():
+            raise DataError("checkpoint named in run.json is missing", file=str(path))
+        return path
+
+    def load_model(self) -> CTRModel:
+        """The model with the latest checkpoint's weights, in eval mode."""
+        model = build_model(self.config.model, self.spec)
+        state = torch.load(self.checkpoint(), map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise DataError(f"checkpoint does not fit the run's config: {str(exc).splitlines()[0]}",
+                            file=str(self.checkpoint())) from None
+        return model.eval()
+
+    def update_info(self, **changes: Any) -> None:
+        self.info.update(changes)
+        write_json(self.path / "run.json", self.info)

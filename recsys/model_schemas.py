@@ -1,0 +1,87 @@
+"""Config schemas of a training run: the composed CTR model and its training (``configs/models/*.yaml``).
+
+A run config has three sections: ``name`` (the model's name in ablation tables), ``model`` (one
+block per part of the composed model; every optional block has ``enabled`` so that an ablation is
+one config away) and ``train`` (the loop, optimizers and sharding). Later blocks (KSA, SIM, CAN,
+AGE) add their sections to :class:`ModelConfig`.
+
+Example:
+    >>> from recsys.config import load_config
+    >>> cfg = load_config(RunConfig, overrides=["model.din.max_len=50", "train.epochs=1"])
+    >>> (cfg.model.din.max_len, cfg.train.embedding_optimizer, cfg.train.sharding)
+    (50, 'rowwise_adagrad', 'table_wise')
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from recsys.config import Schema
+
+
+class EmbeddingConfig(Schema):
+    """torchrec tables: one per id feature; item and category tables serve candidates and history."""
+
+    dim: int = Field(16, ge=1, le=1024, description="embedding dimension of every table")
+    time_gap_buckets: int = Field(
+        20, ge=2, le=64,
+        description="log2 buckets of (cut-off - event time) in minutes: bucket b holds gaps in "
+        "[2^b - 1, 2^(b+1) - 1) minutes, the last bucket everything older",
+    )
+    user_id: bool = Field(False, description="also embed the user id (profile); off by default: it memorises")
+
+
+class DINConfig(Schema):
+    """DIN target attention over the most recent ``max_len`` behaviours (Zhou et al., KDD 2018)."""
+
+    enabled: bool = True
+    max_len: int = Field(100, ge=1, description="most recent behaviours the candidate attends to")
+    attention_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1)
+    weighting: Literal["raw", "softmax"] = Field(
+        "raw", description="raw: the paper's unnormalised weights (sum pooling); softmax: normalised"
+    )
+
+
+class HeadConfig(Schema):
+    """The MLP over [profile, candidate, block outputs] that gives one logit per candidate."""
+
+    hidden: list[int] = Field(default_factory=lambda: [200, 80], min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelConfig(Schema):
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    din: DINConfig = Field(default_factory=DINConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+ShardingType = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]
+
+
+class TrainConfig(Schema):
+    """The per-worker loop (pipelines/train.py): the same with ``--workers 0`` and under Ray Train."""
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=1, description="requests per step and worker (each has M candidates)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the dense parameters")
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = Field(
+        "rowwise_adagrad", description="fused optimizer of the sharded tables (Adam is GPU-only for them)"
+    )
+    embedding_lr: float = Field(0.05, gt=0)
+    sharding: ShardingType = Field(
+        "table_wise", description="sharding type the planner may use for every table (see docs/TRAINING.md)"
+    )
+    seed: int = Field(0, ge=0)
+    shuffle: bool = Field(True, description="shuffle training requests every epoch")
+    log_every: int = Field(20, ge=1, description="progress line every this many steps")
+    eval_every_epoch: bool = Field(True, description="valid-split metrics in metrics.jsonl after each epoch")
+
+
+class RunConfig(Schema):
+    """A model config file: ``configs/models/NAME.yaml``."""
+
+    name: str = Field("din", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)

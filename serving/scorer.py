@@ -1,0 +1,219 @@
+"""Scoring raw-id requests with a loaded export: ids -> indices -> one batch -> probabilities.
+
+A request is one user at one time with candidates (raw ids, as the outside world knows them)::
+
+    {"user_id": 17, "timestamp": 1700000000,            # timestamp optional: now
+     "candidates": [{"item_id": 5, "category_id": 3}, {"item_id": 9}],
+     "history": [{"item_id": 5, "category_id": 3, "behavior": "pv", "timestamp": 1699990000}]}
+
+* Raw ids go through the export's vocabularies; an unknown id is the out-of-vocabulary row 0,
+  never an error (a new item or user is scored from what the model knows of row 0).
+* A candidate's missing attributes (``category_id``, ``brand_id``, ``price_bucket``) come from
+  ``items.parquet`` by item index; the user's profile from ``users.parquet`` by user index.
+  An attribute the model has no feature for (``brand_id`` on Taobao data) is ignored.
+* History: the request's own events when it brings them (``history``, even ``[]``), else the
+  user's events in the shipped history store; either way only events strictly before
+  ``timestamp``, oldest first, the last ``history_len`` of them.
+
+Every request of a :meth:`Scorer.score_batch` call goes through ``models.batch.make_batch`` and
+the model once; the id mapping is vectorised (sorted raw ids + ``np.searchsorted``, built once).
+
+Example:
+    >>> import polars as pl
+    >>> ids = IdMap.from_vocab(Vocab.fit("item_id", pl.Series([70, 70, 90, 50])))
+    >>> ids.encode(np.array([70, 50, 90, 12345])).tolist()   # unknown -> 0 (OOV)
+    [1, 2, 3, 0]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from features.vocab import Vocab
+from models.batch import HISTORY_FIELDS, make_batch
+from models.export import FEATURE_VOCAB, Export, load_export
+from recsys.errors import DataError
+from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
+
+#: Candidate attribute (raw id, request field) -> model feature.
+CANDIDATE_ATTRIBUTES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Raw id -> vocabulary index for many ids at once (unknown -> ``OOV_INDEX``)."""
+
+    raw: np.ndarray  # [n] int64, sorted
+    index: np.ndarray  # [n] int64, index of raw[k]
+
+    @classmethod
+    def from_vocab(cls, vocab: Vocab) -> IdMap:
+        known = vocab.table.slice(1)  # row 0 is the OOV row (raw = null)
+        raw = known["raw"].to_numpy().astype(np.int64)
+        order = np.argsort(raw, kind="stable")
+        return cls(raw=raw[order], index=known["index"].to_numpy().astype(np.int64)[order])
+
+    def encode(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.int64)
+        if len(self.raw) == 0:
+            return np.full(raw.shape, OOV_INDEX, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.raw, raw), len(self.raw) - 1)
+        return np.where(self.raw[pos] == raw, self.index[pos], OOV_INDEX)
+
+
+class Scorer:
+    """Click probabilities for raw-id requests, from a loaded :class:`~models.export.Export`."""
+
+    def __init__(self, export: Export) -> None:
+        self.export = export
+        self.spec = export.spec
+        self.history_len = export.history_len
+        self.ids = {name: IdMap.from_vocab(v) for name, v in export.vocabularies.items()}
+        # Features a request may set by raw id, with the vocabulary that encodes them.
+        self.attributes = {attr: feature for attr, feature in CANDIDATE_ATTRIBUTES.items()
+                           if feature in self.spec.candidate}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scorer:
+        """Verify and load the export at ``path`` (:func:`models.export.load_export`)."""
+        return cls(load_export(path))
+
+    @property
+    def name(self) -> str:
+        return self.export.name
+
+    def score(
+        self,
+        user_id: int,
+        candidates: Sequence[Mapping[str, Any]],
+        *,
+        timestamp: int | None = None,
+        history: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[float]:
+        """Click probabilities of ``candidates`` for ``user_id`` at ``timestamp``, in order.
+
+        Args:
+            user_id: the raw user id (unknown: the OOV user, empty history, OOV profile).
+            candidates: ``{"item_id", ["category_id", "brand_id", "price_bucket"]}`` raw ids.
+            timestamp: the cut-off (unix seconds); default now.
+            history: ``{"item_id", "category_id", "behavior", "timestamp"}`` events to use instead
+                of the stored history (``behavior`` one of pv, cart, fav, buy).
+
+        Raises:
+            DataError: a field that is missing or not an integer, or an unknown behaviour name.
+        """
+        request = {"user_id": user_id, "candidates": candidates, "timestamp": timestamp, "history": history}
+        return self.score_batch([request])[0]
+
+    @torch.no_grad()
+    def score_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+        """:meth:`score` for several requests (mappings with the same keys) in one model call."""
+        if not requests:
+            return []
+        now = int(time.time())
+        b = len(requests)
+        user_raw = np.array([_int(r.get("user_id"), f"requests[{i}].user_id") for i, r in enumerate(requests)],
+                            dtype=np.int64)
+        ts = np.array([now if r.get("timestamp") is None else _int(r["timestamp"], f"requests[{i}].timestamp")
+                       for i, r in enumerate(requests)], dtype=np.int64)
+        users = self.ids["user_id"].encode(user_raw)  # [B]
+        history = self._history(requests, users, ts)
+        candidates, num = self._candidates(requests)
+        profile = {f: users if f == "user" else self.export.users[f][users] for f in self.spec.profile}
+        batch = make_batch(self.spec, history=history, request_time=ts, candidates=candidates,
+                           num_candidates=num, profile=profile)
+        probs = torch.sigmoid(self.export.model(batch)).double().numpy()  # [C]
+        offsets = np.concatenate([[0], np.cumsum(num)])
+        return [probs[offsets[i]:offsets[i + 1]].tolist() for i in range(b)]
+
+    def _candidates(self, requests: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Feature -> [C] indices of every candidate, and [B] candidates per request."""
+        item_raw: list[int] = []
+        given = {attr: ([], []) for attr in self.attributes}  # attr -> (positions in [C], raw ids)
+        num = np.zeros(len(requests), dtype=np.int64)
+        for i, r in enumerate(requests):
+            cands = r.get("candidates")
+            if not isinstance(cands, Sequence) or isinstance(cands, str | bytes) or not cands:
+                raise DataError(f"requests[{i}].candidates: expected a non-empty list, got {cands!r}")
+            num[i] = len(cands)
+            for j, c in enumerate(cands):
+                where = f"requests[{i}].candidates[{j}]"
+                if not isinstance(c, Mapping):
+                    raise DataError(f"{where}: expected an object with item_id, got {c!r}")
+                item_raw.append(_int(c.get("item_id"), f"{where}.item_id"))
+                for attr, (pos, raw) in given.items():
+                    if c.get(attr) is not None:
+                        pos.append(len(item_raw) - 1)
+                        raw.append(_int(c[attr], f"{where}.{attr}"))
+        items = self.ids["item_id"].encode(np.array(item_raw, dtype=np.int64))  # [C]
+        out = {"item": items}
+        for attr, feature in self.attributes.items():
+            values = self.export.items[feature][items]  # [C] from items.parquet (OOV item -> row 0)
+            pos, raw = given[attr]
+            if pos:
+                values[np.array(pos)] = self.ids[FEATURE_VOCAB[feature]].encode(np.array(raw, dtype=np.int64))
+            out[feature] = values
+        return out, num
+
+    def _history(self, requests: Sequence[Mapping[str, Any]], users: np.ndarray, ts: np.ndarray) -> dict[str, Jagged]:
+        """The last ``history_len`` events before each cut-off, jagged over the batch."""
+        store = self.export.history
+        stored = [i for i, r in enumerate(requests) if r.get("history") is None and store is not None]
+        parts: dict[int, dict[str, np.ndarray]] = {}
+        if stored:
+            lengths = store.cutoff_lengths(users[stored], ts[stored])
+            index, offsets = store.recent_index(users[stored], lengths, self.history_len)
+            for k, i in enumerate(stored):
+                rows = index[offsets[k]:offsets[k + 1]]
+                parts[i] = {f: getattr(store, f)[rows] for f in HISTORY_FIELDS}
+        for i, r in enumerate(requests):
+            if i not in parts:
+                parts[i] = self._given_history(r.get("history") or [], ts[i], f"requests[{i}].history")
+        lengths = np.array([len(parts[i]["item"]) for i in range(len(requests))], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return {f: Jagged(np.concatenate([np.asarray(parts[i][f], dtype=np.int64) for i in range(len(requests))]),
+                          offsets) for f in HISTORY_FIELDS}
+
+    def _given_history(self, events: Sequence[Mapping[str, Any]], cutoff: int, where: str) -> dict[str, np.ndarray]:
+        """A request's own events: encoded, strictly before ``cutoff``, by time, the last ``history_len``."""
+        if not isinstance(events, Sequence) or isinstance(events, str | bytes):
+            raise DataError(f"{where}: expected a list of events, got {events!r}")
+        cols: dict[str, list[int]] = {"item": [], "category": [], "behavior": [], "timestamp": []}
+        for k, e in enumerate(events):
+            w = f"{where}[{k}]"
+            if not isinstance(e, Mapping):
+                raise DataError(f"{w}: expected an event object, got {e!r}")
+            behavior = e.get("behavior")
+            if behavior not in BEHAVIOR_CODE:
+                raise DataError(f"{w}.behavior: expected one of {', '.join(BEHAVIORS)}, got {behavior!r}")
+            cols["item"].append(_int(e.get("item_id"), f"{w}.item_id"))
+            cols["category"].append(_int(e.get("category_id"), f"{w}.category_id"))
+            cols["behavior"].append(BEHAVIOR_CODE[behavior])
+            cols["timestamp"].append(_int(e.get("timestamp"), f"{w}.timestamp"))
+        a = {f: np.array(v, dtype=np.int64) for f, v in cols.items()}
+        keep = np.flatnonzero(a["timestamp"] < cutoff)
+        keep = keep[np.argsort(a["timestamp"][keep], kind="stable")]  # by time; ties keep request order
+        if self.history_len is not None:
+            keep = keep[max(len(keep) - self.history_len, 0):]
+        return {"item": self.ids["item_id"].encode(a["item"][keep]),
+                "category": self.ids["category_id"].encode(a["category"][keep]),
+                "behavior": a["behavior"][keep], "timestamp": a["timestamp"][keep]}
+
+
+def _int(value: Any, where: str) -> int:
+    """``value`` as an int64 raw id, or a DataError naming ``where``."""
+    if value is None:
+        raise DataError(f"{where}: required, missing")
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise DataError(f"{where}: expected an integer, got {value!r}")
+    if not _INT64[0] <= int(value) <= _INT64[1]:
+        raise DataError(f"{where}: {value} is outside the 64-bit integer range")
+    return int(value)

@@ -1,0 +1,213 @@
+"""The HTTP service for real: `serve` in a subprocess on a free localhost port, requests by urllib."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import uvicorn
+
+from features.history import HistoryStore
+from models.export import save_export
+from models.scoring import score_requests
+from recsys.errors import RecsysError
+from serving.http import _listen, create_app
+from serving.scorer import Scorer
+from tests.conftest import ROOT
+from tests.runs import UNKNOWN_ID, make_run, raw_history, raw_requests
+
+STARTUP_TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_data):
+    """(base url, export dir, run, banner line) of a real `serve` subprocess."""
+    tmp = tmp_path_factory.mktemp("serving")
+    run = make_run(tmp, tiny_data)
+    export = tmp / "export"
+    save_export(run[0], export)
+    log = open(tmp / "server.log", "w+")  # closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", f"from serving.http import serve; serve({str(export)!r}, port=0)"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+    )
+    try:
+        banner = _read_banner(proc, tmp / "server.log")
+        base = banner.rsplit(" on ", 1)[1]
+        _wait_healthy(base, proc)
+        yield base, export, run, banner
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _read_banner(proc, log_path):
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if sel.select(timeout=0.5):
+            line = proc.stdout.readline()
+            if line.startswith("serving "):
+                return line.strip()
+            if not line and proc.poll() is not None:
+                break
+    pytest.fail(f"server did not start (exit code {proc.poll()}): {log_path.read_text()[-2000:]}")
+
+
+def _wait_healthy(base, proc):
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if get(base + "/healthz")[0] == 200:
+                return
+        except OSError:
+            if proc.poll() is not None:
+                break
+        time.sleep(0.1)
+    pytest.fail("server never answered /healthz")
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def post(url, body, content_type="application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_healthz_names_the_model_and_the_weights(served):
+    base, export, _, banner = served
+    assert banner == f"serving {export} on {base}" and base.startswith("http://127.0.0.1:")
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert get(base + "/healthz") == (200, {"status": "ok", "model": "din_test",
+                                            "export": manifest["files"]["weights.pt"]["sha256"]})
+
+
+def test_scores_equal_eager_scores(served, tiny_data):
+    base, _, (_, model, spec), _ = served
+    table = pq.read_table(tiny_data / "requests" / "test.parquet").slice(0, 12)
+    store = HistoryStore.open(tiny_data / "history" / "history.arrow")
+    eager = score_requests(model, spec, store, table, history_len=model.history_len)
+    want = np.split(eager["prob"], np.cumsum([len(r) for r in table.column("item").to_pylist()])[:-1])
+    for request, expected in zip(raw_requests(tiny_data, table), want, strict=True):
+        status, body = post(base + "/v1/score", request)
+        assert status == 200 and body["model"] == "din_test"
+        np.testing.assert_allclose(body["scores"], expected, rtol=0, atol=1e-5)
+
+    # The same request with its history sent by the client instead of read from the store.
+    request, user = raw_requests(tiny_data, table)[5], table.column("user")[5].as_py()
+    history = raw_history(tiny_data, user, request["timestamp"])
+    status, body = post(base + "/v1/score", {**request, "history": history})
+    assert status == 200
+    np.testing.assert_allclose(body["scores"], want[5], rtol=0, atol=1e-5)
+
+
+def test_unknown_ids_are_scored_not_refused(served, tiny_data):
+    base, export, _, _ = served
+    request = raw_requests(tiny_data, pq.read_table(tiny_data / "requests" / "test.parquet"))[0]
+    cands = [{"item_id": UNKNOWN_ID}, *request["candidates"][:3], {"item_id": UNKNOWN_ID + 1, "category_id": 7}]
+    status, body = post(base + "/v1/score", {**request, "candidates": cands})
+    assert status == 200 and len(body["scores"]) == 5 and all(0 < s < 1 for s in body["scores"])
+    local = Scorer.load(export).score(request["user_id"], cands, timestamp=request["timestamp"])
+    np.testing.assert_allclose(body["scores"], local, rtol=0, atol=1e-6)
+    status, body = post(base + "/v1/score", {"user_id": UNKNOWN_ID, "candidates": cands})  # new user, now
+    assert status == 200 and len(body["scores"]) == 5
+
+
+def _many(n):
+    return {"user_id": 1, "candidates": [{"item_id": i} for i in range(n)]}
+
+
+def _with_history(**event):
+    return {"user_id": 1, "candidates": [{"item_id": 1}],
+            "history": [{"item_id": 1, "category_id": 2, "behavior": "pv", "timestamp": 3, **event}]}
+
+
+MALFORMED = [
+    ({"user_id": 1, "candidates": [{"item_id": 1}, {"item_id": "abc"}]}, 422,
+     'candidates[1].item_id: expected an integer, got "abc"'),
+    ({"user_id": 1.5, "candidates": [{"item_id": 1}]}, 422, "user_id: expected an integer, got 1.5"),
+    ({"user_id": True, "candidates": [{"item_id": 1}]}, 422, "user_id: expected an integer, got true"),
+    ({"user_id": 1, "candidates": [{"item_id": 2**64}]}, 422,
+     f"candidates[0].item_id: expected a 64-bit integer, got {2**64}"),
+    ({"user_id": 1, "candidates": []}, 422, "candidates: must not be empty"),
+    ({"user_id": 1, "candidates": {"item_id": 1}}, 422, 'candidates: expected a list, got {"item_id": 1}'),
+    ({"candidates": [{"item_id": 1}]}, 422, "user_id: required field is missing"),
+    ({"user_id": 1, "candidates": [{"item_id": 1, "colour": 3}]}, 422, "candidates[0].colour: unknown field (value 3)"),
+    (_many(1001), 422, "candidates: at most 1000 per request, got 1001"),
+    (_with_history(behavior="click"), 422,
+     "history[0].behavior: expected 'pv', 'cart', 'fav' or 'buy', got \"click\""),
+    (_with_history(timestamp="yesterday"), 422, 'history[0].timestamp: expected an integer, got "yesterday"'),
+    ([1, 2], 422, "body: expected a JSON object, got [1, 2]"),
+    (b'{"user_id": 1, "candidates": [', 400, "body: invalid JSON: Expecting value at character 30"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), MALFORMED, ids=lambda x: str(x)[:40])
+def test_malformed_requests_get_a_4xx_naming_the_field(served, body, status, message):
+    got_status, got = post(served[0] + "/v1/score", body)
+    assert (got_status, got) == (status, {"error": message})
+
+
+def test_other_http_errors_are_json_too(served):
+    base = served[0]
+    assert get(base + "/v1/nothing") == (404, {"error": "GET /v1/nothing: Not Found"})
+    assert get(base + "/v1/score") == (405, {"error": "GET /v1/score: Method Not Allowed"})
+    status, body = post(base + "/v1/score", b'{"user_id": 1}', content_type="text/plain")
+    assert status == 422 and body["error"].startswith("body: expected a JSON object (send Content-Type: application/json)")
+
+
+def test_the_candidate_limit_is_configurable(served):
+    """create_app's limit, over real HTTP with uvicorn in a thread of this process."""
+    scorer = Scorer.load(served[1])
+    with pytest.raises(ValueError, match="max_candidates must be >= 1, got 0"):
+        create_app(scorer, max_candidates=0)
+    sock = _listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(scorer, max_candidates=3), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/score"
+        assert post(base, _many(3))[0] == 200
+        assert post(base, _many(4)) == (422, {"error": "candidates: at most 3 per request, got 4"})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_serve_refuses_an_unverifiable_export_and_a_busy_port(served, tmp_path):
+    from serving.http import serve
+
+    with pytest.raises(RecsysError, match="manifest.json: missing: not an export"):
+        serve(tmp_path)
+    port = int(served[0].rsplit(":", 1)[1])
+    with pytest.raises(RecsysError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+        _listen("127.0.0.1", port)
