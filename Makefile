@@ -28,9 +28,9 @@ $(STAMP): $(LOCK) pyproject.toml
 	@$(BIN)/python -c 'import torch, torchrec, fbgemm_gpu, ray, polars, pyarrow; print("environment ok: torch", torch.__version__, "torchrec", torchrec.__version__, "ray", ray.__version__, "polars", polars.__version__)'
 	@touch $(STAMP)
 
+# synth small -> build -> train DIN on Ray (2 workers) -> eval -> export -> HTTP scorer -> summary.
 demo: $(STAMP)
-	$(BIN)/recsys data synth --preset small --out $(DEMO)/world --overwrite
-	$(BIN)/recsys data build --source synth:$(DEMO)/world --out $(DEMO)/data --overwrite
+	$(BIN)/recsys demo --out $(DEMO)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -40,6 +40,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/recsys bench data --preset medium
+	$(BIN)/recsys bench train
 
 # Re-resolve the lock from scratch (needs the package registries). Two steps, as
 # requirements/README.md explains: everything but torchrec, then torchrec without its deps.

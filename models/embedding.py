@@ -45,26 +45,29 @@ class Embedded:
 class FeatureEmbeddings(nn.Module):
     """All id embeddings of the model; the only module that owns torchrec tables."""
 
-    def __init__(self, *, spec: FeatureSpec, dim: int, device: torch.device | None = None) -> None:
+    def __init__(self, *, spec: FeatureSpec, dim: int, init_scale: float = 0.1, device: torch.device | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.dim = dim
         s = spec.sizes
+        # torchrec's default init is U(+-sqrt(1/rows)): +-0.007 for 20k items but +-0.5 for the 4
+        # behaviours, so summed event tokens would start as behaviour noise. One scale for all.
+        init = {"weight_init_min": -init_scale, "weight_init_max": init_scale}
         tables = [
-            EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=s["item"], feature_names=["hist_item", "cand_item"]),
+            EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=s["item"], feature_names=["hist_item", "cand_item"], **init),
             EmbeddingConfig(name="category", embedding_dim=dim, num_embeddings=s["category"],
-                            feature_names=["hist_category", "cand_category"]),
-            EmbeddingConfig(name="behavior", embedding_dim=dim, num_embeddings=len(BEHAVIORS), feature_names=["hist_behavior"]),
-            EmbeddingConfig(name="time_gap", embedding_dim=dim, num_embeddings=spec.time_gap_buckets, feature_names=["hist_gap"]),
+                            feature_names=["hist_category", "cand_category"], **init),
+            EmbeddingConfig(name="behavior", embedding_dim=dim, num_embeddings=len(BEHAVIORS), feature_names=["hist_behavior"], **init),
+            EmbeddingConfig(name="time_gap", embedding_dim=dim, num_embeddings=spec.time_gap_buckets, feature_names=["hist_gap"], **init),
         ]
-        tables += [EmbeddingConfig(name=f, embedding_dim=dim, num_embeddings=s[f], feature_names=[f"cand_{f}"])
+        tables += [EmbeddingConfig(name=f, embedding_dim=dim, num_embeddings=s[f], feature_names=[f"cand_{f}"], **init)
                    for f in spec.candidate if f not in ("item", "category")]
         self.sequence = EmbeddingCollection(tables=tables, device=device)
         self.pooled = None
         if spec.profile:
             self.pooled = EmbeddingBagCollection(
                 tables=[EmbeddingBagConfig(name=f"profile_{f}", embedding_dim=dim, num_embeddings=s[f], feature_names=[f],
-                                           pooling=PoolingType.SUM) for f in spec.profile],
+                                           pooling=PoolingType.SUM, **init) for f in spec.profile],
                 device=device,
             )
 

@@ -190,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     bdata.add_argument("--json", action="store_true", help="print one JSON object")
     bdata.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override the world config")
     bdata.set_defaults(handler=_cmd_bench_data)
+    btrain = bench_cmds.add_parser(
+        "train", help="request-level vs per-impression batches (train/score examples/s); Ray worker scaling",
+        description="Times training steps and scoring of the DIN model on the same impressions in the request-level\n"
+        "batch layout and in a per-impression layout (the ratio is the figure to quote), then trains with\n"
+        "each worker count (examples/s, and the wall time of train() including Ray start-up).",
+        formatter_class=fmt,
+    )
+    btrain.add_argument("--data", type=Path, default=None, help="a built dataset (default: generate and build --preset)")
+    btrain.add_argument("--preset", default="small", help="world to generate when --data is not given (default small)")
+    btrain.add_argument("--candidates", type=int, default=10, help="first candidates kept per request (default 10)")
+    btrain.add_argument("--batch-requests", type=int, default=64, help="requests per step (default 64)")
+    btrain.add_argument("--steps", type=int, default=20, help="timed steps per pass (default 20)")
+    btrain.add_argument("--repeat", type=int, default=3, help="timed passes per layout (best is kept)")
+    btrain.add_argument("--workers", default="0,1,2", help="worker counts, comma-separated; '' skips (default 0,1,2)")
+    btrain.add_argument("--epochs", type=int, default=1, help="epochs per worker run (default 1)")
+    btrain.add_argument("--work", type=Path, default=Path("out/bench-train"), help="scratch directory (default out/bench-train)")
+    btrain.add_argument("--json", action="store_true", help="print one JSON object")
+    btrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the model config (configs/models/din.yaml)")
+    btrain.set_defaults(handler=_cmd_bench_train)
     return parser
 
 
@@ -310,6 +330,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(out=args.out, config_dir=config_dir(), workers=args.workers, overrides=args.overrides)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from pipelines.ablation import model_config_path
+    from pipelines.bench import bench_train, format_bench_train
+    from recsys.model_schemas import RunConfig
+
+    try:
+        workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
+    except ValueError:
+        raise RecsysError(f"--workers must be comma-separated integers, got {args.workers!r}") from None
+    cfg = load_config(RunConfig, model_config_path(config_dir(), "din"), args.overrides)
+    synth = None if args.data else _synth_config(args.preset, None, None, [])[0]
+    try:
+        result = bench_train(args.data, preset=args.preset, synth=synth, work=args.work, config=cfg,
+                             candidates=args.candidates, batch_requests=args.batch_requests, steps=args.steps,
+                             repeat=args.repeat, workers=workers, epochs=args.epochs)
+    except ValueError as exc:
+        raise RecsysError(str(exc)) from exc
+    print(json.dumps(result, indent=2) if args.json else format_bench_train(result))
     return 0
 
 
