@@ -37,7 +37,7 @@ class DINBlock(nn.Module):
         super().__init__()
         self.max_len = cfg.max_len
         self.attention = DINAttention(dim=2 * dim, hidden=cfg.attention_hidden, weighting=cfg.weighting)
-        self.out_dim = 4 * dim
+        self.out_dim = 2 * dim
 
     def forward(self, emb: Embedded, request: torch.Tensor) -> torch.Tensor:
         h = emb.history
@@ -46,11 +46,7 @@ class DINBlock(nn.Module):
         longest = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         keys, mask = pad(tokens, offsets, max(longest, 1))  # [B, N, 2D], [B, N]; N >= 1 so empty works
         query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
-        interest = self.attention(keys, mask, query, request)  # [C, 2D]
-        # The head gets the interest and its product with the query: an MLP over a concatenation
-        # learns a dot product only slowly, and "how much of the history is like this candidate"
-        # is the signal DIN exists for.
-        return torch.cat([interest, interest * query], dim=-1)  # [C, 4D]
+        return self.attention(keys, mask, query, request)  # [C, 2D]: the paper's head input
 
 
 class CTRModel(nn.Module):

@@ -54,7 +54,7 @@ def train(
     data_dir = Path(data_dir).resolve()
     dataset, spec = dataset_spec(data_dir, cfg)
     split_path(data_dir, "train")
-    run_dir = check_output_dir(run_dir, overwrite=overwrite)
+    run_dir = check_output_dir(Path(run_dir).resolve(), overwrite=overwrite)  # Ray storage needs an absolute path
     if overwrite and run_dir.exists():
         import shutil
 

@@ -387,10 +387,25 @@ def format_report(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _hush_dependencies() -> None:
+    """Third-party deprecation chatter (torchrec, fbgemm, torch.fx) is not the user's business;
+    ``--debug`` keeps it."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    for module in (r"torchrec\.", r"fbgemm_gpu\.", r"torch\.", r"ray\."):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
+    if not args.debug:
+        _hush_dependencies()
     try:
         return args.handler(args)
     except RecsysError as exc:

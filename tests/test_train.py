@@ -49,11 +49,13 @@ def _check_learned(run_path, workers):
 
 
 @pytest.mark.slow
-def test_ray_training_with_two_workers_learns(small_data, tmp_path):
+def test_ray_training_with_two_workers_learns(small_data, tmp_path, monkeypatch):
     from pipelines.train import train
 
     cfg = load_config(RunConfig, DIN, ["train.epochs=1"])
-    run = train(cfg, small_data, tmp_path / "run", workers=2)
+    monkeypatch.chdir(tmp_path)  # a relative run path, as `make demo` passes (Ray storage needs absolute)
+    run = train(cfg, small_data, "run", workers=2)
+    assert run.path == tmp_path / "run"
     _check_learned(run.path, workers=2)
     assert "[train] epoch 1/1:" in (run.path / "train.log").read_text()
 
