@@ -81,7 +81,9 @@ class FeatureEmbeddings(nn.Module):
         cand = {f: jt[f"cand_{f}"].values() for f in self.spec.candidate}  # [C, D]
         b = batch.batch_size
         if self.pooled is not None:
-            profile = self.pooled(batch.profile).values()  # [B, P*D]
+            # by key, in spec order: a sharded EBC may return its keys grouped by rank
+            pooled = self.pooled(batch.profile).to_dict()
+            profile = torch.cat([pooled[f] for f in self.spec.profile], dim=-1)  # [B, P*D]
         else:
             profile = torch.zeros(b, 0, device=batch.num_candidates.device)
         return Embedded(
