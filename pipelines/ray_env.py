@@ -9,7 +9,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Ray's driver prints raylet warnings on stdout; stdout belongs to results (``--json``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -19,6 +35,11 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    with _stdout_to_stderr():
+        yield from _session(ray, num_cpus)
+
+
+def _session(ray, num_cpus: int | None) -> Iterator[None]:
     address = os.environ.get("RAY_ADDRESS") or None
     kwargs = {} if address else {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -98,6 +98,14 @@ def test_train_eval_and_ablation_commands(tiny_data, tmp_path):
     scores = pl.read_parquet(run / "eval" / "test-scores.parquet")
     assert len(scores) == out["examples"] and scores["prob"].is_between(0, 1, closed="none").all()
 
+    # export the trained run and ask `recsys serve` over HTTP: the answers are eval's scores
+    from pipelines.demo import _score_over_http
+
+    r = run_cli("export", "--run", str(run), "--out", str(tmp_path / "export"))
+    assert r.returncode == 0, r.stderr
+    served = _score_over_http(tmp_path / "export", tiny_data, run / "eval" / "test-scores.parquet", 4)
+    assert served["requests"] == 4 and served["max_abs_diff"] <= 1e-5
+
     r = run_cli("ablation", "--data", str(tiny_data), "--models", "din", "--out", str(tmp_path / "abl"), "--json",
                 "--set", "train.epochs=1", "--set", "model.din.max_len=20")
     assert r.returncode == 0, r.stderr
