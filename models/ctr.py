@@ -60,7 +60,8 @@ class CTRModel(nn.Module):
 
     @property
     def history_len(self) -> int | None:
-        """Most recent events a batch must carry (None: the whole history)."""
+        """Most recent events a batch must carry: the longest any enabled block reads (0 with no block;
+        a block that reads the whole history will make it None)."""
         lens = [b.max_len for b in self.blocks.values()]
         return max(lens) if lens else 0
 

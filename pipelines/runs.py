@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from features.history import HistoryStore
 from models.batch import FeatureSpec
 from models.ctr import CTRModel, build_model
+from models.export import load_weights
 from recsys.config import load_config
 from recsys.errors import DataError
 from recsys.io import read_json, write_json
@@ -83,12 +82,7 @@ class Run:
     def load_model(self) -> CTRModel:
         """The model with the latest checkpoint's weights, in eval mode."""
         model = build_model(self.config.model, self.spec)
-        state = torch.load(self.checkpoint(), map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise DataError(f"checkpoint does not fit the run's config: {str(exc).splitlines()[0]}",
-                            file=str(self.checkpoint())) from None
+        load_weights(model, self.checkpoint(), what=f"{self.path / 'config.yaml'}")
         return model.eval()
 
     def update_info(self, **changes: Any) -> None:
