@@ -13,7 +13,6 @@ What runs where (measured in ../shared/STACK.md and by tests/test_train.py on CP
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import torch
 import torch.distributed as dist
@@ -40,17 +39,14 @@ PG_TIMEOUT = dt.timedelta(minutes=5)
 
 
 def init_single_process_group() -> None:
-    """A world of one (gloo, localhost), so ``--workers 0`` runs the same DMP code path."""
+    """A world of one (gloo), so ``--workers 0`` runs the same DMP code path.
+
+    The rendezvous is an in-memory ``HashStore``, not a TCP store: picking a "free" port and
+    binding it later races with other processes on a busy machine (EADDRINUSE in CI).
+    """
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=PG_TIMEOUT)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=PG_TIMEOUT)
 
 
 def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[DistributedModelParallel, CombinedOptimizer]:

@@ -4,15 +4,13 @@ computes, and the gathered checkpoint is the full model (no Ray here: torch.mult
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, port: int, data_dir: str, sharding: str, out: str) -> None:
+def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str, out: str) -> None:
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -25,8 +23,9 @@ def _worker(rank: int, world: int, port: int, data_dir: str, sharding: str, out:
     from recsys.config import load_config
     from recsys.model_schemas import RunConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=120))
+    # A file rendezvous: no port to pick, so nothing to collide with on a busy machine.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
+                            timeout=dt.timedelta(seconds=120))
     try:
         cfg = load_config(RunConfig, overrides=[f"train.sharding={sharding}", "model.din.max_len=20"])
         dataset = json.loads(open(f"{data_dir}/dataset.json").read())
@@ -65,11 +64,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, sharding: str, out:
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_sharded_model_equals_the_gathered_plain_model(tiny_data, tmp_path, sharding):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "result.json"
-    mp.spawn(_worker, args=(2, port, str(tiny_data), sharding, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_data), sharding, str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert sharding in result["plan"]
     assert "rank:1" in result["plan"]  # both ranks hold tables (it really is sharded)
