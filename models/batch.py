@@ -13,6 +13,11 @@ user's history before the cut-off. Everything per request is stored once, not pe
 ``hist_gap`` is the log2 bucket of the gap between the cut-off and the event in minutes
 (:func:`time_gap_bucket`). The item and category tables serve both ``hist_*`` and ``cand_*``.
 
+Two plain tensors ride along (ids, not embeddings): ``hist_gap`` again as ``gap [L_total]`` and
+``interval [L_total]``, the bucket of the time since the previous event of the same history (a
+history's first event gets ``time_gap_buckets``). ``history_source [B]`` says, for whole histories,
+which request of the batch holds the longest history of the same user: the others are its prefixes.
+
 Example:
     >>> spec = FeatureSpec(sizes={"item": 10, "category": 4}, time_gap_buckets=8)
     >>> hist = {f: Jagged(np.array(v), np.array([0, 0, 2])) for f, v in
@@ -100,6 +105,9 @@ class RequestBatch:
     profile: KeyedJaggedTensor | None
     num_candidates: torch.Tensor  # [B] int64
     labels: torch.Tensor | None = None  # [C] float32
+    gap: torch.Tensor | None = None  # [L_total] int64, the hist_gap ids
+    interval: torch.Tensor | None = None  # [L_total] int64
+    history_source: torch.Tensor | None = None  # [B] int64, None: every request its own
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # per-candidate bookkeeping (not model input)
 
     @property
@@ -112,6 +120,9 @@ class RequestBatch:
             profile=None if self.profile is None else self.profile.to(device, non_blocking=non_blocking),
             num_candidates=self.num_candidates.to(device, non_blocking=non_blocking),
             labels=None if self.labels is None else self.labels.to(device, non_blocking=non_blocking),
+            gap=None if self.gap is None else self.gap.to(device, non_blocking=non_blocking),
+            interval=None if self.interval is None else self.interval.to(device, non_blocking=non_blocking),
+            history_source=None if self.history_source is None else self.history_source.to(device, non_blocking=non_blocking),
             extra=self.extra,
         )
 
@@ -139,8 +150,8 @@ def make_batch(
     hist_len = np.diff(offsets)  # [B]
     gap = np.repeat(np.asarray(request_time, dtype=np.int64), hist_len) - history["timestamp"].values
     num_candidates = np.array(num_candidates, dtype=np.int64)  # a writable copy: torch shares it
-    seq_values = [history["item"].values, history["category"].values, history["behavior"].values,
-                  time_gap_bucket(gap, spec.time_gap_buckets)]
+    gap_ids = time_gap_bucket(gap, spec.time_gap_buckets)
+    seq_values = [history["item"].values, history["category"].values, history["behavior"].values, gap_ids]
     seq_lengths = [hist_len] * 4
     for f in spec.candidate:
         seq_values.append(candidates[f])
@@ -163,7 +174,42 @@ def make_batch(
         profile=prof,
         num_candidates=torch.from_numpy(num_candidates),
         labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.float32)),
+        gap=torch.from_numpy(gap_ids),
+        interval=torch.from_numpy(interval_buckets(history["timestamp"].values, offsets, spec.time_gap_buckets)),
     )
+
+
+def interval_buckets(timestamps: np.ndarray, offsets: np.ndarray, num_buckets: int) -> np.ndarray:
+    """[L] bucket of the time since the previous event of the same history; ``num_buckets`` for
+    a history's first event (there is no previous one).
+
+    Example:
+        >>> interval_buckets(np.array([0, 60, 60, 0, 7200]), np.array([0, 3, 5]), 8).tolist()
+        [8, 1, 0, 8, 6]
+    """
+    ts = np.asarray(timestamps, dtype=np.int64)
+    gap = np.zeros_like(ts)
+    gap[1:] = ts[1:] - ts[:-1]
+    out = time_gap_bucket(gap, num_buckets)
+    offsets = np.asarray(offsets)
+    out[offsets[:-1][np.diff(offsets) > 0]] = num_buckets
+    return out
+
+
+def history_sources(users: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
+    """[B] for each request, the request of the same user with the longest history (itself if none).
+
+    Example:
+        >>> history_sources(np.array([7, 3, 7, 7]), np.array([5, 2, 9, 1])).tolist()
+        [2, 1, 2, 2]
+    """
+    order = np.lexsort((np.asarray(hist_len), np.asarray(users)))  # by user, then length
+    sorted_users = np.asarray(users)[order]
+    last = np.r_[sorted_users[1:] != sorted_users[:-1], True]  # last of each user = its longest
+    group = np.cumsum(np.r_[True, sorted_users[1:] != sorted_users[:-1]]) - 1
+    out = np.empty(len(order), dtype=np.int64)
+    out[order] = order[last][group]
+    return out
 
 
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -202,4 +248,6 @@ def batch_from_requests(
     if "true_prob" in table.column_names and table.column("true_prob").null_count == 0:
         extra["true_prob"], _ = _flat_list(table, "true_prob")
     batch.extra = extra
+    if max_history is None:  # whole histories of one user are prefixes of each other
+        batch.history_source = torch.from_numpy(history_sources(users, table.column("hist_len").to_numpy()))
     return batch

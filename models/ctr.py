@@ -4,7 +4,8 @@ Blocks read the embedded batch and return one vector per candidate; the head con
 
     [profile [C, P*D] | candidate features [C, F*D] | block outputs ...] -> MLP -> logit [C]
 
-This issue's block is DIN target attention over the most recent ``din.max_len`` behaviours.
+Blocks: DIN target attention over the most recent ``din.max_len`` behaviours; KSA over the whole
+history with a target-attention read-out (models/ksa.py).
 History tokens (the keys) are ``[item | category] + [behavior | time gap]``, ``[L_total, 2D]``;
 a candidate's query is ``[item | category]``, ``[C, 2D]``: the item and category tables are the
 same for both, so a candidate and a behaviour of the same item share their embedding.
@@ -26,6 +27,7 @@ from models.batch import FeatureSpec, RequestBatch
 from models.din import DINAttention
 from models.embedding import Embedded, FeatureEmbeddings
 from models.jagged import pad, segment_ids, tail
+from models.ksa import KSABlock
 from models.mlp import MLP
 from recsys.model_schemas import DINConfig, ModelConfig
 
@@ -63,6 +65,8 @@ class CTRModel(nn.Module):
         """Most recent events a batch must carry: the longest any enabled block reads (0 with no block;
         a block that reads the whole history will make it None)."""
         lens = [b.max_len for b in self.blocks.values()]
+        if any(n is None for n in lens):
+            return None
         return max(lens) if lens else 0
 
     def forward(self, batch: RequestBatch) -> torch.Tensor:
@@ -80,6 +84,9 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None
     blocks: dict[str, nn.Module] = {}
     if cfg.din.enabled:
         blocks["din"] = DINBlock(dim=dim, cfg=cfg.din)
+    if cfg.ksa.enabled:
+        blocks["ksa"] = KSABlock(dim=dim, cfg=cfg.ksa, interval_buckets=spec.time_gap_buckets,
+                                 gap_buckets=spec.time_gap_buckets)
     in_dim = embeddings.profile_dim + dim * len(spec.candidate) + sum(b.out_dim for b in blocks.values())
     head = MLP(in_dim=in_dim, hidden=cfg.head.hidden, out_dim=1, dropout=cfg.head.dropout)
     model = CTRModel(embeddings=embeddings, blocks=blocks, head=head)

@@ -40,6 +40,9 @@ class Embedded:
     candidate: dict[str, torch.Tensor]
     cand_offsets: torch.Tensor
     profile: torch.Tensor
+    hist_gap: torch.Tensor | None = None  # [L_total] ids (RequestBatch.gap)
+    hist_interval: torch.Tensor | None = None  # [L_total] ids (RequestBatch.interval)
+    history_source: torch.Tensor | None = None  # [B] (RequestBatch.history_source)
 
 
 class FeatureEmbeddings(nn.Module):
@@ -92,4 +95,7 @@ class FeatureEmbeddings(nn.Module):
             candidate=cand,
             cand_offsets=jt["cand_item"].offsets(),
             profile=profile,
+            hist_gap=batch.gap,
+            hist_interval=batch.interval,
+            history_source=batch.history_source,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recsys.config import Schema
 
@@ -44,6 +44,53 @@ class DINConfig(Schema):
     )
 
 
+class DistillConfig(Schema):
+    """Self-distillation from a full-attention teacher, as the KSA recipe does (PAPERS.md §1.3(e)).
+
+    The teacher is the same model run without summary tokens (every event attends to every earlier
+    event), under no_grad. Loss = BCE + ``kl`` * KL(teacher || student click distribution)
+    + ``mse`` * mean(clamp((student - teacher attention outputs)^2, 0, ``clamp``)) over layers.
+    For the first ``summary_steps`` steps only summary parameters (names with ``summary``) train.
+    """
+
+    enabled: bool = False
+    kl: float = Field(5.0, ge=0)
+    mse: float = Field(5.0, ge=0)
+    clamp: float = Field(0.1, gt=0, description="element-wise cap of the squared attention error")
+    summary_steps: int = Field(200, ge=0, description="steps that train summary parameters only, before all")
+
+
+class KSAConfig(Schema):
+    """Kwai Summary Attention over the whole history (models/ksa.py; PAPERS.md §1)."""
+
+    enabled: bool = False
+    chunk: int = Field(8, ge=1, le=1024, description="C: events per chunk")
+    summaries: int = Field(1, ge=1, le=64, description="S: summary tokens after each chunk (k = C/S)")
+    window: int = Field(16, ge=0, le=4096, description="W: previous chunks whose raw events stay visible")
+    wide_window: int = Field(128, ge=0, le=65536, description="raw window (chunks) of 'wide' layers")
+    layers: list[Literal["summary", "wide"]] = Field(
+        default_factory=lambda: ["summary", "summary"], min_length=1, max_length=12,
+        description="layer kinds bottom-up; the KSA recipe is [summary, summary, summary, wide]",
+    )
+    d_model: int = Field(64, ge=2, le=4096)
+    heads: int = Field(4, ge=1, le=64)
+    mlp_ratio: int = Field(4, ge=1, le=16)
+    kernel: Literal["chunked", "reference"] = Field(
+        "chunked", description="attention kernel: chunked (efficient) or reference (dense mask; small n only)"
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> KSAConfig:
+        if self.summaries > self.chunk:
+            raise ValueError(f"summaries ({self.summaries}) must be <= chunk ({self.chunk}): k = C/S is at least 1")
+        if self.d_model % self.heads or (self.d_model // self.heads) % 2:
+            raise ValueError(f"d_model ({self.d_model}) / heads ({self.heads}) must be an even integer (RoPE pairs)")
+        if "wide" in self.layers and self.wide_window < self.window:
+            raise ValueError(f"wide_window ({self.wide_window}) must be >= window ({self.window})")
+        return self
+
+
 class HeadConfig(Schema):
     """The MLP over [profile, candidate, block outputs] that gives one logit per candidate."""
 
@@ -54,6 +101,7 @@ class HeadConfig(Schema):
 class ModelConfig(Schema):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     din: DINConfig = Field(default_factory=DINConfig)
+    ksa: KSAConfig = Field(default_factory=KSAConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 
@@ -75,6 +123,10 @@ class TrainConfig(Schema):
     )
     seed: int = Field(0, ge=0)
     shuffle: bool = Field(True, description="shuffle training requests every epoch")
+    batch_by: Literal["request", "user"] = Field(
+        "request", description="request: batches of shuffled requests; user: shuffled users, each user's "
+        "requests together (a model that encodes whole histories encodes each user once per batch)",
+    )
     log_every: int = Field(20, ge=1, description="progress line every this many steps")
     eval_every_epoch: bool = Field(True, description="valid-split metrics in metrics.jsonl after each epoch")
 

@@ -1,0 +1,727 @@
+"""KSA: Kwai Summary Attention over a user's whole behaviour history (OneRec team, arXiv 2604.24432).
+
+The mechanism follows the official code as ../shared/PAPERS.md §1.3 describes it; the mapping to
+behaviour sequences (§1.8) is ours.
+
+Layout. After every chunk of C events, S learnable summary tokens are inserted (k = C/S)::
+
+    [e_0 .. e_{C-1}, s_0 .. s_{S-1}, e_C .. e_{2C-1}, s_0 .., ..]      block size B = C + S
+
+The same S embeddings (``summary_embedding``) are inserted at every chunk. A trailing partial
+chunk gets no summary, as at the official code's HF prefill. (Its training path gives the partial
+chunk summaries too, but no token can see them: a chunk is inside every later token's raw window
+until it fills. Outputs are identical either way.) Events and summaries are kept as two jagged
+tensors; the interleaved order exists only in the reference kernel.
+
+Mask ("sliding chunk attention", §1.3(c)). With c(.) the chunk of a token, for query i, key j:
+
+    summary i:  c(j) == c(i) and j <= i              own chunk's events and earlier own summaries
+    event i:    j <= i and (  (event j   and c(i) - c(j) <= W)    raw events: own chunk + W before
+                           or (summary j and c(i) - c(j) >  W) )  summaries of all older chunks
+
+Every past chunk is seen exactly once, raw or summarised: no double counting, no gap.
+
+Layer (pre-norm, as Qwen3 in the release)::
+
+    h = RMSNorm(x);  q, k, v = W_qkv h  at events,  W_qkv^summary h  at summaries
+    q, k = RoPE(QKNorm(q), pos), RoPE(QKNorm(k), pos)      QK-norm shared by both token kinds
+    x = x + W_o attn(q, k, v; mask);   x = x + MLP(RMSNorm(x))   W_o and MLP shared
+
+Positions are "origin": event i has position i; summary s (1..S) of chunk j has j*C + floor(s*C/S) - 1
+(with S = 1, the chunk's last event). Event tokens are W_in [item | category | behaviour] plus an
+embedding of the log2 bucket of the time since the previous event, so an encoded history depends
+on its events only, never on when it is read: that is what lets serving cache it.
+
+Layer kinds: ``summary`` layers use the window W; ``wide`` layers use ``wide_window`` chunks (the
+release's "full" layers are summary layers with a 8x wider window; the recipe is 3 summary : 1 wide).
+
+Read-out (target attention). A request that has seen n events reads the top layer like the event
+n would: raw events of chunks c - W .. c (c = n // C, up to event n - 1) plus the summaries of all
+chunks before c - W. (The issue's "raw window + all summaries" is taken under the mask's own rule:
+summaries of chunks still in the raw window are left out, so no chunk is counted twice.) Its keys
+add an embedding of the log2 time gap between the request and the event (or the summary's origin
+event); its query is W_q [candidate item | candidate category] at position n. Candidates never see
+each other.
+
+Kernels, one interface (``kernel=``):
+
+* ``reference``: interleaves the sequence, builds the dense [L, L] mask from the rule above
+  (:func:`allowed`), calls scaled-dot-product attention. The spec; O(n^2) memory.
+* ``chunked``: query blocks of P chunks attend to [their users' older summaries | raw events of
+  chunks c0 - W .. c1) with a small block mask; blocks are grouped by key length into SDPA calls
+  under a score budget. O(n (W C + n/k)) time, O(P C (n/k + W C)) extra memory per call; the n x n
+  mask never exists. (FlexAttention would need ``torch.compile`` with a C++ toolchain on CPU; not
+  used so that CPU and CUDA run the same code.)
+* ``full``: every event attends to every earlier event and no summary: the distillation teacher
+  and the full-attention baseline of the benchmark.
+
+Serving: :class:`KSAState` keeps, per layer, the K/V of the raw window and current chunk and all
+summary K/V; ``append`` costs O(layers (W C + n/k)) per event; ``score`` equals a full encode.
+
+Notation: B histories with n_b events, N = sum n_b (jagged ``[N, d]`` + offsets ``[B+1]``);
+m_b = n_b // C full chunks, summaries jagged ``[M, d]`` with M = S sum m_b; H heads of size dh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.errors import RecsysError
+from recsys.model_schemas import KSAConfig
+
+Kernel = Literal["reference", "chunked", "full"]
+KERNELS: tuple[str, ...] = ("reference", "chunked", "full")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and the mask rule
+
+
+def allowed(i: torch.Tensor, j: torch.Tensor, *, chunk: int, summaries: int, window: int) -> torch.Tensor:
+    """The sliding-chunk rule on interleaved indices (broadcasting): may query i attend to key j?"""
+    block = chunk + summaries
+    ci, cj = i // block, j // block
+    si, sj = (i % block) >= chunk, (j % block) >= chunk
+    as_summary = (cj == ci) & (j <= i)
+    as_event = (j <= i) & ((~sj & (ci - cj <= window)) | (sj & (ci - cj > window)))
+    return torch.where(si, as_summary, as_event)
+
+
+def summary_positions(num_chunks: torch.Tensor, *, chunk: int, summaries: int) -> torch.Tensor:
+    """[sum m_b * S] origin position of every summary: j*C + floor(s*C/S) - 1 for s = 1..S."""
+    j = torch.repeat_interleave(_arange_jagged(num_chunks), summaries)  # [M] chunk index
+    s = torch.arange(1, summaries + 1, device=num_chunks.device).repeat(int(num_chunks.sum()))  # [M]
+    return j * chunk + (s * chunk) // summaries - 1
+
+
+def _arange_jagged(lengths: torch.Tensor) -> torch.Tensor:
+    """[sum lengths] 0..len-1 for every segment."""
+    total = int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(starts, lengths)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary positions and the layer
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate pairs (rotate-half form) of ``x [T, H, dh]`` by angles ``pos [T] * base^(-2i/dh)``.
+
+    Angles are computed in float64: positions reach 10^5 and float32 would lose 10^-2 rad.
+    """
+    half = x.shape[-1] // 2
+    inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # [dh/2]
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]  # [T, dh/2]
+    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]  # [T, 1, dh/2]
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+class KSALayer(nn.Module):
+    """One summary-attention layer: separate Q/K/V for summaries, shared QK-norm, W_o and MLP."""
+
+    def __init__(self, *, d_model: int, heads: int, window: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.window = heads, d_model // heads, window
+        self.norm = nn.RMSNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.qkv_summary = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.mlp_norm = nn.RMSNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model))
+
+    def project(self, x: torch.Tensor, pos: torch.Tensor, *, summary: bool) -> tuple[torch.Tensor, ...]:
+        """``x [T, d]`` at positions ``pos [T]`` -> q, k, v ``[T, H, dh]`` (RoPE applied to q, k)."""
+        proj = self.qkv_summary if summary else self.qkv
+        q, k, v = proj(self.norm(x)).view(len(x), 3, self.heads, self.head_dim).unbind(1)  # 3 x [T, H, dh]
+        return rope(self.q_norm(q), pos), rope(self.k_norm(k), pos), v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual, W_o and MLP: ``x [T, d]``, ``attn [T, H, dh]`` -> ``[T, d]``."""
+        x = x + self.out(attn.reshape(len(x), x.shape[-1]))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention kernels: (q, k, v of events [N, H, dh]; of summaries [M, H, dh]) -> outputs
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Per-history lengths of a jagged batch (host copies: kernels plan their blocks from them)."""
+
+    lengths: np.ndarray  # [B] events
+    chunk: int
+    summaries: int
+
+    @property
+    def num_chunks(self) -> np.ndarray:  # [B] full chunks m_b
+        return self.lengths // self.chunk
+
+    @property
+    def ev_offsets(self) -> np.ndarray:  # [B+1]
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    @property
+    def sum_offsets(self) -> np.ndarray:  # [B+1]
+        return np.concatenate([[0], np.cumsum(self.num_chunks * self.summaries)]).astype(np.int64)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[G, Q, H, dh] x [G, K, H, dh] -> [G, Q, H, dh]; mask [G, Q, K] bool (True = may attend)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=None if mask is None else mask[:, None])
+    return out.transpose(1, 2)
+
+
+def attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo: Geometry, window: int):
+    """The spec: interleave, build the dense mask with :func:`allowed`, one SDPA over padded histories."""
+    C, S = geo.chunk, geo.summaries
+    blk = C + S
+    b = len(geo.lengths)
+    lengths = torch.as_tensor(geo.lengths, dtype=torch.int64, device=q_e.device)
+    m = lengths // C
+    # interleaved index of every event and summary of its history
+    e_local = _arange_jagged(lengths)  # [N]
+    e_idx = e_local + (e_local // C) * S
+    s_local = _arange_jagged(m * S)  # [M]
+    s_idx = (s_local // S) * blk + C + s_local % S
+    total = lengths + m * S  # [B] interleaved length
+    L = max(int(total.max()) if b else 0, 1)
+    e_row = torch.repeat_interleave(torch.arange(b, device=q_e.device), lengths)
+    s_row = torch.repeat_interleave(torch.arange(b, device=q_e.device), m * S)
+    shape = (b, L) + tuple(q_e.shape[1:])
+    dense = []
+    for ev, sm in ((q_e, q_s), (k_e, k_s), (v_e, v_s)):
+        x = ev.new_zeros(shape)  # [B, L, H, dh]
+        x = x.index_put((e_row, e_idx), ev).index_put((s_row, s_idx), sm)
+        dense.append(x)
+    pos = torch.arange(L, device=q_e.device)
+    mask = allowed(pos[:, None], pos[None, :], chunk=C, summaries=S, window=window)[None]  # [1, L, L]
+    real = pos[None, :] < total[:, None]  # [B, L]
+    mask = (mask & real[:, None, :]) | ~real[:, :, None]  # padded queries see everything (dropped)
+    out = _sdpa(*dense, mask)  # [B, L, H, dh]
+    return out[e_row, e_idx], out[s_row, s_idx]
+
+
+def attend_full(q_e, k_e, v_e, geo: Geometry):
+    """Causal attention over events only (no summaries): the teacher and the benchmark's baseline."""
+    b = len(geo.lengths)
+    lengths = torch.as_tensor(geo.lengths, dtype=torch.int64, device=q_e.device)
+    if b == 1:
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q_e, k_e, v_e)), is_causal=True)
+        return out[0].transpose(0, 1)
+    L = max(int(lengths.max()) if b else 0, 1)
+    row = torch.repeat_interleave(torch.arange(b, device=q_e.device), lengths)
+    col = _arange_jagged(lengths)
+    dense = [t.new_zeros((b, L) + tuple(t.shape[1:])).index_put((row, col), t) for t in (q_e, k_e, v_e)]
+    pos = torch.arange(L, device=q_e.device)
+    mask = (pos[None, :] <= pos[:, None])[None].expand(b, L, L)
+    return _sdpa(*dense, mask)[row, col]
+
+
+def attend_summaries(q_s, k_e, v_e, k_s, v_s, geo: Geometry):
+    """Summary queries: own chunk's C events and own summaries up to themselves. [M, H, dh]."""
+    C, S = geo.chunk, geo.summaries
+    m = torch.as_tensor(geo.num_chunks, dtype=torch.int64, device=q_s.device)
+    g = int(m.sum())
+    if g == 0:
+        return q_s
+    starts = torch.as_tensor(geo.ev_offsets[:-1], device=q_s.device)  # [B]
+    chunk_start = torch.repeat_interleave(starts, m) + _arange_jagged(m) * C  # [G] first event of each chunk
+    ev = chunk_start[:, None] + torch.arange(C, device=q_s.device)  # [G, C]
+    hd = q_s.shape[1:]
+    keys = torch.cat([k_e[ev], k_s.view(g, S, *hd)], 1)  # [G, C+S, H, dh]
+    vals = torch.cat([v_e[ev], v_s.view(g, S, *hd)], 1)
+    s = torch.arange(S, device=q_s.device)
+    mask = torch.cat([torch.ones(S, C, dtype=torch.bool, device=q_s.device), s[None, :] <= s[:, None]], 1)  # [S, C+S]
+    return _sdpa(q_s.view(g, S, *hd), keys, vals, mask[None].expand(g, S, C + S)).reshape(g * S, *hd)
+
+
+def attend_chunked(q_e, k_e, v_e, k_s, v_s, geo: Geometry, window: int, *,
+                   block_chunks: int = 16, score_budget: int = 1 << 24):
+    """Event queries by blocks of ``block_chunks`` chunks; never an [n, n] mask. Returns [N, H, dh]."""
+    C, S, W = geo.chunk, geo.summaries, window
+    dev = q_e.device
+    n_total = q_e.shape[0]
+    if n_total == 0:
+        return q_e
+    # --- plan (host): one row per block (history b, chunks c0..c1)
+    lengths = geo.lengths.astype(np.int64)
+    n_chunks = -(-lengths // C)  # [B] chunks incl. a partial one
+    blocks_per = -(-n_chunks // block_chunks)
+    hist = np.repeat(np.arange(len(lengths)), blocks_per)
+    first = np.concatenate([[0], np.cumsum(blocks_per)])[:-1]
+    c0 = (np.arange(len(hist)) - np.repeat(first, blocks_per)) * block_chunks
+    c1 = np.minimum(c0 + block_chunks, n_chunks[hist])
+    q0, q1 = c0 * C, np.minimum(c1 * C, lengths[hist])  # query events [q0, q1)
+    r0 = np.maximum(c0 - W, 0) * C  # raw keys [r0, q1)
+    ns = np.clip((c1 - 1 - W) * S, 0, None)  # summaries 0..ns-1 (chunks < c1-1-W)
+    klen = ns + (q1 - r0)
+    ev_off, sum_off = geo.ev_offsets, geo.sum_offsets
+    # pool = [k_e ; k_s ; one zero row]: summaries sit after the N events
+    k_pool = torch.cat([k_e, k_s, k_e.new_zeros((1,) + k_e.shape[1:])])
+    v_pool = torch.cat([v_e, v_s, v_e.new_zeros((1,) + v_e.shape[1:])])
+    q_pool = torch.cat([q_e, q_e.new_zeros((1,) + q_e.shape[1:])])
+    pad_k, pad_q = k_pool.shape[0] - 1, n_total
+    qmax = block_chunks * C
+    order = np.argsort(klen, kind="stable")
+    outs, rows = [], []
+    start = 0
+    heads = q_e.shape[1]
+    while start < len(order):  # group blocks of similar key length under the score budget
+        end = start + 1
+        while end < len(order) and (end - start + 1) * qmax * int(klen[order[end]]) * heads <= score_budget:
+            end += 1
+        sel = order[start:end]
+        start = end
+        lmax = int(klen[sel].max())
+        hb, tq0, tq1, tr0, tns = (torch.as_tensor(a[sel], dtype=torch.int64, device=dev)[:, None]  # [G, 1]
+                                  for a in (hist, q0, q1, r0, ns))
+        # queries [G, Qmax]: local event index i, global row
+        qi = tq0 + torch.arange(qmax, device=dev)[None]  # [G, Qmax]
+        q_real = qi < tq1
+        q_row = torch.where(q_real, torch.as_tensor(ev_off, device=dev)[hb] + qi, pad_q)
+        # keys [G, Lmax]: first ns summaries, then raw events r0..q1-1
+        kk = torch.arange(lmax, device=dev)[None]  # [G, Lmax]
+        is_sum = kk < tns
+        raw_i = tr0 + kk - tns  # local event index of a raw key
+        k_real = is_sum | (raw_i < tq1)
+        k_row = torch.where(is_sum, n_total + torch.as_tensor(sum_off, device=dev)[hb] + kk,
+                            torch.as_tensor(ev_off, device=dev)[hb] + raw_i)
+        k_row = torch.where(k_real, k_row, pad_k)
+        k_chunk = torch.where(is_sum, kk // S, raw_i // C)  # [G, Lmax]
+        qc = (qi // C)[:, :, None]  # [G, Qmax, 1]
+        see_sum = is_sum[:, None, :] & (k_chunk[:, None, :] < qc - W)
+        see_raw = ~is_sum[:, None, :] & k_real[:, None, :] & (raw_i[:, None, :] <= qi[:, :, None]) & (k_chunk[:, None, :] >= qc - W)
+        mask = (see_sum | see_raw) | ~q_real[:, :, None]  # padded queries see everything (dropped)
+        out = _sdpa(q_pool[q_row], k_pool[k_row], v_pool[k_row], mask)  # [G, Qmax, H, dh]
+        outs.append(out[q_real])
+        rows.append(q_row[q_real])
+    rows_all = torch.cat(rows)
+    inverse = torch.empty_like(rows_all)
+    inverse[rows_all] = torch.arange(len(rows_all), device=dev)
+    return torch.cat(outs)[inverse]
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder and the read-out
+
+
+@dataclass
+class Encoded:
+    """Top-layer states of B histories: events ``[N, d]`` and summaries ``[M, d]`` (jagged)."""
+
+    events: torch.Tensor
+    summaries: torch.Tensor
+    geometry: Geometry
+    attention: list[torch.Tensor]  # per layer, attention outputs at events [N, H, dh] (distillation)
+
+
+class KSAEncoder(nn.Module):
+    """The layer stack over jagged event tokens; ``forward(x [N, d], lengths) -> Encoded``."""
+
+    def __init__(self, *, cfg: KSAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.summary_embedding = nn.Parameter(torch.randn(cfg.summaries, cfg.d_model) * 0.02)  # [S, d]
+        windows = [cfg.window if kind == "summary" else cfg.wide_window for kind in cfg.layers]
+        self.layers = nn.ModuleList(KSALayer(d_model=cfg.d_model, heads=cfg.heads, window=w, mlp_ratio=cfg.mlp_ratio)
+                                    for w in windows)
+        self.final_norm = nn.RMSNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor, lengths: np.ndarray, *, kernel: Kernel = "chunked") -> Encoded:
+        C, S = self.cfg.chunk, self.cfg.summaries
+        geo = Geometry(lengths=np.asarray(lengths, dtype=np.int64), chunk=C, summaries=S)
+        dev = x.device
+        lens = torch.as_tensor(geo.lengths, device=dev)
+        m = lens // C
+        pos_e = _arange_jagged(lens)  # [N]
+        pos_s = summary_positions(m, chunk=C, summaries=S)  # [M]
+        s = self.summary_embedding.repeat(int(m.sum()), 1) if kernel != "full" else x.new_zeros(0, x.shape[1])  # [M, d]
+        attention = []
+        for layer in self.layers:
+            q_e, k_e, v_e = layer.project(x, pos_e, summary=False)
+            if kernel == "full":
+                a_e = attend_full(q_e, k_e, v_e, geo)
+                attention.append(a_e)
+                x = layer.finish(x, a_e)
+                continue
+            q_s, k_s, v_s = layer.project(s, pos_s, summary=True)
+            if kernel == "reference":
+                a_e, a_s = attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo, layer.window)
+            elif kernel == "chunked":
+                a_e = attend_chunked(q_e, k_e, v_e, k_s, v_s, geo, layer.window)
+                a_s = attend_summaries(q_s, k_e, v_e, k_s, v_s, geo)
+            else:
+                raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+            attention.append(a_e)
+            x, s = layer.finish(x, a_e), layer.finish(s, a_s)
+        return Encoded(events=self.final_norm(x), summaries=self.final_norm(s), geometry=geo, attention=attention)
+
+
+def readout_keys(n: torch.Tensor, *, chunk: int, summaries: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For histories read after n events [R]: (visible summaries [R], first visible raw event [R])."""
+    c = n // chunk
+    older = (c - window).clamp(min=0)
+    return older * summaries, older * chunk
+
+
+class KSAReadout(nn.Module):
+    """Multi-head target attention of candidates over [older summaries | raw window] of the top layer."""
+
+    def __init__(self, *, query_dim: int, cfg: KSAConfig, gap_buckets: int) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cfg, self.heads, self.head_dim = cfg, cfg.heads, d // cfg.heads
+        self.query = nn.Linear(query_dim, d, bias=False)
+        self.key = nn.Linear(d, d, bias=False)
+        self.value = nn.Linear(d, d, bias=False)
+        self.gap = nn.Embedding(gap_buckets, d)  # request time - event time, added to the keys
+        nn.init.normal_(self.gap.weight, std=0.02)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, *, query: torch.Tensor, cand_request: torch.Tensor, n: torch.Tensor,
+                key_states: torch.Tensor, key_pos: torch.Tensor, key_gap: torch.Tensor,
+                key_offsets: torch.Tensor) -> torch.Tensor:
+        """Candidates ``query [Cq, qd]`` of requests ``cand_request [Cq]`` read their request's keys.
+
+        Args:
+            n: [R] events each request has seen (the query's position).
+            key_states: [K_total, d] visible top-layer states of every request, jagged by ``key_offsets [R+1]``.
+            key_pos, key_gap: [K_total] origin position and time-gap bucket of each key.
+        Returns:
+            [Cq, d]; zeros for a request with no history.
+        """
+        r = len(n)
+        h, dh = self.heads, self.head_dim
+        klen = key_offsets[1:] - key_offsets[:-1]  # [R]
+        kmax = max(int(klen.max()) if r else 0, 1)
+        k = rope((self.key(key_states) + self.key(self.gap(key_gap))).view(-1, h, dh), key_pos)  # [K_total, H, dh]
+        v = self.value(key_states).view(-1, h, dh)
+        q = rope(self.query(query).view(-1, h, dh), n[cand_request])  # [Cq, H, dh]
+        # pad keys per request [R, Kmax]; candidates per request [R, Mmax]
+        row = torch.repeat_interleave(torch.arange(r, device=n.device), klen)
+        col = _arange_jagged(klen)
+        kd = k.new_zeros(r, kmax, h, dh).index_put((row, col), k)
+        vd = v.new_zeros(r, kmax, h, dh).index_put((row, col), v)
+        kmask = torch.arange(kmax, device=n.device)[None] < klen[:, None]  # [R, Kmax]
+        kmask = kmask | (klen == 0)[:, None]  # an empty history sees one zero key (output zeroed below)
+        per = torch.bincount(cand_request, minlength=r)
+        mmax = max(int(per.max()) if r else 0, 1)
+        ccol = _arange_jagged(per)
+        qd = q.new_zeros(r, mmax, h, dh).index_put((cand_request, ccol), q)
+        out = _sdpa(qd, kd, vd, kmask[:, None, :].expand(r, mmax, kmax))[cand_request, ccol]  # [Cq, H, dh]
+        out = self.out(out.reshape(len(query), h * dh))
+        return torch.where((klen == 0)[cand_request][:, None], torch.zeros_like(out), out)
+
+
+# --------------------------------------------------------------------------------------------
+# The block in the composed model
+
+
+class KSABlock(nn.Module):
+    """Encode each request's whole history with KSA; candidates read it out. Output ``[Cq, d_model]``.
+
+    Requests of one user in one batch share one encode: their histories are prefixes of the
+    longest (``history_source``), and KSA is causal, so reading the longest at position n gives
+    what encoding the first n events would.
+    """
+
+    def __init__(self, *, dim: int, cfg: KSAConfig, interval_buckets: int, gap_buckets: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.max_len = None  # reads the whole history
+        self.kernel: Kernel = cfg.kernel
+        self.token = nn.Linear(3 * dim, cfg.d_model)  # [item | category | behaviour] -> d_model
+        self.interval = nn.Embedding(interval_buckets + 1, cfg.d_model)  # + "no previous event"
+        nn.init.normal_(self.interval.weight, std=0.02)
+        self.encoder = KSAEncoder(cfg=cfg)
+        self.readout = KSAReadout(query_dim=2 * dim, cfg=cfg, gap_buckets=gap_buckets)
+        self.out_dim = cfg.d_model
+        self.last: Encoded | None = None  # the latest encode (distillation reads its attention)
+
+    def tokens(self, item: torch.Tensor, category: torch.Tensor, behavior: torch.Tensor,
+               interval: torch.Tensor) -> torch.Tensor:
+        """Event tokens ``[T, d_model]`` from torchrec embeddings ``[T, D]`` and interval buckets ``[T]``."""
+        return self.token(torch.cat([item, category, behavior], -1)) + self.interval(interval)
+
+    def forward(self, emb, request: torch.Tensor) -> torch.Tensor:
+        h = emb.history
+        hoff = emb.hist_offsets  # [B+1]
+        lengths = hoff[1:] - hoff[:-1]  # [B]
+        src = emb.history_source if emb.history_source is not None else torch.arange(len(lengths), device=hoff.device)
+        reps = torch.unique(src)  # [U] requests whose histories get encoded
+        rep_len = lengths[reps]
+        rows = torch.repeat_interleave(hoff[:-1][reps], rep_len) + _arange_jagged(rep_len)  # [N]
+        x = self.tokens(h["item"][rows], h["category"][rows], h["behavior"][rows], emb.hist_interval[rows])
+        enc = self.encoder(x, rep_len.cpu().numpy(), kernel=self.kernel)
+        self.last = enc
+        # keys of request r: summaries [0, ns) and raw events [r0, n) of its source's encode
+        slot = torch.empty(len(lengths), dtype=torch.int64, device=hoff.device)
+        slot[reps] = torch.arange(len(reps), device=hoff.device)
+        u = slot[src]  # [B] index of each request's encoded history
+        ev_off = torch.as_tensor(enc.geometry.ev_offsets, device=hoff.device)
+        sum_off = torch.as_tensor(enc.geometry.sum_offsets, device=hoff.device)
+        C, S, W = self.cfg.chunk, self.cfg.summaries, self.cfg.window
+        ns, r0 = readout_keys(lengths, chunk=C, summaries=S, window=W)
+        if self.kernel == "full":  # the teacher reads every event, no summaries
+            ns, r0 = torch.zeros_like(ns), torch.zeros_like(r0)
+        nraw = lengths - r0
+        klen = ns + nraw
+        koff = _offsets(klen)
+        kk = _arange_jagged(klen)  # [K] index within each request's keys
+        kr = torch.repeat_interleave(torch.arange(len(lengths), device=hoff.device), klen)
+        is_sum = kk < ns[kr]
+        j = kk  # summary index
+        e = r0[kr] + kk - ns[kr]  # raw event index
+        pool = torch.cat([enc.events, enc.summaries])
+        n_ev = enc.events.shape[0]
+        key_row = torch.where(is_sum, n_ev + sum_off[u[kr]] + j, ev_off[u[kr]] + e)
+        spos = (j // S) * C + ((j % S + 1) * C) // S - 1
+        key_pos = torch.where(is_sum, spos, e)
+        # time gap to the request, read from the request's own hist_gap ids (its history is a prefix)
+        key_gap = emb.hist_gap[hoff[:-1][kr] + key_pos]
+        return self.readout(query=torch.cat([emb.candidate["item"], emb.candidate["category"]], -1),
+                            cand_request=request, n=lengths, key_states=pool[key_row], key_pos=key_pos,
+                            key_gap=key_gap, key_offsets=koff)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental state for serving
+
+
+STATE_MAGIC = b"KSAS"
+STATE_VERSION = 1
+
+
+class _Grow:
+    """An append-only [T, H, dh] buffer that doubles its capacity (amortised O(1) per row)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | None = None) -> None:
+        self.buf = torch.zeros((max(16, 0 if data is None else len(data)),) + shape, dtype=dtype)
+        self.n = 0
+        if data is not None:
+            self.buf[: len(data)] = data
+            self.n = len(data)
+
+    def append(self, rows: torch.Tensor) -> None:
+        if self.n + len(rows) > len(self.buf):
+            bigger = torch.zeros((2 * (self.n + len(rows)),) + tuple(self.buf.shape[1:]), dtype=self.buf.dtype)
+            bigger[: self.n] = self.buf[: self.n]
+            self.buf = bigger
+        self.buf[self.n: self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    def view(self, n: int | None = None) -> torch.Tensor:
+        return self.buf[: self.n if n is None else n]
+
+
+def _keep_from(n: int, rows: int, first: int) -> int:
+    """Rows to drop from a buffer holding events [n - rows, n) so that it starts at event ``first``."""
+    return max(first - (n - rows), 0)
+
+
+class KSAState:
+    """One user's KSA cache: everything needed to append events and score candidates.
+
+    Per layer l with window W_l: K/V of the raw events of chunks c - W_l .. c (the window and the
+    current partial chunk, at most (W_l + 1) C rows) and the K/V of every summary. For the read-out:
+    top-layer key/value inputs of the last (W + 1) C events and of every summary, with their
+    origin timestamps. Its size is O(layers (W C + n/k)), against O(layers n) for full attention.
+
+    Example:
+        >>> cfg = KSAConfig(enabled=True, chunk=2, window=1, d_model=8, heads=2)
+        >>> block = KSABlock(dim=4, cfg=cfg, interval_buckets=8, gap_buckets=8).eval()
+        >>> state = KSAState.empty(block)
+        >>> tok = block.tokens(*torch.randn(3, 5, 4).unbind(0), torch.zeros(5, dtype=torch.long))
+        >>> state.append(block, tok, np.arange(5) * 60)
+        >>> state.n, state.num_summaries
+        (5, 2)
+        >>> KSAState.from_bytes(state.to_bytes(), block).n
+        5
+    """
+
+    def __init__(self, *, cfg: KSAConfig, windows: list[int]) -> None:
+        self.cfg, self.windows = cfg, windows
+        self.n = 0
+        self.last_time: int | None = None
+        h, dh = cfg.heads, cfg.d_model // cfg.heads
+        self.win_k = [torch.zeros(0, h, dh) for _ in windows]  # per layer [<=(W_l+1)C, H, dh]
+        self.win_v = [torch.zeros(0, h, dh) for _ in windows]
+        self.sum_k = [_Grow((h, dh), torch.float32) for _ in windows]
+        self.sum_v = [_Grow((h, dh), torch.float32) for _ in windows]
+        self.top = torch.zeros(0, cfg.d_model)  # [<=(W+1)C, d] top-layer states of the read-out window
+        self.top_time = np.zeros(0, dtype=np.int64)
+        self.top_sum = _Grow((cfg.d_model,), torch.float32)  # [M, d] top-layer summary states
+        self.sum_time = np.zeros(0, dtype=np.int64)  # [M] origin event time of each summary
+
+    @classmethod
+    def empty(cls, block: KSABlock) -> KSAState:
+        enc = block.encoder
+        return cls(cfg=block.cfg, windows=[layer.window for layer in enc.layers])
+
+    @property
+    def num_summaries(self) -> int:
+        return self.top_sum.n
+
+    # --- appending
+
+    @torch.no_grad()
+    def append(self, block: KSABlock, tokens: torch.Tensor, timestamps: np.ndarray) -> None:
+        """Append events (tokens ``[T, d]`` from :meth:`KSABlock.tokens`, unix seconds ``[T]``), oldest first."""
+        for t in range(len(tokens)):
+            self._append_one(block, tokens[t: t + 1], int(timestamps[t]))
+
+    def _append_one(self, block: KSABlock, x: torch.Tensor, time: int) -> None:
+        cfg, enc = self.cfg, block.encoder
+        C, S = cfg.chunk, cfg.summaries
+        i = self.n
+        c = i // C
+        pos = torch.tensor([i])
+        for l_, layer in enumerate(enc.layers):
+            w = layer.window
+            keep = _keep_from(i, len(self.win_k[l_]), max(c - w, 0) * C)  # chunks c - w .. c stay raw
+            q, k, v = layer.project(x, pos, summary=False)  # [1, H, dh]
+            self.win_k[l_] = torch.cat([self.win_k[l_][keep:], k])
+            self.win_v[l_] = torch.cat([self.win_v[l_][keep:], v])
+            ns = max(c - w, 0) * S  # summaries of chunks older than the window
+            keys = torch.cat([self.sum_k[l_].view(ns), self.win_k[l_]])
+            vals = torch.cat([self.sum_v[l_].view(ns), self.win_v[l_]])
+            x = layer.finish(x, _sdpa(q[None], keys[None], vals[None], None)[0])
+        keep = _keep_from(i, len(self.top), max(c - cfg.window, 0) * C)
+        self.top = torch.cat([self.top[keep:], enc.final_norm(x)])
+        self.top_time = np.append(self.top_time[keep:], time)
+        self.n += 1
+        self.last_time = time
+        if self.n % C == 0:
+            self._emit_summaries(block, c)
+
+    def _emit_summaries(self, block: KSABlock, c: int) -> None:
+        """Chunk c just filled: run its S summary tokens through every layer; store their K/V."""
+        cfg, enc = self.cfg, block.encoder
+        C, S = cfg.chunk, cfg.summaries
+        s = enc.summary_embedding  # [S, d]
+        pos = summary_positions(torch.tensor([1]), chunk=C, summaries=S) + c * C  # [S]
+        causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
+        mask = torch.cat([torch.ones(S, C, dtype=torch.bool), causal], 1)[None]  # [1, S, C+S]
+        for l_, layer in enumerate(enc.layers):
+            q, k, v = layer.project(s, pos, summary=True)  # [S, H, dh]
+            own_k = self.win_k[l_][-C:]  # the chunk's C events: the newest rows of the window
+            own_v = self.win_v[l_][-C:]
+            out = _sdpa(q[None], torch.cat([own_k, k])[None], torch.cat([own_v, v])[None], mask)[0]
+            self.sum_k[l_].append(k)
+            self.sum_v[l_].append(v)
+            s = layer.finish(s, out)
+        self.top_sum.append(enc.final_norm(s))
+        origin = (pos - c * C).numpy()  # offsets within the chunk
+        chunk_times = self.top_time[-C:]
+        self.sum_time = np.append(self.sum_time, chunk_times[origin])
+
+    # --- scoring
+
+    @torch.no_grad()
+    def read(self, block: KSABlock, query: torch.Tensor, request_time: int,
+             gap_bucket) -> torch.Tensor:
+        """Read-out of candidates ``query [M, 2D]`` at ``request_time``; ``gap_bucket(seconds) -> ids``."""
+        cfg = self.cfg
+        n = self.n
+        ns, r0 = readout_keys(torch.tensor([n]), chunk=cfg.chunk, summaries=cfg.summaries, window=cfg.window)
+        ns, r0 = int(ns), int(r0)
+        raw_from = r0 - (n - len(self.top))
+        states = torch.cat([self.top_sum.view(ns), self.top[raw_from:]])  # [K, d]
+        times = np.concatenate([self.sum_time[:ns], self.top_time[raw_from:]])
+        j = torch.arange(ns)
+        spos = (j // cfg.summaries) * cfg.chunk + ((j % cfg.summaries + 1) * cfg.chunk) // cfg.summaries - 1
+        key_pos = torch.cat([spos, torch.arange(r0, n)])
+        key_gap = torch.as_tensor(gap_bucket(request_time - times), dtype=torch.int64)
+        return block.readout(query=query, cand_request=torch.zeros(len(query), dtype=torch.int64),
+                             n=torch.tensor([n]), key_states=states, key_pos=key_pos, key_gap=key_gap,
+                             key_offsets=torch.tensor([0, len(states)]))
+
+    # --- size and bytes
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {"top": self.top, "top_sum": self.top_sum.view()}
+        for l_ in range(len(self.windows)):
+            out[f"win_k.{l_}"], out[f"win_v.{l_}"] = self.win_k[l_], self.win_v[l_]
+            out[f"sum_k.{l_}"], out[f"sum_v.{l_}"] = self.sum_k[l_].view(), self.sum_v[l_].view()
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cached tensors and timestamps (what a store keeps per user)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values()) + 8 * (len(self.top_time) + len(self.sum_time))
+
+    def _meta(self) -> dict:
+        c = self.cfg
+        return {"chunk": c.chunk, "summaries": c.summaries, "window": c.window, "windows": self.windows,
+                "d_model": c.d_model, "heads": c.heads}
+
+    def to_bytes(self) -> bytes:
+        """``KSAS`` | version u32 | header length u32 | JSON header | raw little-endian arrays | sha256."""
+        arrays = {k: t.contiguous().numpy().astype("<f4") for k, t in self._tensors().items()}
+        arrays["top_time"] = self.top_time.astype("<i8")
+        arrays["sum_time"] = self.sum_time.astype("<i8")
+        header = {"meta": self._meta(), "n": self.n, "last_time": self.last_time,
+                  "arrays": [[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]}
+        head = json.dumps(header, sort_keys=True).encode()
+        body = STATE_MAGIC + struct.pack("<II", STATE_VERSION, len(head)) + head + b"".join(a.tobytes() for a in arrays.values())
+        return body + hashlib.sha256(body).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, block: KSABlock) -> KSAState:
+        """Refuses another version, a corrupt payload, or a state of a differently shaped model."""
+        if len(data) < 44 or data[:4] != STATE_MAGIC:
+            raise RecsysError("not a KSA state (bad magic bytes)")
+        body, digest = data[:-32], data[-32:]
+        version, hlen = struct.unpack("<II", body[4:12])
+        if version != STATE_VERSION:
+            raise RecsysError(f"KSA state version {version} is not supported (this build reads version {STATE_VERSION})")
+        if hashlib.sha256(body).digest() != digest:
+            raise RecsysError("KSA state is corrupt (checksum mismatch)")
+        try:
+            header = json.loads(body[12: 12 + hlen])
+        except ValueError as exc:
+            raise RecsysError("KSA state is corrupt (unreadable header)") from exc
+        state = cls.empty(block)
+        if header["meta"] != state._meta():
+            raise RecsysError(f"KSA state was built for {header['meta']}, this model is {state._meta()}")
+        at = 12 + hlen
+        arrays = {}
+        for name, dtype, shape in header["arrays"]:
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            arrays[name] = np.frombuffer(body[at: at + size], dtype=dtype).reshape(shape)
+            at += size
+        if at != len(body):
+            raise RecsysError("KSA state is corrupt (payload length does not match its header)")
+        t = lambda k: torch.from_numpy(arrays[k].astype(np.float32))  # noqa: E731
+        state.n, state.last_time = int(header["n"]), header["last_time"]
+        state.top, state.top_time, state.sum_time = t("top"), arrays["top_time"].astype(np.int64), arrays["sum_time"].astype(np.int64)
+        state.top_sum = _Grow((state.cfg.d_model,), torch.float32, t("top_sum"))
+        h, dh = state.cfg.heads, state.cfg.d_model // state.cfg.heads
+        for l_ in range(len(state.windows)):
+            state.win_k[l_], state.win_v[l_] = t(f"win_k.{l_}"), t(f"win_v.{l_}")
+            state.sum_k[l_] = _Grow((h, dh), torch.float32, t(f"sum_k.{l_}"))
+            state.sum_v[l_] = _Grow((h, dh), torch.float32, t(f"sum_v.{l_}"))
+        return state
+
+
+def full_kv_bytes(n: int, cfg: KSAConfig) -> int:
+    """K/V bytes full attention would cache for n events (fp32): every layer plus the read-out."""
+    return (len(cfg.layers) + 1) * n * 2 * cfg.d_model * 4
