@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -59,6 +61,7 @@ class CTRModel(nn.Module):
         self.embeddings = embeddings
         self.blocks = nn.ModuleDict(blocks)
         self.head = head
+        self.detach_embeddings = False  # KSA distillation warm-up: train summary parameters only
 
     @property
     def history_len(self) -> int | None:
@@ -71,6 +74,9 @@ class CTRModel(nn.Module):
 
     def forward(self, batch: RequestBatch) -> torch.Tensor:
         emb = self.embeddings(batch)
+        if self.detach_embeddings:
+            emb = dataclasses.replace(emb, history={k: v.detach() for k, v in emb.history.items()},
+                                      candidate={k: v.detach() for k, v in emb.candidate.items()}, profile=emb.profile.detach())
         request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
         parts = [emb.profile[request], *emb.candidate.values()]  # [C, P*D], F x [C, D]
         parts += [block(emb, request) for block in self.blocks.values()]

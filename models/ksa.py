@@ -220,19 +220,14 @@ def attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo: Geometry, window: int):
 
 
 def attend_full(q_e, k_e, v_e, geo: Geometry):
-    """Causal attention over events only (no summaries): the teacher and the benchmark's baseline."""
-    b = len(geo.lengths)
-    lengths = torch.as_tensor(geo.lengths, dtype=torch.int64, device=q_e.device)
-    if b == 1:
-        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q_e, k_e, v_e)), is_causal=True)
-        return out[0].transpose(0, 1)
-    L = max(int(lengths.max()) if b else 0, 1)
-    row = torch.repeat_interleave(torch.arange(b, device=q_e.device), lengths)
-    col = _arange_jagged(lengths)
-    dense = [t.new_zeros((b, L) + tuple(t.shape[1:])).index_put((row, col), t) for t in (q_e, k_e, v_e)]
-    pos = torch.arange(L, device=q_e.device)
-    mask = (pos[None, :] <= pos[:, None])[None].expand(b, L, L)
-    return _sdpa(*dense, mask)[row, col]
+    """Causal attention over events only (no summaries): the teacher and the benchmark's baseline.
+
+    One causal SDPA per history (the kernel builds no mask): O(n^2) time, the baseline's cost.
+    """
+    # 4-D inputs: with 3-D ones this CPU build falls back to the math path and its [H, n, n] scores
+    parts = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True)[0].transpose(0, 1)
+             for qkv in zip(*(t.split(geo.lengths.tolist()) for t in (q_e, k_e, v_e)), strict=True)]
+    return torch.cat(parts) if parts else q_e
 
 
 def attend_summaries(q_s, k_e, v_e, k_s, v_s, geo: Geometry):
@@ -301,15 +296,18 @@ def attend_chunked(q_e, k_e, v_e, k_s, v_s, geo: Geometry, window: int, *,
         kk = torch.arange(lmax, device=dev)[None]  # [G, Lmax]
         is_sum = kk < tns
         raw_i = tr0 + kk - tns  # local event index of a raw key
-        k_real = is_sum | (raw_i < tq1)
         k_row = torch.where(is_sum, n_total + torch.as_tensor(sum_off, device=dev)[hb] + kk,
                             torch.as_tensor(ev_off, device=dev)[hb] + raw_i)
-        k_row = torch.where(k_real, k_row, pad_k)
-        k_chunk = torch.where(is_sum, kk // S, raw_i // C)  # [G, Lmax]
-        qc = (qi // C)[:, :, None]  # [G, Qmax, 1]
-        see_sum = is_sum[:, None, :] & (k_chunk[:, None, :] < qc - W)
-        see_raw = ~is_sum[:, None, :] & k_real[:, None, :] & (raw_i[:, None, :] <= qi[:, :, None]) & (k_chunk[:, None, :] >= qc - W)
-        mask = (see_sum | see_raw) | ~q_real[:, :, None]  # padded queries see everything (dropped)
+        k_row = torch.where(is_sum | (raw_i < tq1), k_row, pad_k)
+        # query i of chunk c sees key slots [0, a) (summaries of chunks < c - W) and [b, e] (raw
+        # events (c - W) C .. i); padded queries see every slot (their rows are dropped)
+        qc = qi // C
+        a = torch.clamp((qc - W) * S, min=0).minimum(tns)
+        b = tns + torch.clamp((qc - W) * C, min=0) - tr0
+        e = tns + qi - tr0
+        a = torch.where(q_real, a, lmax)[:, :, None]  # [G, Qmax, 1]
+        kk3 = kk[:, None, :]  # [1, 1, Lmax]
+        mask = (kk3 < a) | ((kk3 >= b[:, :, None]) & (kk3 <= e[:, :, None]))  # [G, Qmax, Lmax]
         out = _sdpa(q_pool[q_row], k_pool[k_row], v_pool[k_row], mask)  # [G, Qmax, H, dh]
         outs.append(out[q_real])
         rows.append(q_row[q_real])
@@ -723,5 +721,7 @@ class KSAState:
 
 
 def full_kv_bytes(n: int, cfg: KSAConfig) -> int:
-    """K/V bytes full attention would cache for n events (fp32): every layer plus the read-out."""
-    return (len(cfg.layers) + 1) * n * 2 * cfg.d_model * 4
+    """Bytes a full-attention cache of n events would hold, like for like with :class:`KSAState`
+    (fp32): K and V of every event in every layer, plus the read-out's top-layer state and time of
+    every event (its keys depend on the request time, so neither cache can hold them)."""
+    return n * (len(cfg.layers) * 2 * cfg.d_model * 4 + cfg.d_model * 4 + 8)

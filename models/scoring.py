@@ -41,10 +41,30 @@ def score_requests(
 ) -> dict[str, np.ndarray]:
     """Score every candidate of a request table.
 
+    With whole histories (``history_len=None``) requests are batched user by user, so that a
+    user's requests share one history encode (see ``RequestBatch.history_source``); the results
+    come back in the table's order either way.
+
     Returns:
         Per candidate [C]: ``request_id``, ``user``, ``label``, ``prob`` and, when the data has the
         ground truth, ``true_prob``.
     """
+    if history_len is None and table.num_rows:
+        perm = np.argsort(table.column("user").to_numpy(), kind="stable")  # sorted row -> table row
+        out = _score(model, spec, store, table.take(perm), None, batch_size)
+        counts = table.column("item").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+        sorted_counts = counts[perm]
+        starts = np.cumsum(sorted_counts) - sorted_counts  # [R] first candidate of each sorted row
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(len(perm))
+        first = starts[inverse]  # [R] where table row r's candidates sit in the sorted output
+        index = np.repeat(first, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        return {k: v[index] for k, v in out.items()}
+    return _score(model, spec, store, table, history_len, batch_size)
+
+
+def _score(model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, history_len: int | None,
+           batch_size: int) -> dict[str, np.ndarray]:
     parts: list[RequestBatch] = []
 
     def batches():

@@ -1,4 +1,5 @@
 """``recsys bench train``: what the request-level batch layout buys, and how training scales with Ray workers.
+``recsys bench ksa``: Kwai Summary Attention against full causal attention (:func:`bench_ksa`, at the end).
 
 Two figures, each against a baseline in the same run (the ratio is the figure to quote):
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,10 +44,11 @@ import torch
 from features.history import HistoryStore
 from models.batch import HISTORY_FIELDS, FeatureSpec, RequestBatch, batch_from_requests, make_batch
 from models.ctr import CTRModel, build_model
+from models.ksa import KSABlock, KSAState, full_kv_bytes
 from pipelines.runs import dataset_spec, split_path
 from recsys.config import load_config
-from recsys.model_schemas import RunConfig
-from recsys.progress import note
+from recsys.model_schemas import KSAConfig, RunConfig
+from recsys.progress import bar, note
 from recsys.schemas import BuildConfig, SynthConfig
 from recsys.types import Jagged
 
@@ -379,3 +382,167 @@ def format_bench_train(r: dict[str, Any]) -> str:
             lines.append(f"  {row['workers']:>9} {row['examples_per_s']:>12,.0f} {row['epoch_s']:>7.1f} s "
                          f"{row['wall_s']:>11.1f} s {ratio:>12}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# KSA against full attention
+
+#: History lengths of ``recsys bench ksa`` (1k .. 54k events, the last about a lifelong history).
+KSA_SIZES: tuple[int, ...] = (1000, 4000, 16000, 54000)
+#: Largest history length the benchmark accepts.
+KSA_MAX_N = 1_000_000
+#: The figures the benchmark is judged by: (row field, at n, comparison, threshold, name, threshold as text).
+KSA_TARGETS: tuple[tuple[str, int, str, float, str, str], ...] = (
+    ("speedup", 16000, ">=", 4.0, "speedup", "4x"),
+    ("state_ratio", 54000, "<=", 1 / 6, "state ratio", "1/6"),
+    ("append_p99_ms", 54000, "<=", 2.0, "append p99", "2 ms"),
+)
+
+
+def ksa_bench_config() -> KSAConfig:
+    """The benchmarked model: d_model 64, 4 heads, 2 summary layers, chunk 8, 1 summary, window 16."""
+    return KSAConfig(enabled=True, chunk=8, summaries=1, window=16, d_model=64, heads=4, layers=["summary", "summary"])
+
+
+def _check_sizes(sizes: Sequence[int]) -> list[int]:
+    """Distinct sizes, ascending; raise naming the first bad one."""
+    if not sizes:
+        raise ValueError("n needs at least one history length")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= KSA_MAX_N:
+            raise ValueError(f"n ({n!r}) must be an integer in [1, {KSA_MAX_N}]")
+    return sorted({int(n) for n in sizes})
+
+
+@torch.no_grad()
+def bench_ksa(sizes: Sequence[int] = KSA_SIZES, *, repeats: int = 3, appends: int = 1000, seed: int = 0,
+              cfg: KSAConfig | None = None) -> dict[str, Any]:
+    """KSA (chunked kernel, incremental state) against full causal attention, one user per history length.
+
+    For each n (one history of n random float32 tokens ``[n, d_model]``, batch of one, eval mode,
+    no gradients, the same weights for everything):
+
+    * ``ksa_ms`` / ``full_ms``: one forward of the encoder with ``kernel="chunked"`` / ``"full"``
+      (the same layers; full causal attention over the events and no summaries), in ms, median of
+      ``repeats`` after one untimed warm-up of each; the two kernels alternate so that a noisy
+      neighbour slows both alike. ``speedup`` = full_ms / ksa_ms.
+    * ``ksa_state_bytes``: :attr:`KSAState.nbytes` after n appended events; ``full_kv_bytes``: the
+      K/V full attention would cache (:func:`models.ksa.full_kv_bytes`); ``state_ratio`` = their ratio.
+    * ``append_p50_ms`` / ``append_p99_ms``: one state grows event by event to the largest n; for each
+      n, the median and 99th percentile of the last ``min(appends, n)`` single-event
+      :meth:`KSAState.append` calls up to n events. Appends that fill a chunk also compute its
+      summaries: they are included (they are the tail).
+
+    Args:
+        sizes: history lengths, each in [1, KSA_MAX_N]; reported distinct and ascending.
+        repeats: timed forwards per kernel and n (the median is kept).
+        appends: appends timed per n (the last ones before n).
+        seed: fixes the weights, the tokens and so the results apart from timing.
+        cfg: the model (default :func:`ksa_bench_config`).
+
+    Returns:
+        ``machine`` (platform, cpus, python, torch, torch_threads), ``config`` (the model and the
+        benchmark's settings) and ``rows``: one dict per n with ``n, ksa_ms, full_ms, speedup,
+        ksa_state_bytes, full_kv_bytes, state_ratio, append_p50_ms, append_p99_ms``.
+
+    Raises:
+        ValueError: an n outside [1, KSA_MAX_N], no n, or repeats or appends below 1.
+    """
+    ns = _check_sizes(sizes)
+    _positive("repeats", repeats)
+    _positive("appends", appends)
+    cfg = cfg or ksa_bench_config()
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    torch.manual_seed(seed)
+    block = KSABlock(dim=16, cfg=cfg, interval_buckets=20, gap_buckets=20).eval()
+    encoder = block.encoder
+    n_max = ns[-1]
+    tokens = torch.randn(n_max, cfg.d_model, generator=torch.Generator().manual_seed(seed))  # [n_max, d]
+    times = np.arange(n_max, dtype=np.int64) * 60  # one event a minute
+
+    rows: dict[int, dict[str, Any]] = {}
+    for n in ns:
+        x, lengths = tokens[:n], np.array([n])
+        note(f"[bench] ksa n={n:,}: forward, chunked vs full, 1 warm-up + {repeats} repeats ...")
+        kept: dict[str, list[float]] = {"chunked": [], "full": []}
+        for rep in range(repeats + 1):
+            for kernel in kept:  # alternate: noise hits both
+                start = time.perf_counter()
+                encoder(x, lengths, kernel=kernel)
+                if rep:  # the first round is the warm-up
+                    kept[kernel].append((time.perf_counter() - start) * 1e3)
+        ksa_ms, full_ms = statistics.median(kept["chunked"]), statistics.median(kept["full"])
+        note(f"[bench] ksa n={n:,}: chunked {ksa_ms:,.1f} ms, full {full_ms:,.1f} ms ({full_ms / ksa_ms:.2f}x)")
+        rows[n] = {"n": n, "ksa_ms": round(ksa_ms, 4), "full_ms": round(full_ms, 4), "speedup": round(full_ms / ksa_ms, 3)}
+
+    note(f"[bench] ksa: appending {n_max:,} events one at a time to one state ...")
+    state = KSAState.empty(block)
+    append_ms = np.empty(n_max)
+    for i in bar(range(n_max), total=n_max, desc="append", unit="event"):
+        start = time.perf_counter()
+        state.append(block, tokens[i: i + 1], times[i: i + 1])
+        append_ms[i] = (time.perf_counter() - start) * 1e3
+        n = i + 1
+        if n in rows:  # state at exactly n events
+            last = append_ms[n - min(appends, n): n]
+            state_bytes, full_bytes = state.nbytes, full_kv_bytes(n, cfg)
+            rows[n].update({"ksa_state_bytes": state_bytes, "full_kv_bytes": full_bytes,
+                            "state_ratio": state_bytes / full_bytes,
+                            "append_p50_ms": round(float(np.percentile(last, 50)), 4),
+                            "append_p99_ms": round(float(np.percentile(last, 99)), 4)})
+            note(f"[bench] ksa n={n:,}: state {state_bytes:,} bytes ({state_bytes / full_bytes:.3f} of full K/V), "
+                 f"append p50 {rows[n]['append_p50_ms']:.3f} ms, p99 {rows[n]['append_p99_ms']:.3f} ms")
+    config = {
+        "ksa": {k: getattr(cfg, k) for k in ("chunk", "summaries", "window", "d_model", "heads", "mlp_ratio")}
+        | {"layers": list(cfg.layers)},
+        "batch": 1, "dtype": "float32", "seed": seed, "repeats": repeats, "warmup": 1, "appends": appends,
+    }
+    return {"machine": machine, "config": config, "rows": [rows[n] for n in ns]}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ksa_target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per :data:`KSA_TARGETS` entry: the value at its n and met / MISSED / not measured."""
+    by_n = {r["n"]: r for r in rows}
+    lines = ["  targets:"]
+    for field, n, op, threshold, name, shown in KSA_TARGETS:
+        head = f"    {name} {op} {shown} at n = {n:,}:"
+        if n not in by_n:
+            lines.append(f"{head:<38} not measured (--n does not include {n})")
+            continue
+        value = by_n[n][field]
+        met = value >= threshold if op == ">=" else value <= threshold
+        text = {"speedup": f"{value:.2f}x", "state_ratio": f"{value:.3f} (1/{1 / value:.1f})",
+                "append_p99_ms": f"{value:.3f} ms"}[field]
+        lines.append(f"{head:<38} {text:<16} {'met' if met else 'MISSED'}")
+    return lines
+
+
+def format_bench_ksa(r: dict[str, Any]) -> str:
+    """The result of :func:`bench_ksa` as aligned text, with the targets marked met or MISSED."""
+    m, c = r["machine"], r["config"]
+    k = c["ksa"]
+    lines = [
+        f"recsys bench ksa   ({m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']}, "
+        f"{m['torch_threads']} threads)",
+        f"  one user, d_model {k['d_model']}, {k['heads']} heads, layers {'+'.join(k['layers'])}, chunk {k['chunk']}, "
+        f"{k['summaries']} summary per chunk, window {k['window']} chunks; {c['dtype']}, eval, no grad",
+        f"  forward: median of {c['repeats']} (after {c['warmup']} warm-up), chunked and full alternating; "
+        f"append: p50/p99 of the last {c['appends']:,} appends before n",
+        f"  {'n':>9} {'KSA fwd':>11} {'full fwd':>11} {'speedup':>8} {'KSA state':>11} {'full K/V':>11} "
+        f"{'ratio':>7} {'append p50':>11} {'append p99':>11}",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"  {row['n']:>9,} {row['ksa_ms']:>8,.1f} ms {row['full_ms']:>8,.1f} ms {row['speedup']:>7.2f}x "
+            f"{_human_bytes(row['ksa_state_bytes']):>11} {_human_bytes(row['full_kv_bytes']):>11} "
+            f"{row['state_ratio']:>7.3f} {row['append_p50_ms']:>8.3f} ms {row['append_p99_ms']:>8.3f} ms")
+    return "\n".join(lines + _ksa_target_lines(r["rows"]))

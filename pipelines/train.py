@@ -113,6 +113,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg.model, run.spec)
     dmp, optimizer = shard(model, tc, device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    distill = Distiller.of(model, cfg)
+    step = 0
     for epoch in range(1, tc.epochs + 1):
         start = time.perf_counter()
         steps, examples, loss_sum = 0, 0, 0.0
@@ -120,10 +122,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         dmp.train()
         for table in _agreed(_train_batches(loop_config, run, epoch)):
             batch = batch_from_requests(run.spec, table, store, max_history=run.history_len).to(device)
-            loss = loss_fn(dmp(batch), batch.labels)
             optimizer.zero_grad()
-            loss.backward()
+            if distill is None:
+                loss = loss_fn(dmp(batch), batch.labels)
+                loss.backward()
+            else:
+                loss = distill.step(dmp, batch, loss_fn, step)
             optimizer.step()
+            step += 1
             steps += 1
             examples += len(batch.labels)
             loss_sum += float(loss.detach()) * len(batch.labels)
@@ -146,6 +152,55 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics or {"epoch": epoch})
 
 
+class Distiller:
+    """KSA self-distillation (PAPERS.md §1.3(e)): the teacher is the same model with full attention.
+
+    loss = BCE + kl * KL(teacher || student) on the click probability
+         + mse * mean over layers of mean(clamp((student - teacher attention output)^2, max=clamp))
+
+    For the first ``summary_steps`` steps only parameters named ``*summary*`` learn: the embedding
+    tables get no gradient (the model's inputs are detached) and other dense gradients are dropped.
+    """
+
+    def __init__(self, model: torch.nn.Module, block: Any, cfg: Any) -> None:
+        self.model, self.block, self.cfg = model, block, cfg
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, cfg: RunConfig) -> Distiller | None:
+        if not (cfg.model.ksa.enabled and cfg.model.ksa.distill.enabled):
+            return None
+        return cls(model, model.blocks["ksa"], cfg.model.ksa.distill)
+
+    def step(self, dmp: torch.nn.Module, batch: Any, loss_fn: Any, step: int) -> torch.Tensor:
+        """Forward teacher and student, backward the combined loss; return it."""
+        warm = step < self.cfg.summary_steps
+        kernel = self.block.kernel
+        self.model.detach_embeddings = warm
+        try:
+            with torch.no_grad():
+                self.block.kernel = "full"
+                teacher = dmp(batch)
+                teacher_att = [a.detach() for a in self.block.last.attention]
+            self.block.kernel = kernel
+            logits = dmp(batch)
+            student_att = self.block.last.attention
+        finally:
+            self.block.kernel = kernel
+            self.model.detach_embeddings = False
+        p_t = torch.sigmoid(teacher)
+        log_s, log_1s = torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)
+        kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_s) + (1 - p_t) * (torch.log((1 - p_t).clamp_min(1e-12)) - log_1s)).mean()
+        mse = torch.stack([((s - t) ** 2).clamp(max=self.cfg.clamp).mean() for s, t in zip(student_att, teacher_att, strict=True)]).mean() \
+            if student_att else logits.new_zeros(())
+        loss = loss_fn(logits, batch.labels) + self.cfg.kl * kl + self.cfg.mse * mse
+        loss.backward()
+        if warm:
+            for name, p in self.model.named_parameters():
+                if "summary" not in name:
+                    p.grad = None
+        return loss
+
+
 def _agreed(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
     """Stop when any rank runs out: sharded tables need every rank in every forward."""
     it = iter(tables)
@@ -164,16 +219,23 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int) -> Iterato
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
+        by_request = tc.shuffle and tc.batch_by == "request"  # by user: the driver ordered the rows
         yield from shard.iter_batches(
             batch_size=tc.batch_size, batch_format="pyarrow", drop_last=False,
-            local_shuffle_buffer_size=4 * tc.batch_size if tc.shuffle else None,
-            local_shuffle_seed=tc.seed * 1000 + epoch if tc.shuffle else None,
+            local_shuffle_buffer_size=4 * tc.batch_size if by_request else None,
+            local_shuffle_seed=tc.seed * 1000 + epoch if by_request else None,
         )
         return
     table = pq.read_table(split_path(run.data_dir, "train"))
     order = np.arange(table.num_rows)
-    if tc.shuffle:
-        np.random.default_rng([tc.seed, epoch]).shuffle(order)
+    rng = np.random.default_rng([tc.seed, epoch])
+    if tc.batch_by == "user":  # shuffled users; a user's requests together, oldest first
+        users = table.column("user").to_numpy()
+        rank = rng.permutation(int(users.max()) + 1) if tc.shuffle and len(users) else None
+        key = rank[users] if rank is not None else users
+        order = np.lexsort((table.column("timestamp").to_numpy(), key))
+    elif tc.shuffle:
+        rng.shuffle(order)
     for start in range(0, table.num_rows, tc.batch_size):
         yield table.take(order[start:start + tc.batch_size])
 
@@ -234,12 +296,23 @@ def _fit_on_ray(loop_config: dict[str, Any], data_dir: Path, workers: int, cpus_
 
     with ray_session():
         ray.data.DataContext.get_current().enable_progress_bars = False
+        requests = ray.data.read_parquet(str(split_path(data_dir, "train")))
+        tc = Run.open(loop_config["run_dir"]).config.train
+        if tc.batch_by == "user":  # users in a seeded hash order, each user's requests together (every epoch)
+            seed = tc.seed
+
+            def order_key(t: pa.Table) -> pa.Table:
+                users = t.column("user").to_numpy().astype(np.uint64)
+                key = (users * np.uint64(2654435761) + np.uint64(seed)) % np.uint64(2**32) if tc.shuffle else users
+                return t.append_column("_order", pa.array(key.astype(np.int64)))
+
+            requests = requests.map_batches(order_key, batch_format="pyarrow").sort(["_order", "timestamp"])
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="gloo", timeout_s=int(PG_TIMEOUT.total_seconds())),
-            datasets={"train": ray.data.read_parquet(str(split_path(data_dir, "train")))},
+            datasets={"train": requests},
             run_config=RayRunConfig(name="train", storage_path=str(Path(loop_config["run_dir"]) / "ray")),
         )
         try:

@@ -210,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     btrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the model config (configs/models/din.yaml)")
     btrain.set_defaults(handler=_cmd_bench_train)
+    bksa = bench_cmds.add_parser(
+        "ksa", help="KSA vs full attention: forward time, per-user state bytes, append latency by history length",
+        description="For each history length n (one user, d_model 64, 4 heads, 2 summary layers, chunk 8, window 16):\n"
+        "the forward time of the chunked KSA kernel and of full causal attention on the same layers (median,\n"
+        "alternating; the ratio is the figure to quote), the bytes of the incremental KSA state against the\n"
+        "K/V full attention would cache, and the p50/p99 time of appending one event to the state.",
+        epilog="example: recsys bench ksa --n 1000,4000 --repeats 3 --json",
+        formatter_class=fmt,
+    )
+    bksa.add_argument("--n", dest="sizes", default="1000,4000,16000,54000", metavar="N[,N...]",
+                      help="history lengths, comma-separated, each in [1, 1000000] (default 1000,4000,16000,54000)")
+    bksa.add_argument("--repeats", type=int, default=3, help="timed forwards per kernel and n, after 1 warm-up (median; default 3)")
+    bksa.add_argument("--appends", type=int, default=1000, help="appends timed per n, the last before n (default 1000)")
+    bksa.add_argument("--json", action="store_true", help="print one JSON object")
+    bksa.set_defaults(handler=_cmd_bench_ksa)
     return parser
 
 
@@ -351,6 +366,31 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
     print(json.dumps(result, indent=2) if args.json else format_bench_train(result))
+    return 0
+
+
+def _cmd_bench_ksa(args: argparse.Namespace) -> int:
+    sizes = []
+    for raw in args.sizes.split(","):
+        if not raw.strip():
+            raise RecsysError(f"--n: empty length in {args.sizes!r} (expected comma-separated lengths, e.g. --n 1000,4000)")
+        try:
+            n = int(raw.strip())
+        except ValueError:
+            raise RecsysError(f"--n: {raw.strip()!r} is not an integer (expected comma-separated lengths, e.g. --n 1000,4000)") from None
+        if not 1 <= n <= 1_000_000:
+            raise RecsysError(f"--n: {n} is out of range (each length must be in [1, 1000000])")
+        sizes.append(n)
+    for flag, value in (("--repeats", args.repeats), ("--appends", args.appends)):
+        if value < 1:
+            raise RecsysError(f"{flag} must be >= 1, got {value}")
+    from pipelines.bench import bench_ksa, format_bench_ksa
+
+    try:
+        result = bench_ksa(sizes, repeats=args.repeats, appends=args.appends)
+    except ValueError as exc:
+        raise RecsysError(str(exc)) from exc
+    print(json.dumps(result, indent=2) if args.json else format_bench_ksa(result))
     return 0
 
 
