@@ -118,15 +118,25 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
 # Rotary positions and the layer
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotate pairs (rotate-half form) of ``x [T, H, dh]`` by angles ``pos [T] * base^(-2i/dh)``.
+Rotation = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, dh/2]
+
+
+def rotation(pos: torch.Tensor, head_dim: int, dtype: torch.dtype = torch.float32, base: float = 10000.0) -> Rotation:
+    """RoPE tables for positions ``pos [T]``: angles ``pos * base^(-2i/dh)``, computed once per
+    forward and shared by every layer and by q and k.
 
     Angles are computed in float64: positions reach 10^5 and float32 would lose 10^-2 rad.
     """
-    half = x.shape[-1] // 2
-    inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # [dh/2]
+    half = head_dim // 2
+    inv = base ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)  # [dh/2]
     ang = pos.to(torch.float64)[:, None] * inv[None, :]  # [T, dh/2]
-    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]  # [T, 1, dh/2]
+    return ang.cos().to(dtype)[:, None, :], ang.sin().to(dtype)[:, None, :]
+
+
+def rope(x: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """Rotate pairs (rotate-half form) of ``x [T, H, dh]`` by the angles of ``rot``."""
+    cos, sin = rot
+    half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
@@ -145,11 +155,11 @@ class KSALayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model))
 
-    def project(self, x: torch.Tensor, pos: torch.Tensor, *, summary: bool) -> tuple[torch.Tensor, ...]:
-        """``x [T, d]`` at positions ``pos [T]`` -> q, k, v ``[T, H, dh]`` (RoPE applied to q, k)."""
+    def project(self, x: torch.Tensor, rot: Rotation, *, summary: bool) -> tuple[torch.Tensor, ...]:
+        """``x [T, d]`` rotated by ``rot`` (its positions) -> q, k, v ``[T, H, dh]`` (RoPE on q, k)."""
         proj = self.qkv_summary if summary else self.qkv
         q, k, v = proj(self.norm(x)).view(len(x), 3, self.heads, self.head_dim).unbind(1)  # 3 x [T, H, dh]
-        return rope(self.q_norm(q), pos), rope(self.k_norm(k), pos), v
+        return rope(self.q_norm(q), rot), rope(self.k_norm(k), rot), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual, W_o and MLP: ``x [T, d]``, ``attn [T, H, dh]`` -> ``[T, d]``."""
@@ -352,15 +362,17 @@ class KSAEncoder(nn.Module):
         pos_e = _arange_jagged(lens)  # [N]
         pos_s = summary_positions(m, chunk=C, summaries=S)  # [M]
         s = self.summary_embedding.repeat(int(m.sum()), 1) if kernel != "full" else x.new_zeros(0, x.shape[1])  # [M, d]
+        dh = self.cfg.d_model // self.cfg.heads
+        rot_e, rot_s = rotation(pos_e, dh, x.dtype), rotation(pos_s, dh, x.dtype)
         attention = []
         for layer in self.layers:
-            q_e, k_e, v_e = layer.project(x, pos_e, summary=False)
+            q_e, k_e, v_e = layer.project(x, rot_e, summary=False)
             if kernel == "full":
                 a_e = attend_full(q_e, k_e, v_e, geo)
                 attention.append(a_e)
                 x = layer.finish(x, a_e)
                 continue
-            q_s, k_s, v_s = layer.project(s, pos_s, summary=True)
+            q_s, k_s, v_s = layer.project(s, rot_s, summary=True)
             if kernel == "reference":
                 a_e, a_s = attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo, layer.window)
             elif kernel == "chunked":
@@ -410,9 +422,9 @@ class KSAReadout(nn.Module):
         h, dh = self.heads, self.head_dim
         klen = key_offsets[1:] - key_offsets[:-1]  # [R]
         kmax = max(int(klen.max()) if r else 0, 1)
-        k = rope((self.key(key_states) + self.key(self.gap(key_gap))).view(-1, h, dh), key_pos)  # [K_total, H, dh]
+        k = rope((self.key(key_states) + self.key(self.gap(key_gap))).view(-1, h, dh), rotation(key_pos, dh, key_states.dtype))  # [K_total, H, dh]
         v = self.value(key_states).view(-1, h, dh)
-        q = rope(self.query(query).view(-1, h, dh), n[cand_request])  # [Cq, H, dh]
+        q = rope(self.query(query).view(-1, h, dh), rotation(n[cand_request], dh, query.dtype))  # [Cq, H, dh]
         # pad keys per request [R, Kmax]; candidates per request [R, Mmax]
         row = torch.repeat_interleave(torch.arange(r, device=n.device), klen)
         col = _arange_jagged(klen)
@@ -509,25 +521,50 @@ STATE_VERSION = 1
 
 
 class _Grow:
-    """An append-only [T, H, dh] buffer that doubles its capacity (amortised O(1) per row)."""
+    """An append-only buffer along ``axis`` that doubles its capacity (amortised O(1) per row).
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | None = None) -> None:
-        self.buf = torch.zeros((max(16, 0 if data is None else len(data)),) + shape, dtype=dtype)
+    Summary K/V are kept head-major, ``[H, T, dh]`` (axis 1), so that one query's scores against
+    them are a batched matrix-vector product over contiguous memory, with no copy per event.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | None = None, *, axis: int = 0) -> None:
+        self.axis = axis
+        n = 0 if data is None else data.shape[axis]
+        full = list(shape)
+        full.insert(axis, max(16, n))
+        self.buf = torch.zeros(full, dtype=dtype)
         self.n = 0
         if data is not None:
-            self.buf[: len(data)] = data
-            self.n = len(data)
+            self.buf.narrow(axis, 0, n).copy_(data)
+            self.n = n
 
     def append(self, rows: torch.Tensor) -> None:
-        if self.n + len(rows) > len(self.buf):
-            bigger = torch.zeros((2 * (self.n + len(rows)),) + tuple(self.buf.shape[1:]), dtype=self.buf.dtype)
-            bigger[: self.n] = self.buf[: self.n]
+        k = rows.shape[self.axis]
+        if self.n + k > self.buf.shape[self.axis]:
+            shape = list(self.buf.shape)
+            shape[self.axis] = 2 * (self.n + k)
+            bigger = torch.zeros(shape, dtype=self.buf.dtype)
+            bigger.narrow(self.axis, 0, self.n).copy_(self.view())
             self.buf = bigger
-        self.buf[self.n: self.n + len(rows)] = rows
-        self.n += len(rows)
+        self.buf.narrow(self.axis, self.n, k).copy_(rows)
+        self.n += k
 
     def view(self, n: int | None = None) -> torch.Tensor:
-        return self.buf[: self.n if n is None else n]
+        return self.buf.narrow(self.axis, 0, self.n if n is None else n)
+
+
+def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Softmax attention of ``q [H, T, dh]`` over the union of key/value parts ``[H, K_i, dh]``,
+    without concatenating them: one score row per part, one softmax, one weighted sum per part."""
+    parts = [(k, v) for k, v in parts if k.shape[1]]
+    scores = torch.cat([torch.matmul(q, k.transpose(1, 2)) for k, _ in parts], -1) * q.shape[-1] ** -0.5  # [H, T, K]
+    probs = scores.softmax(-1)
+    out, at = None, 0
+    for k, v in parts:
+        part = torch.matmul(probs[..., at: at + k.shape[1]], v)  # [H, T, dh]
+        out = part if out is None else out + part
+        at += k.shape[1]
+    return out
 
 
 def _keep_from(n: int, rows: int, first: int) -> int:
@@ -562,8 +599,8 @@ class KSAState:
         h, dh = cfg.heads, cfg.d_model // cfg.heads
         self.win_k = [torch.zeros(0, h, dh) for _ in windows]  # per layer [<=(W_l+1)C, H, dh]
         self.win_v = [torch.zeros(0, h, dh) for _ in windows]
-        self.sum_k = [_Grow((h, dh), torch.float32) for _ in windows]
-        self.sum_v = [_Grow((h, dh), torch.float32) for _ in windows]
+        self.sum_k = [_Grow((h, dh), torch.float32, axis=1) for _ in windows]  # per layer [H, M, dh]
+        self.sum_v = [_Grow((h, dh), torch.float32, axis=1) for _ in windows]
         self.top = torch.zeros(0, cfg.d_model)  # [<=(W+1)C, d] top-layer states of the read-out window
         self.top_time = np.zeros(0, dtype=np.int64)
         self.top_sum = _Grow((cfg.d_model,), torch.float32)  # [M, d] top-layer summary states
@@ -587,49 +624,51 @@ class KSAState:
             self._append_one(block, tokens[t: t + 1], int(timestamps[t]))
 
     def _append_one(self, block: KSABlock, x: torch.Tensor, time: int) -> None:
+        """One event through every layer. When it fills its chunk, the chunk's S summary tokens go
+        through the same layer pass (as the official cache feeds [last token, summaries] together):
+        at each layer the summaries read the chunk's C events, this one included."""
         cfg, enc = self.cfg, block.encoder
         C, S = cfg.chunk, cfg.summaries
+        dh = cfg.d_model // cfg.heads
         i = self.n
         c = i // C
-        pos = torch.tensor([i])
+        fills = (i + 1) % C == 0
+        rot = rotation(torch.tensor([i]), dh)  # shared by every layer
+        if fills:
+            s = enc.summary_embedding  # [S, d]
+            spos = summary_positions(torch.tensor([1]), chunk=C, summaries=S) + c * C  # [S]
+            srot = rotation(spos, dh)
+            causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
+            smask = torch.cat([torch.ones(S, C, dtype=torch.bool), causal], 1)[None]  # [1, S, C+S]
         for l_, layer in enumerate(enc.layers):
             w = layer.window
             keep = _keep_from(i, len(self.win_k[l_]), max(c - w, 0) * C)  # chunks c - w .. c stay raw
-            q, k, v = layer.project(x, pos, summary=False)  # [1, H, dh]
+            q, k, v = layer.project(x, rot, summary=False)  # [1, H, dh]
             self.win_k[l_] = torch.cat([self.win_k[l_][keep:], k])
             self.win_v[l_] = torch.cat([self.win_v[l_][keep:], v])
             ns = max(c - w, 0) * S  # summaries of chunks older than the window
-            keys = torch.cat([self.sum_k[l_].view(ns), self.win_k[l_]])
-            vals = torch.cat([self.sum_v[l_].view(ns), self.win_v[l_]])
-            x = layer.finish(x, _sdpa(q[None], keys[None], vals[None], None)[0])
+            att = _attend_parts(q.transpose(0, 1), [(self.sum_k[l_].view(ns), self.sum_v[l_].view(ns)),
+                                                    (self.win_k[l_].transpose(0, 1), self.win_v[l_].transpose(0, 1))])
+            if not fills:
+                x = layer.finish(x, att.transpose(0, 1))
+                continue
+            qs, ks, vs = layer.project(s, srot, summary=True)  # [S, H, dh]
+            own_k, own_v = self.win_k[l_][-C:], self.win_v[l_][-C:]  # the chunk's C events, this one last
+            att_s = _sdpa(qs[None], torch.cat([own_k, ks])[None], torch.cat([own_v, vs])[None], smask)[0]
+            self.sum_k[l_].append(ks.transpose(0, 1))
+            self.sum_v[l_].append(vs.transpose(0, 1))
+            both = layer.finish(torch.cat([x, s]), torch.cat([att.transpose(0, 1), att_s]))  # [1+S, d]
+            x, s = both[:1], both[1:]
+        top = enc.final_norm(torch.cat([x, s]) if fills else x)
         keep = _keep_from(i, len(self.top), max(c - cfg.window, 0) * C)
-        self.top = torch.cat([self.top[keep:], enc.final_norm(x)])
+        self.top = torch.cat([self.top[keep:], top[:1]])
         self.top_time = np.append(self.top_time[keep:], time)
         self.n += 1
         self.last_time = time
-        if self.n % C == 0:
-            self._emit_summaries(block, c)
-
-    def _emit_summaries(self, block: KSABlock, c: int) -> None:
-        """Chunk c just filled: run its S summary tokens through every layer; store their K/V."""
-        cfg, enc = self.cfg, block.encoder
-        C, S = cfg.chunk, cfg.summaries
-        s = enc.summary_embedding  # [S, d]
-        pos = summary_positions(torch.tensor([1]), chunk=C, summaries=S) + c * C  # [S]
-        causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
-        mask = torch.cat([torch.ones(S, C, dtype=torch.bool), causal], 1)[None]  # [1, S, C+S]
-        for l_, layer in enumerate(enc.layers):
-            q, k, v = layer.project(s, pos, summary=True)  # [S, H, dh]
-            own_k = self.win_k[l_][-C:]  # the chunk's C events: the newest rows of the window
-            own_v = self.win_v[l_][-C:]
-            out = _sdpa(q[None], torch.cat([own_k, k])[None], torch.cat([own_v, v])[None], mask)[0]
-            self.sum_k[l_].append(k)
-            self.sum_v[l_].append(v)
-            s = layer.finish(s, out)
-        self.top_sum.append(enc.final_norm(s))
-        origin = (pos - c * C).numpy()  # offsets within the chunk
-        chunk_times = self.top_time[-C:]
-        self.sum_time = np.append(self.sum_time, chunk_times[origin])
+        if fills:
+            self.top_sum.append(top[1:])
+            origin = (spos - c * C).numpy()  # offsets of the summaries' origin events in the chunk
+            self.sum_time = np.append(self.sum_time, self.top_time[-C:][origin])
 
     # --- scoring
 
@@ -715,8 +754,8 @@ class KSAState:
         h, dh = state.cfg.heads, state.cfg.d_model // state.cfg.heads
         for l_ in range(len(state.windows)):
             state.win_k[l_], state.win_v[l_] = t(f"win_k.{l_}"), t(f"win_v.{l_}")
-            state.sum_k[l_] = _Grow((h, dh), torch.float32, t(f"sum_k.{l_}"))
-            state.sum_v[l_] = _Grow((h, dh), torch.float32, t(f"sum_v.{l_}"))
+            state.sum_k[l_] = _Grow((h, dh), torch.float32, t(f"sum_k.{l_}"), axis=1)
+            state.sum_v[l_] = _Grow((h, dh), torch.float32, t(f"sum_v.{l_}"), axis=1)
         return state
 
 
