@@ -405,6 +405,9 @@ class KSAReadout(nn.Module):
         self.gap = nn.Embedding(gap_buckets, d)  # request time - event time, added to the keys
         nn.init.normal_(self.gap.weight, std=0.02)
         self.out = nn.Linear(d, d)
+        # a key every candidate can attend to, with value 0: the weight left for the history then
+        # grows with how many keys match, which a plain softmax average cannot express
+        self.sink = nn.Parameter(torch.zeros(cfg.heads, d // cfg.heads)) if cfg.readout_sink else None
 
     def forward(self, *, query: torch.Tensor, cand_request: torch.Tensor, n: torch.Tensor,
                 key_states: torch.Tensor, key_pos: torch.Tensor, key_gap: torch.Tensor,
@@ -432,6 +435,11 @@ class KSAReadout(nn.Module):
         vd = v.new_zeros(r, kmax, h, dh).index_put((row, col), v)
         kmask = torch.arange(kmax, device=n.device)[None] < klen[:, None]  # [R, Kmax]
         kmask = kmask | (klen == 0)[:, None]  # an empty history sees one zero key (output zeroed below)
+        if self.sink is not None:  # slot 0: the sink (no position), value 0
+            kd = torch.cat([self.sink.expand(r, 1, h, dh), kd], 1)
+            vd = torch.cat([vd.new_zeros(r, 1, h, dh), vd], 1)
+            kmask = torch.cat([kmask.new_ones(r, 1), kmask], 1)
+            kmax += 1
         per = torch.bincount(cand_request, minlength=r)
         mmax = max(int(per.max()) if r else 0, 1)
         ccol = _arange_jagged(per)

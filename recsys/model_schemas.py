@@ -75,6 +75,10 @@ class KSAConfig(Schema):
     d_model: int = Field(64, ge=2, le=4096)
     heads: int = Field(4, ge=1, le=64)
     mlp_ratio: int = Field(4, ge=1, le=16)
+    readout_sink: bool = Field(
+        False, description="add a learned key with a zero value to the read-out, so that attention can put its "
+        "weight nowhere and the output can grow with how much of the history matches (softmax alone averages)",
+    )
     kernel: Literal["chunked", "reference"] = Field(
         "chunked", description="attention kernel: chunked (efficient) or reference (dense mask; small n only)"
     )

@@ -242,10 +242,14 @@ def _full_read(model, lengths_total, n, seed, request_time):
     return model.blocks["ksa"](emb, segment_ids(emb.cand_offsets)), emb
 
 
-@pytest.mark.parametrize("layers", [["summary", "summary"], ["summary", "wide"]])
+@pytest.mark.parametrize(("layers", "sink"), [(["summary", "summary"], False), (["summary", "wide"], False),
+                                             (["summary", "summary"], True)])
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 24, 61, 64, 203])
-def test_state_scores_equal_a_full_encode(n, layers):
-    model = _ksa_model(chunk=8, window=2, wide_window=4, layers=str(layers).replace("'", "")).eval()
+def test_state_scores_equal_a_full_encode(n, layers, sink):
+    model = _ksa_model(chunk=8, window=2, wide_window=4, layers=str(layers).replace("'", ""), readout_sink=sink).eval()
+    if sink:
+        with torch.no_grad():
+            model.blocks["ksa"].readout.sink.normal_()
     block = model.blocks["ksa"]
     total, seed = 203, 5
     with torch.no_grad():
