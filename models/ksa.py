@@ -472,7 +472,8 @@ class KSABlock(nn.Module):
         self.encoder = KSAEncoder(cfg=cfg)
         self.readout = KSAReadout(query_dim=2 * dim, cfg=cfg, gap_buckets=gap_buckets)
         self.out_dim = cfg.d_model
-        self.last: Encoded | None = None  # the latest encode (distillation reads its attention)
+        self.record = False  # keep the latest encode in ``last`` (distillation reads its attention)
+        self.last: Encoded | None = None
 
     def tokens(self, item: torch.Tensor, category: torch.Tensor, behavior: torch.Tensor,
                interval: torch.Tensor) -> torch.Tensor:
@@ -488,8 +489,8 @@ class KSABlock(nn.Module):
         rep_len = lengths[reps]
         rows = torch.repeat_interleave(hoff[:-1][reps], rep_len) + _arange_jagged(rep_len)  # [N]
         x = self.tokens(h["item"][rows], h["category"][rows], h["behavior"][rows], emb.hist_interval[rows])
-        enc = self.encoder(x, rep_len.cpu().numpy(), kernel=self.kernel)
-        self.last = enc
+        enc = self.encoder(x, rep_len.cpu().numpy(), kernel=self.kernel)  # host copy: kernels plan blocks on it
+        self.last = enc if self.record else None
         # keys of request r: summaries [0, ns) and raw events [r0, n) of its source's encode
         slot = torch.empty(len(lengths), dtype=torch.int64, device=hoff.device)
         slot[reps] = torch.arange(len(reps), device=hoff.device)

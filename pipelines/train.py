@@ -176,6 +176,7 @@ class Distiller:
         warm = step < self.cfg.summary_steps
         kernel = self.block.kernel
         self.model.detach_embeddings = warm
+        self.block.record = True
         try:
             with torch.no_grad():
                 self.block.kernel = "full"
@@ -187,6 +188,7 @@ class Distiller:
         finally:
             self.block.kernel = kernel
             self.model.detach_embeddings = False
+            self.block.record = False
         p_t = torch.sigmoid(teacher)
         log_s, log_1s = torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)
         kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_s) + (1 - p_t) * (torch.log((1 - p_t).clamp_min(1e-12)) - log_1s)).mean()
