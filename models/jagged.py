@@ -41,8 +41,18 @@ def tail(values: torch.Tensor, offsets: torch.Tensor, n: int) -> tuple[torch.Ten
     keep = lengths.clamp(max=n)  # [B]
     new_offsets = lengths_to_offsets(keep)
     start = offsets[1:] - keep  # [B] first kept row of each sequence
-    within = torch.arange(int(new_offsets[-1]), device=values.device) - torch.repeat_interleave(new_offsets[:-1], keep)
-    return values[torch.repeat_interleave(start, keep) + within], new_offsets
+    return values[torch.repeat_interleave(start, keep) + positions(keep)], new_offsets
+
+
+def positions(lengths: torch.Tensor) -> torch.Tensor:
+    """[sum lengths] the index of every element within its sequence: 0..len-1 per sequence.
+
+    Example:
+        >>> positions(torch.tensor([2, 0, 3])).tolist()
+        [0, 1, 0, 1, 2]
+    """
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
 
 
 def segment_ids(offsets: torch.Tensor) -> torch.Tensor:

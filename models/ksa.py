@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.jagged import lengths_to_offsets, positions
 from recsys.errors import RecsysError
 from recsys.model_schemas import KSAConfig
 
@@ -96,22 +97,22 @@ def allowed(i: torch.Tensor, j: torch.Tensor, *, chunk: int, summaries: int, win
     return torch.where(si, as_summary, as_event)
 
 
+def summary_origin(j: torch.Tensor, *, chunk: int, summaries: int) -> torch.Tensor:
+    """Origin position of summary j (0-based over a history): chunk j // S, s = j % S + 1, at
+    (j // S) C + floor(s C / S) - 1 (with S = 1, the chunk's last event)."""
+    return (j // summaries) * chunk + ((j % summaries + 1) * chunk) // summaries - 1
+
+
 def summary_positions(num_chunks: torch.Tensor, *, chunk: int, summaries: int) -> torch.Tensor:
-    """[sum m_b * S] origin position of every summary: j*C + floor(s*C/S) - 1 for s = 1..S."""
-    j = torch.repeat_interleave(_arange_jagged(num_chunks), summaries)  # [M] chunk index
-    s = torch.arange(1, summaries + 1, device=num_chunks.device).repeat(int(num_chunks.sum()))  # [M]
-    return j * chunk + (s * chunk) // summaries - 1
+    """[sum m_b * S] origin position of every summary of histories with ``num_chunks [B]`` full chunks."""
+    return summary_origin(positions(num_chunks * summaries), chunk=chunk, summaries=summaries)
 
 
-def _arange_jagged(lengths: torch.Tensor) -> torch.Tensor:
-    """[sum lengths] 0..len-1 for every segment."""
-    total = int(lengths.sum())
-    starts = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(starts, lengths)
-
-
-def _offsets(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+def summary_mask(chunk: int, summaries: int, device: torch.device | None = None) -> torch.Tensor:
+    """[S, C+S] what a chunk's summaries see of [its C events | its S summaries]: all events, and
+    the summaries up to themselves."""
+    s = torch.arange(summaries, device=device)
+    return torch.cat([torch.ones(summaries, chunk, dtype=torch.bool, device=device), s[None, :] <= s[:, None]], 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +208,9 @@ def attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo: Geometry, window: int):
     lengths = torch.as_tensor(geo.lengths, dtype=torch.int64, device=q_e.device)
     m = lengths // C
     # interleaved index of every event and summary of its history
-    e_local = _arange_jagged(lengths)  # [N]
+    e_local = positions(lengths)  # [N]
     e_idx = e_local + (e_local // C) * S
-    s_local = _arange_jagged(m * S)  # [M]
+    s_local = positions(m * S)  # [M]
     s_idx = (s_local // S) * blk + C + s_local % S
     total = lengths + m * S  # [B] interleaved length
     L = max(int(total.max()) if b else 0, 1)
@@ -248,13 +249,12 @@ def attend_summaries(q_s, k_e, v_e, k_s, v_s, geo: Geometry):
     if g == 0:
         return q_s
     starts = torch.as_tensor(geo.ev_offsets[:-1], device=q_s.device)  # [B]
-    chunk_start = torch.repeat_interleave(starts, m) + _arange_jagged(m) * C  # [G] first event of each chunk
+    chunk_start = torch.repeat_interleave(starts, m) + positions(m) * C  # [G] first event of each chunk
     ev = chunk_start[:, None] + torch.arange(C, device=q_s.device)  # [G, C]
     hd = q_s.shape[1:]
     keys = torch.cat([k_e[ev], k_s.view(g, S, *hd)], 1)  # [G, C+S, H, dh]
     vals = torch.cat([v_e[ev], v_s.view(g, S, *hd)], 1)
-    s = torch.arange(S, device=q_s.device)
-    mask = torch.cat([torch.ones(S, C, dtype=torch.bool, device=q_s.device), s[None, :] <= s[:, None]], 1)  # [S, C+S]
+    mask = summary_mask(C, S, q_s.device)  # [S, C+S]
     return _sdpa(q_s.view(g, S, *hd), keys, vals, mask[None].expand(g, S, C + S)).reshape(g * S, *hd)
 
 
@@ -359,7 +359,7 @@ class KSAEncoder(nn.Module):
         dev = x.device
         lens = torch.as_tensor(geo.lengths, device=dev)
         m = lens // C
-        pos_e = _arange_jagged(lens)  # [N]
+        pos_e = positions(lens)  # [N]
         pos_s = summary_positions(m, chunk=C, summaries=S)  # [M]
         s = self.summary_embedding.repeat(int(m.sum()), 1) if kernel != "full" else x.new_zeros(0, x.shape[1])  # [M, d]
         dh = self.cfg.d_model // self.cfg.heads
@@ -430,7 +430,7 @@ class KSAReadout(nn.Module):
         q = rope(self.query(query).view(-1, h, dh), rotation(n[cand_request], dh, query.dtype))  # [Cq, H, dh]
         # pad keys per request [R, Kmax]; candidates per request [R, Mmax]
         row = torch.repeat_interleave(torch.arange(r, device=n.device), klen)
-        col = _arange_jagged(klen)
+        col = positions(klen)
         kd = k.new_zeros(r, kmax, h, dh).index_put((row, col), k)
         vd = v.new_zeros(r, kmax, h, dh).index_put((row, col), v)
         kmask = torch.arange(kmax, device=n.device)[None] < klen[:, None]  # [R, Kmax]
@@ -442,7 +442,7 @@ class KSAReadout(nn.Module):
             kmax += 1
         per = torch.bincount(cand_request, minlength=r)
         mmax = max(int(per.max()) if r else 0, 1)
-        ccol = _arange_jagged(per)
+        ccol = positions(per)
         qd = q.new_zeros(r, mmax, h, dh).index_put((cand_request, ccol), q)
         out = _sdpa(qd, kd, vd, kmask[:, None, :].expand(r, mmax, kmax))[cand_request, ccol]  # [Cq, H, dh]
         out = self.out(out.reshape(len(query), h * dh))
@@ -487,7 +487,7 @@ class KSABlock(nn.Module):
         src = emb.history_source if emb.history_source is not None else torch.arange(len(lengths), device=hoff.device)
         reps = torch.unique(src)  # [U] requests whose histories get encoded
         rep_len = lengths[reps]
-        rows = torch.repeat_interleave(hoff[:-1][reps], rep_len) + _arange_jagged(rep_len)  # [N]
+        rows = torch.repeat_interleave(hoff[:-1][reps], rep_len) + positions(rep_len)  # [N]
         x = self.tokens(h["item"][rows], h["category"][rows], h["behavior"][rows], emb.hist_interval[rows])
         enc = self.encoder(x, rep_len.cpu().numpy(), kernel=self.kernel)  # host copy: kernels plan blocks on it
         self.last = enc if self.record else None
@@ -503,8 +503,8 @@ class KSABlock(nn.Module):
             ns, r0 = torch.zeros_like(ns), torch.zeros_like(r0)
         nraw = lengths - r0
         klen = ns + nraw
-        koff = _offsets(klen)
-        kk = _arange_jagged(klen)  # [K] index within each request's keys
+        koff = lengths_to_offsets(klen)
+        kk = positions(klen)  # [K] index within each request's keys
         kr = torch.repeat_interleave(torch.arange(len(lengths), device=hoff.device), klen)
         is_sum = kk < ns[kr]
         j = kk  # summary index
@@ -512,8 +512,7 @@ class KSABlock(nn.Module):
         pool = torch.cat([enc.events, enc.summaries])
         n_ev = enc.events.shape[0]
         key_row = torch.where(is_sum, n_ev + sum_off[u[kr]] + j, ev_off[u[kr]] + e)
-        spos = (j // S) * C + ((j % S + 1) * C) // S - 1
-        key_pos = torch.where(is_sum, spos, e)
+        key_pos = torch.where(is_sum, summary_origin(j, chunk=C, summaries=S), e)
         # time gap to the request, read from the request's own hist_gap ids (its history is a prefix)
         key_gap = emb.hist_gap[hoff[:-1][kr] + key_pos]
         return self.readout(query=torch.cat([emb.candidate["item"], emb.candidate["category"]], -1),
@@ -645,10 +644,9 @@ class KSAState:
         rot = rotation(torch.tensor([i]), dh)  # shared by every layer
         if fills:
             s = enc.summary_embedding  # [S, d]
-            spos = summary_positions(torch.tensor([1]), chunk=C, summaries=S) + c * C  # [S]
+            spos = summary_origin(torch.arange(S), chunk=C, summaries=S) + c * C  # [S]
             srot = rotation(spos, dh)
-            causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
-            smask = torch.cat([torch.ones(S, C, dtype=torch.bool), causal], 1)[None]  # [1, S, C+S]
+            smask = summary_mask(C, S)[None]  # [1, S, C+S]
         for l_, layer in enumerate(enc.layers):
             w = layer.window
             keep = _keep_from(i, len(self.win_k[l_]), max(c - w, 0) * C)  # chunks c - w .. c stay raw
@@ -693,8 +691,7 @@ class KSAState:
         states = torch.cat([self.top_sum.view(ns), self.top[raw_from:]])  # [K, d]
         times = np.concatenate([self.sum_time[:ns], self.top_time[raw_from:]])
         j = torch.arange(ns)
-        spos = (j // cfg.summaries) * cfg.chunk + ((j % cfg.summaries + 1) * cfg.chunk) // cfg.summaries - 1
-        key_pos = torch.cat([spos, torch.arange(r0, n)])
+        key_pos = torch.cat([summary_origin(j, chunk=cfg.chunk, summaries=cfg.summaries), torch.arange(r0, n)])
         key_gap = torch.as_tensor(gap_bucket(request_time - times), dtype=torch.int64)
         return block.readout(query=query, cand_request=torch.zeros(len(query), dtype=torch.int64),
                              n=torch.tensor([n]), key_states=states, key_pos=key_pos, key_gap=key_gap,

@@ -198,7 +198,6 @@ def test_requests_of_one_user_share_one_encode():
     """Prefix histories read from the longest one's encode give what encoding each alone gives."""
     model = _ksa_model(chunk=3, window=1).eval()
     lengths = [50, 23, 0, 24]
-    batch = _batch([50, 50, 50, 50], [2, 1, 2, 3])
     # make requests 1..3 prefixes of request 0's history (same user), with their own cut-off times
     h = _history([50])
     cut = [h["timestamp"].values[k - 1] + 60 if k else h["timestamp"].values[0] for k in lengths]
@@ -214,7 +213,6 @@ def test_requests_of_one_user_share_one_encode():
     with torch.no_grad():
         a, b = model(alone), model(shared)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    del batch
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ def _spec(data):
 
 
 def test_user_batches_keep_each_users_requests_together_in_time_order(tiny_data):
-    from pipelines.runs import Run
     from pipelines.train import _train_batches
 
     cfg = load_config(RunConfig, KSA, ["train.batch_size=16"])
@@ -50,7 +49,6 @@ def test_user_batches_keep_each_users_requests_together_in_time_order(tiny_data)
         assert len(users) == pq.read_metadata(tiny_data / "requests" / "train.parquet").num_rows
         orders.append(users[change])
     assert not np.array_equal(orders[0], orders[1])  # users are reshuffled every epoch
-    del Run
 
 
 def test_distillation_warm_up_trains_summary_parameters_only(tiny_data):
