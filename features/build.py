@@ -10,6 +10,7 @@ Output directory (it appears whole, by an atomic rename, or not at all)::
     items.parquet             row i = item index i: item_id and feature indices
     users.parquet             row u = user index u: user_id, profile indices, history_len
     history/history.arrow     per-user lifelong history (features/history.py)
+    history/category_index.arrow   user -> category -> positions, for SIM hard search (features/category_index.py)
     requests/{train,valid,test}.parquet   one row per request (features/requests.py)
 
 Example:
@@ -32,9 +33,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from features.category_index import FILE_NAME as CATEGORY_INDEX
+from features.category_index import CategoryIndex
 from features.history import HistoryStore, write_history
 from features.requests import SPLITS, requests_from_impressions, sampled_requests, split_by_time
-from features.sources import SourceData, read_source
+from features.sources import SourceData, most_frequent_category, read_source
 from features.validate import write_rejects
 from features.vocab import Vocab
 from recsys import __version__
@@ -53,7 +56,7 @@ PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 def build(
     source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
-    """Build training data from ``source`` (``synth:DIR`` or ``taobao:FILE``) into ``out``.
+    """Build training data from ``source`` (``KIND:PATH``, features/sources.py) into ``out``.
 
     Returns:
         The report (also written to ``out/report.json``).
@@ -67,7 +70,7 @@ def build(
     with timer("read and validate"):
         src = read_source(source, cfg, strict=strict)
     if src.events.height == 0:
-        raise DataError(_why_no_events(src), file=src.path.name if src.kind == "taobao" else "events.parquet")
+        raise DataError(_why_no_events(src), file=src.path.name if src.path.is_file() else "events.parquet")
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with timer("vocabularies"):
@@ -81,6 +84,7 @@ def build(
             (tmp / "history").mkdir()
             events = build_history(src.events.lazy(), vocabs, tmp / "history" / "history.arrow")
             store = HistoryStore.open(tmp / "history" / "history.arrow")
+            CategoryIndex.build(store, num_categories=vocabs["category_id"].size).write(tmp / "history" / CATEGORY_INDEX)
             users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
             items.write_parquet(tmp / "items.parquet")
             users.write_parquet(tmp / "users.parquet")
@@ -90,7 +94,11 @@ def build(
                 imp = src.impressions.lazy().with_columns(
                     user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
                 )
+                if not has_true_prob(src):
+                    imp = imp.with_columns(true_prob=pl.lit(None, pl.Float32))
                 requests = requests_from_impressions(imp, items, item_cols, store)
+                if not has_true_prob(src):  # null like sampled requests, not a list of nulls
+                    requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
             else:
                 requests = sampled_requests(events, store, items, item_cols, cfg.sampling)
             profile_cols = [c for c in users.columns if c in PROFILE_FEATURES.values()]
@@ -117,10 +125,17 @@ def build(
     return report
 
 
+def has_true_prob(src: SourceData) -> bool:
+    """Impressions with a ``true_prob`` column (the synthetic world): known click probabilities."""
+    return src.impressions is not None and "true_prob" in src.impressions.columns
+
+
 def _why_no_events(src: SourceData) -> str:
-    read = src.rows_read.get("events", 0)
+    read = src.rows_read.get("events", src.rows_read.get("lines", 0))
     if read == 0:
         return "no valid events to build from: the file has no rows"
+    if src.rejects.height < read:  # a line source whose valid lines all have empty histories
+        return f"no valid events to build from: the {read - src.rejects.height:,} valid lines all have an empty history"
     first = src.rejects.sort("line").row(0, named=True)
     return (
         f"no valid events to build from: all {read:,} rows were rejected; the first, line {first['line']}, "
@@ -144,8 +159,9 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig) -> dict[str, Vocab]:
         "item_id": Vocab.fit("item_id", ids("item_id", src.events, src.impressions), min_count=mc.item_id),
         "category_id": Vocab.fit("category_id", ids("category_id", src.events, src.items), min_count=mc.category_id),
     }
-    if src.items is not None:
+    if src.items is not None and "brand_id" in src.items.columns:
         vocabs["brand_id"] = Vocab.fit("brand_id", src.items["brand_id"], min_count=mc.brand_id)
+    if src.items is not None and "price_bucket" in src.items.columns:
         vocabs["price_bucket"] = Vocab.fit("price_bucket", src.items["price_bucket"])
     if src.users is not None:
         for column in PROFILE_FEATURES:
@@ -154,17 +170,12 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig) -> dict[str, Vocab]:
 
 
 def item_table(src: SourceData, vocabs: dict[str, Vocab]) -> pl.DataFrame:
-    """Row i = item index i (row 0: OOV, all features OOV). A Taobao item takes its most
-    frequent category in the events (ties: the smallest category id)."""
+    """Row i = item index i (row 0: OOV, all features OOV): the source's item features where it
+    has an item table, else (Taobao) an item's most frequent category in the events."""
     if src.items is not None:
-        raw = src.items.select("item_id", *ITEM_FEATURES)
+        raw = src.items.select("item_id", *(c for c in ITEM_FEATURES if c in src.items.columns))
     else:
-        raw = (
-            src.events.group_by("item_id", "category_id").len()
-            .sort(["item_id", "len", "category_id"], descending=[False, True, False])
-            .unique("item_id", keep="first", maintain_order=True)
-            .select("item_id", "category_id")
-        )
+        raw = most_frequent_category(src.events.select("item_id", "category_id"))
     present = {k: v for k, v in ITEM_FEATURES.items() if k in raw.columns}
     encoded = raw.with_columns(**{name: vocabs[col].encode_expr(col) for col, name in present.items()})
     base = vocabs["item_id"].table.select(pl.col("index").alias("item"), pl.col("raw").alias("item_id"))
@@ -262,7 +273,7 @@ def make_report(
             "per_request": _quantiles(per_request),
         },
     }
-    if src.impressions is not None:
+    if has_true_prob(src):
         report["oracle_auc"] = {}
         for s in SPLITS:
             labels = parts[s]["label"].explode().to_numpy()
@@ -302,6 +313,6 @@ def dataset_manifest(
                     "fields": ["item", "category", "behavior", "timestamp"]},
         "requests": {s: {"path": f"requests/{s}.parquet", "requests": parts[s].height} for s in SPLITS},
         "split": cuts,
-        "has_true_prob": src.impressions is not None,
+        "has_true_prob": has_true_prob(src),
         "config": cfg.model_dump(mode="json"),
     }

@@ -88,6 +88,33 @@ def write_history(
         writer.write_batch(batch)
 
 
+def first_true(lo: np.ndarray, hi: np.ndarray, test) -> np.ndarray:
+    """A binary search in many slices at once: O(Q log L), no per-query Python.
+
+    Args:
+        lo, hi: [Q] slice bounds ``[lo_q, hi_q)`` of some array.
+        test: ``test(i [Q]) -> bool [Q]``, monotone (false ... false true ... true) within each slice;
+            it gets one probe index per slice (a placeholder 0 for slices already done).
+
+    Returns:
+        [Q] the first index in each slice where ``test`` holds (``hi_q`` where it never does).
+
+    Example:
+        >>> a = np.array([1, 3, 5, 2, 4])
+        >>> first_true(np.array([0, 3]), np.array([3, 5]), lambda i: a[i] >= np.array([4, 3])).tolist()
+        [2, 4]
+    """
+    lo, hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        ok = active & test(np.where(active, mid, 0))
+        hi = np.where(ok, mid, hi)
+        lo = np.where(active & ~ok, mid + 1, lo)
+
+
 @dataclass(frozen=True)
 class HistoryStore:
     """A memory-mapped history store (see the module docstring for the layout)."""
@@ -142,16 +169,7 @@ class HistoryStore:
         users = np.asarray(users, dtype=np.int64)
         cutoffs = np.asarray(cutoffs, dtype=np.int64)
         first = self.offsets[users]
-        lo, hi = first.copy(), self.offsets[users + 1].copy()
-        # A binary search in every user's slice at once: O(B log L), no per-example Python.
-        while True:
-            active = lo < hi
-            if not active.any():
-                return lo - first
-            mid = (lo + hi) // 2
-            before = active & (self.timestamp[np.where(active, mid, 0)] < cutoffs)
-            lo = np.where(before, mid + 1, lo)
-            hi = np.where(active & ~before, mid, hi)
+        return first_true(first, self.offsets[users + 1], lambda i: self.timestamp[i] >= cutoffs) - first
 
     def user_events(self, user: int, length: int | None = None) -> dict[str, np.ndarray]:
         """The first ``length`` (default: all) events of ``user``, oldest first."""
