@@ -7,6 +7,36 @@
   behavior_type,timestamp``). Each line is split and checked with polars expressions (no Python
   per row): a wrong field count, a non-integer or negative id, an unknown behaviour type, a
   non-integer timestamp or one outside ``[taobao.min_timestamp, taobao.max_timestamp)``.
+* ``amazon:FILE``: the Amazon DIN/DIEN line format (``local_train_splitByUser``): one example a
+  line, tab-separated ``label, uid, mid, cat, mid_his, cat_his``, the history lists joined by
+  ``\\x02`` (STX), string ids (``B00ABC123``, ``Books``).
+* ``paddlerec:FILE``: the PaddleRec DIN sample format: one example a line,
+  ``hist_items;hist_cates;item;cate;label``, lists separated by whitespace, integer ids, no user.
+
+The two line formats (:func:`read_lines`) have no times, and a line carries its own history, not
+a user's lifelong log. They are mapped onto events and impressions so that the same build serves
+them, without leaks:
+
+* Pseudo-users. Each distinct (user, history) (PaddleRec: each distinct history) is one user,
+  whose ``user_id`` is the line it first appears on; all its lines are one request
+  (``request_id`` = that line) whose candidates are the lines' target items, labels their labels
+  (DIEN writes a positive and its negative with the same history on adjacent lines). The
+  original ``uid`` is not kept. Candidates are in a random order (seed ``sampling.seed``), so the
+  file's fixed pos/neg order says nothing; ``position`` is -1, ``true_prob`` null.
+* Synthetic times. Request j (0-based, in file order of its first line) is at
+  ``LINE_T0 + j`` seconds (2020-01-01 UTC + j): the split by time is then a split by file order
+  (80/10/10 by default), where one shared time would leave train and valid empty. History event
+  i of n is at the request's time - (n - i) days: in the file's order, all strictly before the
+  cut-off. Time gaps carry only order (SIM also uses no time on Amazon).
+* History events are ``pv`` (the logs are reviews/clicks), written once per pseudo-user.
+* Items: each target and history item with its most frequent category (ties: the smallest id),
+  so a candidate's category is known even when it never occurs in a history.
+* String ids (Amazon) become int64 by :func:`stable_id` (63 bits of BLAKE2b), per distinct id;
+  a collision, about n² / 2⁶⁴ for n ids, stops the build.
+
+A line is rejected for: a blank line, a wrong field count, a label other than 0 or 1, an empty
+user/item/category (Amazon) or a non-integer id (PaddleRec), an empty id inside a list
+(Amazon) or a non-integer one (PaddleRec), and history lists of different lengths.
 
 Bad rows are skipped into the rejects table (or, with ``strict``, stop the build with a
 :class:`DataError` naming file, line, field and value). The readers return raw ids; vocabularies
@@ -15,18 +45,25 @@ come later (features/build.py).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from features.steps import feature_step
 from features.validate import (
     Check,
+    binary_label,
     empty_rejects,
     known_behavior,
+    line_shape,
+    non_empty_list_items,
     non_negative_int,
+    non_negative_int_list,
     require_columns,
     split_rejects,
     with_checks,
@@ -36,7 +73,7 @@ from recsys.io import read_json
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIOR_CODE
 
-SOURCE_KINDS = ("synth", "taobao")
+SOURCE_KINDS = ("synth", "taobao", "amazon", "paddlerec")
 TAOBAO_FIELDS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 
 #: Columns of the validated events frame every reader returns.
@@ -72,7 +109,7 @@ def parse_source(spec: str) -> tuple[str, Path]:
     if not sep or kind not in SOURCE_KINDS or not path:
         raise RecsysError(
             f"bad --source {spec!r}: expected KIND:PATH with KIND one of {', '.join(SOURCE_KINDS)} "
-            "(e.g. synth:out/world or taobao:UserBehavior.csv)"
+            "(e.g. synth:out/world, taobao:UserBehavior.csv or paddlerec:sample_data.txt)"
         )
     p = Path(path)
     if not p.exists():
@@ -81,12 +118,18 @@ def parse_source(spec: str) -> tuple[str, Path]:
         raise RecsysError(f"--source {spec}: a synth source is a directory written by `recsys data synth`")
     if kind == "taobao" and not p.is_file():
         raise RecsysError(f"--source {spec}: a taobao source is a CSV file")
+    if kind in LINE_FORMATS and not p.is_file():
+        raise RecsysError(f"--source {spec}: the {kind} format is a text file, one example a line")
     return kind, p
 
 
 def read_source(spec: str, cfg: BuildConfig, *, strict: bool) -> SourceData:
     kind, path = parse_source(spec)
-    return read_taobao(path, cfg, strict=strict) if kind == "taobao" else read_synth(path, strict=strict)
+    if kind == "taobao":
+        return read_taobao(path, cfg, strict=strict)
+    if kind in LINE_FORMATS:
+        return read_lines(path, LINE_FORMATS[kind], cfg, strict=strict)
+    return read_synth(path, strict=strict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,15 +163,7 @@ def taobao_checks(cfg: BuildConfig) -> list[Check]:
     t_min = int(cfg.taobao.min_timestamp.timestamp())
     t_max = int(cfg.taobao.max_timestamp.timestamp())
     ts = pl.col("_timestamp").cast(pl.Int64, strict=False)
-    checks = [
-        Check(pl.col("raw").is_null(), "*", pl.lit(""), "empty line"),
-        Check(
-            pl.col("_n") != len(TAOBAO_FIELDS),
-            "*",
-            pl.col("raw"),
-            pl.format("expected {} fields, got {}", pl.lit(len(TAOBAO_FIELDS)), pl.col("_n")),
-        ),
-    ]
+    checks = line_shape(len(TAOBAO_FIELDS))
     for name in ("user_id", "item_id", "category_id"):
         checks.append(non_negative_int(name, pl.col(f"_{name}").cast(pl.Int64, strict=False), pl.col(f"_{name}")))
     checks.append(known_behavior("behavior_type", pl.col("_behavior_type")))
@@ -258,3 +293,221 @@ def read_synth(path: Path, *, strict: bool) -> SourceData:
         impressions=impressions, items=items, users=users, manifest=manifest,
     )
 
+
+
+# --------------------------------------------------------------------------------------------
+# One example a line: the Amazon DIN/DIEN files and the PaddleRec DIN sample
+
+LINE_T0 = 1_577_836_800  # 2020-01-01T00:00:00Z: request j of a line source is at LINE_T0 + j
+HISTORY_GAP = 86_400  # seconds between consecutive synthetic history events (one day)
+
+
+@dataclass(frozen=True)
+class LineFormat:
+    """Where a one-example-a-line format keeps each part of an example. Field names are the
+    format's own; they name the field in rejects and errors."""
+
+    kind: str
+    separator: str
+    fields: tuple[str, ...]
+    user: str | None  # None: the format has no user id
+    item: str
+    category: str
+    history_items: str
+    history_categories: str
+    label: str
+    list_separator: str  # " " means any run of whitespace, as Python's str.split()
+    integer_ids: bool  # False: string ids, turned into integers by stable_id
+
+
+AMAZON = LineFormat(
+    kind="amazon", separator="\t", fields=("label", "uid", "mid", "cat", "mid_his", "cat_his"),
+    user="uid", item="mid", category="cat", history_items="mid_his", history_categories="cat_his",
+    label="label", list_separator="\x02", integer_ids=False,
+)
+PADDLEREC = LineFormat(
+    kind="paddlerec", separator=";", fields=("hist_items", "hist_cates", "item", "cate", "label"),
+    user=None, item="item", category="cate", history_items="hist_items", history_categories="hist_cates",
+    label="label", list_separator=" ", integer_ids=True,
+)
+LINE_FORMATS = {f.kind: f for f in (AMAZON, PADDLEREC)}
+_PARTS = ("_label", "_user", "_item", "_category", "_hist_items", "_hist_categories")
+
+
+def stable_id(text: str) -> int:
+    """A string id -> a non-negative int64: the top 63 bits of its 8-byte BLAKE2b digest (UTF-8).
+
+    The same string gives the same integer on every machine and every run, so vocabularies built
+    from different files agree. Two of n distinct ids collide with probability about n² / 2⁶⁴
+    (5e-8 for a million ids); :func:`read_lines` checks for it and stops if it happens.
+
+    Example:
+        >>> stable_id("B00ABC123") == stable_id("B00ABC123") != stable_id("Books")
+        True
+        >>> 0 <= stable_id("Books") < 2**63
+        True
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def string_ids(values: pl.Series, *, field: str, file: str) -> pl.DataFrame:
+    """``text, id``: one row per distinct string in ``values`` (Python runs once per distinct id,
+    not per row).
+
+    Raises:
+        DataError: two distinct strings with the same id (see :func:`stable_id`).
+    """
+    text = values.drop_nulls().unique().sort()
+    table = pl.DataFrame({"text": text, "id": pl.Series([stable_id(t) for t in text], dtype=pl.Int64)})
+    clash = table.filter(pl.col("id").is_duplicated()).sort("id", "text")
+    if clash.height:
+        a, b = clash["text"][0], clash["text"][1]
+        raise DataError(f"ids {a!r} and {b!r} hash to the same 63-bit id {clash['id'][0]}; rename one of them",
+                        file=file, field=field)
+    return table
+
+
+@feature_step({"line": pl.Int64, "raw": pl.String, **{p: pl.String for p in _PARTS},
+               "_items": pl.List(pl.String), "_categories": pl.List(pl.String)})
+def split_line(lf: pl.LazyFrame, fmt: LineFormat) -> pl.LazyFrame:
+    """Split each line into its fields (``_label`` ... as text) and the two history lists."""
+    parts = pl.col("raw").str.strip_chars_end("\r").str.split(fmt.separator)
+
+    def text(name: str) -> pl.Expr:
+        return parts.list.get(fmt.fields.index(name), null_on_oob=True).str.strip_chars()
+
+    def listed(name: str) -> pl.Expr:
+        return text(name).str.replace_all(r"\s+", " ") if fmt.list_separator == " " else text(name)
+
+    def split(column: str) -> pl.Expr:  # an empty field is an empty history, not one empty id
+        empty = pl.lit([], pl.List(pl.String))
+        return pl.when(pl.col(column) == "").then(empty).otherwise(pl.col(column).str.split(fmt.list_separator))
+
+    return lf.with_columns(
+        _n=parts.list.len(),
+        _label=text(fmt.label),
+        _user=text(fmt.user) if fmt.user else pl.lit(None, pl.String),
+        _item=text(fmt.item),
+        _category=text(fmt.category),
+        _hist_items=listed(fmt.history_items),
+        _hist_categories=listed(fmt.history_categories),
+    ).with_columns(_items=split("_hist_items"), _categories=split("_hist_categories"))
+
+
+def line_checks(fmt: LineFormat) -> list[Check]:
+    """In order: blank line, field count, label, user id, target item and category, each history
+    list, and history lists of different lengths."""
+    checks = [*line_shape(len(fmt.fields)), binary_label(fmt.label, pl.col("_label"))]
+    ids = [("_user", fmt.user)] if fmt.user else []
+    for column, name in [*ids, ("_item", fmt.item), ("_category", fmt.category)]:
+        value = pl.col(column)
+        if fmt.integer_ids:
+            checks.append(non_negative_int(name, value.cast(pl.Int64, strict=False), value))
+        else:
+            checks.append(Check(value == "", name, value, "empty id"))
+    list_check = non_negative_int_list if fmt.integer_ids else non_empty_list_items
+    checks.append(list_check(fmt.history_items, pl.col("_items"), pl.col("_hist_items")))
+    checks.append(list_check(fmt.history_categories, pl.col("_categories"), pl.col("_hist_categories")))
+    n_items, n_categories = pl.col("_items").list.len(), pl.col("_categories").list.len()
+    checks.append(Check(
+        n_items != n_categories, fmt.history_categories, pl.col("_hist_categories"),
+        pl.format("{} categories for {} items in {}", n_categories, n_items, pl.lit(fmt.history_items)),
+    ))
+    return checks
+
+
+def _id_mapper(valid: pl.DataFrame, fmt: LineFormat, file: str) -> Callable[[str, bool], pl.Expr]:
+    """``(column, as_list) -> Int64 expression`` for the item and category ids of ``valid``."""
+    if fmt.integer_ids:
+        return lambda column, as_list: (
+            pl.col(column).list.eval(pl.element().cast(pl.Int64)) if as_list else pl.col(column).cast(pl.Int64)
+        )
+    tables = {
+        scalar: string_ids(pl.concat([valid[scalar], valid[listed].explode()]), field=name, file=file)
+        for scalar, listed, name in (("_item", "_items", fmt.item), ("_category", "_categories", fmt.category))
+    }
+    tables["_items"], tables["_categories"] = tables["_item"], tables["_category"]
+
+    def mapped(column: str, as_list: bool) -> pl.Expr:
+        t = tables[column]
+        if as_list:
+            return pl.col(column).list.eval(pl.element().replace_strict(t["text"], t["id"], return_dtype=pl.Int64))
+        return pl.col(column).replace_strict(t["text"], t["id"], return_dtype=pl.Int64)
+
+    return mapped
+
+
+def most_frequent_category(pairs: pl.DataFrame) -> pl.DataFrame:
+    """``item_id, category_id`` pairs -> one row per item: its most frequent category (ties: the
+    smallest category id)."""
+    return (
+        pairs.group_by("item_id", "category_id").len()
+        .sort(["item_id", "len", "category_id"], descending=[False, True, False])
+        .unique("item_id", keep="first", maintain_order=True)
+        .select("item_id", "category_id")
+    )
+
+
+def read_lines(path: Path, fmt: LineFormat, cfg: BuildConfig, *, strict: bool) -> SourceData:
+    """Read an Amazon DIN/DIEN or PaddleRec DIN file: the mapping is in the module docstring.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "din.txt"
+        >>> _ = p.write_text("3 5;1 2;7;2;1\\n3 5;1 2;8;4;0\\n5;2;9;x;1\\n")
+        >>> src = read_lines(p, PADDLEREC, BuildConfig(), strict=False)
+        >>> src.events.select("user_id", "item_id", "timestamp").rows()
+        [(1, 3, 1577664000), (1, 5, 1577750400)]
+        >>> src.impressions.select("request_id", "item_id", "clicked").sort("item_id").rows()
+        [(1, 7, 1), (1, 8, 0)]
+        >>> src.rejects.select("line", "field", "value", "reason").rows()
+        [(3, 'cate', 'x', 'not a non-negative integer')]
+    """
+    bad = pl.col("_reason").is_not_null()
+    checked = (
+        scan_lines(path)
+        .pipe(split_line, fmt)
+        .pipe(with_checks, line_checks(fmt))
+        .with_columns(raw=pl.when(bad).then(pl.col("raw")))  # only rejects keep their text
+        .collect(engine="streaming")
+    )
+    valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
+    ids = _id_mapper(valid, fmt, path.name)
+    # One pseudo-user per distinct (user, history): named after the line it first appears on.
+    examples = valid.select(
+        "line",
+        pl.col("line").min().over("_user", "_hist_items", "_hist_categories").alias("user_id"),
+        pl.col("_label").cast(pl.Int8).alias("label"),
+        ids("_item", False).alias("item_id"),
+        ids("_category", False).alias("category_id"),
+        ids("_items", True).alias("hist_item"),
+        ids("_categories", True).alias("hist_category"),
+    ).with_columns(timestamp=pl.col("user_id").rank("dense").cast(pl.Int64) - 1 + LINE_T0)
+
+    # The candidates of a request in a random order: the file's fixed order of a positive and
+    # its negative must not reach a model that reads the list. (group_impressions sorts by
+    # request and position; with every position -1 this order is kept, as a test checks.)
+    order = np.random.default_rng(cfg.sampling.seed).random(examples.height)
+    impressions = examples.with_columns(_order=order).sort("user_id", "_order").select(
+        pl.col("user_id").alias("request_id"), "user_id", "timestamp", "item_id",
+        pl.lit(-1, pl.Int64).alias("position"), pl.col("label").cast(pl.Int64).alias("clicked"),
+    )
+    # History event i of n at the request's time - (n - i) days: in order, all before the cut-off.
+    n = pl.col("hist_item").list.len().cast(pl.Int64)
+    events = (
+        examples.filter((pl.col("line") == pl.col("user_id")) & (n > 0))
+        .select("line", "user_id", "timestamp", "hist_item", "hist_category", n.alias("_n"))
+        .explode("hist_item", "hist_category")
+        .select(
+            "line", "user_id", pl.col("hist_item").alias("item_id"), pl.col("hist_category").alias("category_id"),
+            pl.lit(BEHAVIOR_CODE["pv"], pl.Int8).alias("behavior"),
+            (pl.col("timestamp") - (pl.col("_n") - pl.int_range(pl.len()).over("line")) * HISTORY_GAP).alias("timestamp"),
+        )
+    )
+    items = most_frequent_category(
+        pl.concat([examples.select("item_id", "category_id"), events.select("item_id", "category_id")])
+    )
+    return SourceData(
+        kind=fmt.kind, path=path, events=events.select(list(EVENTS_SCHEMA)), rows_read={"lines": checked.height},
+        rejects=rejects, impressions=impressions, items=items,
+    )

@@ -44,6 +44,31 @@ def non_negative_int(column: str, parsed: pl.Expr, text: pl.Expr) -> Check:
     return Check(parsed.is_null() | (parsed < 0), column, text, "not a non-negative integer")
 
 
+def line_shape(fields: int, *, raw: str = "raw", count: str = "_n") -> list[Check]:
+    """The first checks of a text line: not blank, and exactly ``fields`` fields (counted in ``count``)."""
+    return [
+        Check(pl.col(raw).is_null(), "*", pl.lit(""), "empty line"),
+        Check(pl.col(count) != fields, "*", pl.col(raw), pl.format("expected {} fields, got {}", pl.lit(fields), pl.col(count))),
+    ]
+
+
+def binary_label(column: str, value: pl.Expr) -> Check:
+    """``value`` (an integer or its text) must be 0 or 1."""
+    return Check(~value.cast(pl.String).is_in(["0", "1"]), column, value, "must be 0 or 1")
+
+
+def non_negative_int_list(column: str, items: pl.Expr, text: pl.Expr) -> Check:
+    """Every element of the list of strings ``items`` must parse as a non-negative integer."""
+    parsed = pl.element().cast(pl.Int64, strict=False)
+    bad = items.list.eval(parsed.is_null() | (parsed < 0)).list.any()
+    return Check(bad, column, text, "not a list of non-negative integers")
+
+
+def non_empty_list_items(column: str, items: pl.Expr, text: pl.Expr) -> Check:
+    """No element of the list of strings ``items`` may be empty (two separators in a row)."""
+    return Check(items.list.eval(pl.element() == "").list.any(), column, text, "empty id in the list")
+
+
 def known_behavior(column: str, text: pl.Expr) -> Check:
     return Check(
         text.is_null() | ~text.is_in(list(BEHAVIORS)),

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  recsys data build --source synth:out/world --out out/data\n"
         "  recsys data build --source taobao:UserBehavior.csv --out out/taobao --strict",
     )
-    build.add_argument("--source", required=True, metavar="KIND:PATH", help="synth:DIR (from `data synth`) or taobao:FILE (UserBehavior CSV)")
+    build.add_argument("--source", required=True, metavar="KIND:PATH", help="synth:DIR (from `data synth`), taobao:FILE (UserBehavior CSV), amazon:FILE (DIN/DIEN "
+                       "lines) or paddlerec:FILE (PaddleRec DIN lines); see docs/DATA.md")
     build.add_argument("--out", type=Path, required=True, help="output directory")
     build.add_argument("--config", type=Path, help="build config (YAML, BuildConfig schema; default configs/data/default.yaml)")
     build.add_argument("--strict", action="store_true", help="stop at the first bad row (exit code 2) instead of skipping it")
@@ -225,6 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     bksa.add_argument("--appends", type=int, default=1000, help="appends timed per n, the last before n (default 1000)")
     bksa.add_argument("--json", action="store_true", help="print one JSON object")
     bksa.set_defaults(handler=_cmd_bench_ksa)
+    bsim = bench_cmds.add_parser(
+        "sim", help="SIM hard/soft/KSA-guided search + ESU vs target attention over all n: time per request",
+        description="For each history length n (one synthetic user, one request of --candidates candidates over fewer\n"
+        "than 20 categories, the same weights at every n): p50/p99 time per request, from vocabulary indices to\n"
+        "logits, of GSU hard + ESU (category index lookup, K = 50), GSU soft + ESU (scores over all n events),\n"
+        "KSA-guided + ESU (serving path: the KSA summaries pick the chunks to score) and plain target attention\n"
+        "over all n events (the baseline), in the same run; also how much of the soft top-K the KSA-guided search\n"
+        "finds (untrained weights: a weak figure). Target: GSU hard + ESU p50 <= 5 ms at n = 54000.\n"
+        "What each timed request includes: docs/BENCHMARKS.md, section SIM.",
+        epilog="example: recsys bench sim --n 1000,10000 --candidates 100 --repeats 10 --json",
+        formatter_class=fmt,
+    )
+    bsim.add_argument("--n", dest="sizes", default="1000,10000,54000", metavar="N[,N...]",
+                      help="history lengths, comma-separated, each in [1, 1000000] (default 1000,10000,54000)")
+    bsim.add_argument("--candidates", type=int, default=100, metavar="M", help="candidates per request (default 100)")
+    bsim.add_argument("--repeats", type=int, default=30, metavar="R",
+                      help="timed requests per mode and n, after 1 warm-up (p50/p99; default 30)")
+    bsim.add_argument("--json", action="store_true", help="print one JSON object")
+    bsim.set_defaults(handler=_cmd_bench_sim)
     return parser
 
 
@@ -369,11 +389,12 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_ksa(args: argparse.Namespace) -> int:
+def _history_lengths(text: str) -> list[int]:
+    """``--n`` of the history-length benchmarks: comma-separated integers in [1, 1000000]."""
     sizes = []
-    for raw in args.sizes.split(","):
+    for raw in text.split(","):
         if not raw.strip():
-            raise RecsysError(f"--n: empty length in {args.sizes!r} (expected comma-separated lengths, e.g. --n 1000,4000)")
+            raise RecsysError(f"--n: empty length in {text!r} (expected comma-separated lengths, e.g. --n 1000,4000)")
         try:
             n = int(raw.strip())
         except ValueError:
@@ -381,17 +402,36 @@ def _cmd_bench_ksa(args: argparse.Namespace) -> int:
         if not 1 <= n <= 1_000_000:
             raise RecsysError(f"--n: {n} is out of range (each length must be in [1, 1000000])")
         sizes.append(n)
-    for flag, value in (("--repeats", args.repeats), ("--appends", args.appends)):
+    return sizes
+
+
+def _run_bench(args: argparse.Namespace, counts: dict[str, int], run: Any, fmt: Any) -> int:
+    """Check the ``counts`` flags are >= 1, run the benchmark, print JSON or its table."""
+    for flag, value in counts.items():
         if value < 1:
             raise RecsysError(f"{flag} must be >= 1, got {value}")
-    from pipelines.bench import bench_ksa, format_bench_ksa
-
     try:
-        result = bench_ksa(sizes, repeats=args.repeats, appends=args.appends)
+        result = run()
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
-    print(json.dumps(result, indent=2) if args.json else format_bench_ksa(result))
+    print(json.dumps(result, indent=2) if args.json else fmt(result))
     return 0
+
+
+def _cmd_bench_ksa(args: argparse.Namespace) -> int:
+    sizes = _history_lengths(args.sizes)
+    from pipelines.bench import bench_ksa, format_bench_ksa
+
+    return _run_bench(args, {"--repeats": args.repeats, "--appends": args.appends},
+                      lambda: bench_ksa(sizes, repeats=args.repeats, appends=args.appends), format_bench_ksa)
+
+
+def _cmd_bench_sim(args: argparse.Namespace) -> int:
+    sizes = _history_lengths(args.sizes)
+    from pipelines.bench import bench_sim, format_bench_sim
+
+    return _run_bench(args, {"--candidates": args.candidates, "--repeats": args.repeats},
+                      lambda: bench_sim(sizes, candidates=args.candidates, repeats=args.repeats), format_bench_sim)
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -1,0 +1,277 @@
+"""The one-example-a-line sources: Amazon DIN/DIEN (``amazon:``) and PaddleRec DIN (``paddlerec:``).
+
+Counts are re-derived from the files with plain Python, independently of the polars reader.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+import features.sources as sources
+from features.build import build
+from features.history import HistoryStore
+from features.sources import HISTORY_GAP, LINE_T0, stable_id
+from features.vocab import Vocab
+from recsys.errors import DataError, RecsysError
+from recsys.schemas import BuildConfig
+from tests.conftest import run_cli, shared_file
+
+SPLITS = ("train", "valid", "test")
+
+
+def built(out) -> tuple[pl.DataFrame, HistoryStore, dict[str, dict]]:
+    """All requests (with raw ids of candidates), the history store and raw_of[vocab][index]."""
+    raw_of = {}
+    for name in ("item_id", "category_id"):
+        table = Vocab.load(out / "vocab", name).table
+        raw_of[name] = dict(zip(table["index"].to_list(), table["raw"].to_list(), strict=True))
+    req = pl.concat([pl.read_parquet(out / "requests" / f"{s}.parquet") for s in SPLITS])
+    return req, HistoryStore.open(out / "history" / "history.arrow"), raw_of
+
+
+def check_rejects(out, file: str, bad_at: dict[int, tuple[str, str, str, str]]) -> None:
+    """rejects.csv holds exactly the lines of ``bad_at`` ({line: (text, field, value, reason)})."""
+    rejects = pl.read_csv(out / "rejects.csv", schema_overrides={"value": pl.String, "raw": pl.String})
+    got = {r.pop("line"): r for r in rejects.fill_null("").iter_rows(named=True)}
+    assert got == {
+        line: {"file": file, "field": field, "value": value, "reason": reason, "raw": text}
+        for line, (text, field, value, reason) in bad_at.items()
+    }
+
+
+def build_error(kind: str, lines: list[str], tmp_path, *, strict: bool = False) -> DataError:
+    """The DataError of building ``lines`` (as din.txt); checks that nothing was written."""
+    path = tmp_path / "din.txt"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    with pytest.raises(DataError) as err:
+        build(f"{kind}:{path}", tmp_path / "out", BuildConfig(), strict=strict)
+    assert not (tmp_path / "out").exists()
+    return err.value
+
+
+def check_strict(kind: str, good: list[str], bad: tuple[str, str, str, str], tmp_path) -> None:
+    """A bad line third in a file of good ones stops a strict build naming its line, field, value."""
+    text, field, value, reason = bad
+    e = build_error(kind, [*good[:2], text, *good[2:]], tmp_path, strict=True)
+    assert (e.file, e.line, e.field, e.value or "") == ("din.txt", 3, field, value)
+    assert str(e).startswith(f"din.txt:3: field '{field}' = {value!r}: {reason} (1 bad row in all")
+
+
+# --------------------------------------------------------------------------------------------
+# PaddleRec DIN: the real public sample, end to end through the command line
+
+
+@pytest.mark.real_data
+def test_paddlerec_sample_builds_end_to_end(tmp_path):
+    path = shared_file("amazon_elec_din_paddlerec", "sample_data.txt")
+    lines = [line.rstrip("\n").split(";") for line in path.open()]
+    by_line = {n: parts for n, parts in enumerate(lines, 1)}
+    pseudo_users = {}  # (hist_items, hist_cates) -> first line
+    for n, parts in by_line.items():
+        pseudo_users.setdefault((parts[0], parts[1]), n)
+    events = sum(len(h.split()) for h, _ in pseudo_users)
+
+    out = tmp_path / "d"
+    result = run_cli("--quiet", "data", "build", "--source", f"paddlerec:{path}", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_read"] == {"lines": len(lines)} and report["rows_rejected"] == 0
+    assert report["events"] == events
+    assert sum(report["requests"].values()) == len(pseudo_users)
+    assert sum(report["candidates"].values()) == len(lines)
+    assert sum(report["positives"].values()) == sum(int(p[4]) for p in lines)
+    assert all(report["requests"][s] > 0 for s in SPLITS)  # one shared time would leave train empty
+    assert json.loads((out / "dataset.json").read_text())["has_true_prob"] is False
+
+    req, store, raw_of = built(out)
+    assert req["true_prob"].is_null().all() and (req["position"].explode() == -1).all()
+    for r in req.iter_rows(named=True):
+        hist_items, hist_cates, item, cate, label = by_line[r["request_id"]]  # request id = its first line
+        history = store.user_events(r["user"], r["hist_len"])
+        # the whole history, in the file's order, strictly before the request's cut-off
+        assert [raw_of["item_id"][i] for i in history["item"]] == [int(x) for x in hist_items.split()]
+        assert [raw_of["category_id"][c] for c in history["category"]] == [int(x) for x in hist_cates.split()]
+        assert r["hist_len"] == store.lengths()[r["user"]]
+        assert (history["timestamp"] < r["timestamp"]).all()
+        assert (r["timestamp"] - history["timestamp"]).tolist() == [
+            HISTORY_GAP * k for k in range(r["hist_len"], 0, -1)
+        ]
+        assert [raw_of["item_id"][i] for i in r["item"]] == [int(item)]
+        assert [raw_of["category_id"][c] for c in r["category"]] == [int(cate)]
+        assert r["label"] == [int(label)]
+    # requests keep the file's order in time, one second apart, so the time split is the file order
+    assert req.sort("timestamp")["request_id"].to_list() == sorted(pseudo_users.values())
+    assert req["timestamp"].min() == LINE_T0 and req["timestamp"].max() == LINE_T0 + len(pseudo_users) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Amazon DIN/DIEN lines: label, uid, mid, cat, mid_his, cat_his (lists joined by \x02)
+
+S = "\x02"
+AMAZON_GOOD = [
+    f"1\tu1\tB001\tBooks\tB010{S}B011\tBooks{S}Cell Phones & Accessories",  # positive ...
+    f"0\tu1\tB002\tMusic\tB010{S}B011\tBooks{S}Cell Phones & Accessories",  # ... its negative, same history
+    "1\tu2\tB003\tToys\t\t",  # empty history
+    "0\tu3\tB001\tBooks\tB003\tToys",
+    "1\tu1\tB004\tToys\tB010\tBooks",  # same user, another history: another pseudo-user
+]
+# (line text, field, value, reason)
+AMAZON_BAD = [
+    ("1\tu4\tB001\tBooks\tB010", "*", "1\tu4\tB001\tBooks\tB010", "expected 6 fields, got 5"),
+    ("2\tu4\tB001\tBooks\tB010\tBooks", "label", "2", "must be 0 or 1"),
+    ("yes\tu4\tB001\tBooks\tB010\tBooks", "label", "yes", "must be 0 or 1"),
+    ("1\t\tB001\tBooks\tB010\tBooks", "uid", "", "empty id"),
+    ("1\tu4\t\tBooks\tB010\tBooks", "mid", "", "empty id"),
+    ("1\tu4\tB001\t\tB010\tBooks", "cat", "", "empty id"),
+    (f"1\tu4\tB001\tBooks\tB010{S}B011\tBooks", "cat_his", "Books", "1 categories for 2 items in mid_his"),
+    (f"1\tu4\tB001\tBooks\tB010{S}{S}B011\tBooks{S}Books{S}Books", "mid_his", f"B010{S}{S}B011",
+     "empty id in the list"),
+    ("", "*", "", "empty line"),
+]
+
+
+@pytest.fixture
+def amazon(tmp_path):
+    """AMAZON_GOOD with AMAZON_BAD interleaved; returns (path, {line: good text}, {line: bad tuple})."""
+    lines, good_at, bad_at = [], {}, {}
+    for i in range(max(len(AMAZON_GOOD), len(AMAZON_BAD))):
+        if i < len(AMAZON_GOOD):
+            lines.append(AMAZON_GOOD[i])
+            good_at[len(lines)] = AMAZON_GOOD[i]
+        if i < len(AMAZON_BAD):
+            lines.append(AMAZON_BAD[i][0])
+            bad_at[len(lines)] = AMAZON_BAD[i]
+    path = tmp_path / "local_train_splitByUser"
+    path.write_text("\n".join(lines) + "\n")
+    return path, good_at, bad_at
+
+
+def test_amazon_lines_map_to_pseudo_users_requests_and_events(amazon, tmp_path):
+    path, good_at, bad_at = amazon
+    report = build(f"amazon:{path}", tmp_path / "d", BuildConfig())
+    assert report["rows_read"] == {"lines": len(good_at) + len(bad_at)}
+    assert report["rows_rejected"] == len(bad_at)
+    assert report["users"] == 4 and report["events"] == 2 + 0 + 1 + 1
+    assert sum(report["requests"].values()) == 4
+    assert sum(report["candidates"].values()) == 5 and sum(report["positives"].values()) == 3
+
+    req, store, raw_of = built(tmp_path / "d")
+    first = {text: n for n, text in sorted(good_at.items(), reverse=True)}  # text -> its line
+    pair = req.filter(pl.col("request_id") == first[AMAZON_GOOD[0]]).row(0, named=True)
+    got = {raw_of["item_id"][i]: label for i, label in zip(pair["item"], pair["label"], strict=True)}
+    assert got == {stable_id("B001"): 1, stable_id("B002"): 0}  # one request, both candidates
+    assert sorted(raw_of["category_id"][c] for c in pair["category"]) == sorted([stable_id("Books"), stable_id("Music")])
+    history = store.user_events(pair["user"], pair["hist_len"])
+    assert [raw_of["item_id"][i] for i in history["item"]] == [stable_id("B010"), stable_id("B011")]
+    assert [raw_of["category_id"][c] for c in history["category"]] == [
+        stable_id("Books"), stable_id("Cell Phones & Accessories")]
+    assert (pair["timestamp"] - history["timestamp"]).tolist() == [2 * HISTORY_GAP, HISTORY_GAP]
+    assert (history["behavior"] == 0).all()  # pv
+
+    empty = req.filter(pl.col("request_id") == first[AMAZON_GOOD[2]]).row(0, named=True)
+    assert empty["hist_len"] == 0 and empty["label"] == [1]
+    # request j (file order of its first line) is at LINE_T0 + j
+    assert req.sort("request_id")["timestamp"].to_list() == [LINE_T0 + j for j in range(4)]
+
+    check_rejects(tmp_path / "d", path.name, bad_at)
+
+
+@pytest.mark.parametrize("bad", AMAZON_BAD, ids=[b[3] for b in AMAZON_BAD])
+def test_amazon_strict_names_file_line_field_and_value(tmp_path, bad):
+    check_strict("amazon", AMAZON_GOOD, bad, tmp_path)
+
+
+def test_amazon_strict_cli_exits_2_with_one_line(amazon, tmp_path):
+    path, _, bad_at = amazon
+    first = min(bad_at)
+    result = run_cli("data", "build", "--source", f"amazon:{path}", "--out", str(tmp_path / "out"), "--strict")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"recsys: error: {path.name}:{first}: field '*' = '1\\tu4\\tB001\\tBooks\\tB010': expected 6 fields, got 5"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_candidate_order_does_not_follow_the_file(tmp_path):
+    # DIEN writes a positive then its negative: a request's list must not keep that order
+    path = tmp_path / "din.txt"
+    path.write_text("".join(f"1\tu{k}\tP{k}\tc\tH{k}\tc\n0\tu{k}\tN{k}\tc\tH{k}\tc\n" for k in range(200)))
+    build(f"amazon:{path}", tmp_path / "d", BuildConfig())
+    req, _, _ = built(tmp_path / "d")
+    assert req.height == 200 and (req["label"].list.sum() == 1).all()
+    positive_first = (req["label"].list.first() == 1).mean()
+    assert 0.35 < positive_first < 0.65, positive_first
+
+
+def test_a_hash_collision_stops_the_build_naming_both_ids(amazon, tmp_path, monkeypatch):
+    path, _, _ = amazon
+    monkeypatch.setattr(sources, "stable_id", lambda text: 7)
+    with pytest.raises(DataError) as err:
+        build(f"amazon:{path}", tmp_path / "out", BuildConfig())
+    assert str(err.value) == (
+        f"{path.name}: field 'mid': ids 'B001' and 'B002' hash to the same 63-bit id 7; rename one of them"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PaddleRec DIN lines: hist_items;hist_cates;item;cate;label (space-separated integer lists)
+
+PADDLE_GOOD = [  # written here, in the sample's format, so these tests run without the sample
+    "3737 19450;288 196;18486;674;1",
+    "3737 19450;288 196;2675;4;0",  # same history: the same request
+    "  3737   19450 ; 288 196 ;7;4;0\r",  # extra spaces and CRLF: the same history again
+    "1805 4309;87 87;21354;556;1",
+]
+PADDLE_BAD = [
+    ("1 2;3 4;5;6", "*", "1 2;3 4;5;6", "expected 5 fields, got 4"),
+    ("1 2;3 4;5;6;1;7", "*", "1 2;3 4;5;6;1;7", "expected 5 fields, got 6"),
+    ("1 2;3 4;5;6;2", "label", "2", "must be 0 or 1"),
+    ("1 2;3 4;5;6;1.0", "label", "1.0", "must be 0 or 1"),
+    ("1 x;3 4;5;6;1", "hist_items", "1 x", "not a list of non-negative integers"),
+    ("1 2;3 -4;5;6;1", "hist_cates", "3 -4", "not a list of non-negative integers"),
+    ("1 2;3;5;6;1", "hist_cates", "3", "1 categories for 2 items in hist_items"),
+    ("1 2;3 4;;6;1", "item", "", "not a non-negative integer"),
+    ("1 2;3 4;5;c6;1", "cate", "c6", "not a non-negative integer"),
+    ("", "*", "", "empty line"),
+]
+
+
+def test_paddlerec_bad_lines_go_to_rejects(tmp_path):
+    lines = [*PADDLE_GOOD[:2], *(b[0] for b in PADDLE_BAD), *PADDLE_GOOD[2:]]
+    bad_at = {n: b for n, b in enumerate(PADDLE_BAD, 3)}
+    path = tmp_path / "sample_data.txt"
+    path.write_text("\n".join(lines) + "\n")
+    report = build(f"paddlerec:{path}", tmp_path / "d", BuildConfig())
+    assert report["rows_rejected"] == len(PADDLE_BAD)
+    assert report["users"] == 2 and report["events"] == 4
+    assert sum(report["requests"].values()) == 2 and sum(report["candidates"].values()) == 4
+    check_rejects(tmp_path / "d", "sample_data.txt", bad_at)
+
+    req, _, raw_of = built(tmp_path / "d")
+    three = req.filter(pl.col("request_id") == 1).row(0, named=True)
+    assert sorted(zip([raw_of["item_id"][i] for i in three["item"]], three["label"], strict=True)) == [
+        (7, 0), (2675, 0), (18486, 1)]
+
+
+@pytest.mark.parametrize("bad", PADDLE_BAD, ids=[b[3] for b in PADDLE_BAD])
+def test_paddlerec_strict_names_file_line_field_and_value(tmp_path, bad):
+    check_strict("paddlerec", PADDLE_GOOD, bad, tmp_path)
+
+
+def test_paddlerec_strict_names_the_first_of_several_bad_lines(tmp_path):
+    e = build_error("paddlerec", [*PADDLE_GOOD, "1 x;3 4;5;6;1", "1 2;3;5;6;1"], tmp_path, strict=True)
+    assert str(e).startswith("din.txt:5: field 'hist_items' = '1 x': not a list of non-negative integers (2 bad rows in all")
+
+
+def test_valid_lines_without_any_history_are_an_error(tmp_path):
+    e = build_error("paddlerec", [";;5;6;1", ";;7;6;0", "1 2;3;5;6;1"], tmp_path)
+    assert str(e) == "din.txt: no valid events to build from: the 2 valid lines all have an empty history"
+
+
+def test_a_line_source_must_be_a_file(tmp_path):
+    with pytest.raises(RecsysError) as err:
+        build(f"amazon:{tmp_path}", tmp_path / "out", BuildConfig())
+    assert str(err.value) == f"--source amazon:{tmp_path}: the amazon format is a text file, one example a line"
