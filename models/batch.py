@@ -42,6 +42,7 @@ import pyarrow as pa
 import torch
 from torchrec import KeyedJaggedTensor
 
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from recsys.errors import DataError
 from recsys.types import Jagged
@@ -50,6 +51,9 @@ from recsys.types import Jagged
 HISTORY_FIELDS = ("item", "category", "behavior", "timestamp")
 #: Candidate features, in order; item and category are required, the others used when present.
 CANDIDATE_FEATURES = ("item", "category", "brand", "price_bucket")
+#: SIM hard-search results (empty unless a model asks for them); embedded by the item, category,
+#: behavior and time_gap tables like the history.
+SEARCH_KEYS = ("sim_item", "sim_category", "sim_behavior", "sim_gap")
 #: Per-request profile features used when the data has them (``user`` only when configured).
 PROFILE_FEATURES = ("user", "segment", "age_bucket")
 
@@ -94,7 +98,8 @@ class FeatureSpec:
 
     @property
     def sequence_keys(self) -> tuple[str, ...]:
-        return ("hist_item", "hist_category", "hist_behavior", "hist_gap", *(f"cand_{f}" for f in self.candidate))
+        return ("hist_item", "hist_category", "hist_behavior", "hist_gap", *(f"cand_{f}" for f in self.candidate),
+                *SEARCH_KEYS)
 
 
 @dataclass
@@ -108,6 +113,8 @@ class RequestBatch:
     gap: torch.Tensor | None = None  # [L_total] int64, the hist_gap ids
     interval: torch.Tensor | None = None  # [L_total] int64
     history_source: torch.Tensor | None = None  # [B] int64, None: every request its own
+    search_offsets: torch.Tensor | None = None  # [G+1] int64: search group g's rows of the sim_* values
+    cand_group: torch.Tensor | None = None  # [C] int64: each candidate's search group
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # per-candidate bookkeeping (not model input)
 
     @property
@@ -123,6 +130,8 @@ class RequestBatch:
             gap=None if self.gap is None else self.gap.to(device, non_blocking=non_blocking),
             interval=None if self.interval is None else self.interval.to(device, non_blocking=non_blocking),
             history_source=None if self.history_source is None else self.history_source.to(device, non_blocking=non_blocking),
+            search_offsets=None if self.search_offsets is None else self.search_offsets.to(device, non_blocking=non_blocking),
+            cand_group=None if self.cand_group is None else self.cand_group.to(device, non_blocking=non_blocking),
             extra=self.extra,
         )
 
@@ -136,6 +145,7 @@ def make_batch(
     num_candidates: np.ndarray,
     profile: Mapping[str, np.ndarray] | None = None,
     labels: np.ndarray | None = None,
+    search: Searched | None = None,
 ) -> RequestBatch:
     """Build the KJTs of B requests from vocabulary indices (the only place that does).
 
@@ -145,6 +155,7 @@ def make_batch(
         candidates: feature -> [C] indices, for every feature in ``spec.candidate``.
         num_candidates: [B] M_b. profile: feature -> [B] indices for ``spec.profile``.
         labels: [C] 0/1 or None (serving).
+        search: SIM hard-search results (:func:`hard_search`); the ``sim_*`` features stay empty without.
     """
     offsets = history["item"].offsets
     hist_len = np.diff(offsets)  # [B]
@@ -156,6 +167,16 @@ def make_batch(
     for f in spec.candidate:
         seq_values.append(candidates[f])
         seq_lengths.append(num_candidates)
+    b = len(num_candidates)
+    if search is None:
+        seq_values += [np.zeros(0, dtype=np.int64)] * len(SEARCH_KEYS)
+        seq_lengths += [np.zeros(b, dtype=np.int64)] * len(SEARCH_KEYS)
+    else:  # groups are ordered by request, so request b's rows are its groups' rows, contiguous
+        per_group = np.diff(search.offsets)
+        per_request = np.bincount(search.group_request, weights=per_group, minlength=b).astype(np.int64)
+        sim_gap = np.repeat(np.asarray(request_time, dtype=np.int64)[search.group_request], per_group) - search.timestamp
+        seq_values += [search.item, search.category, search.behavior, time_gap_bucket(sim_gap, spec.time_gap_buckets)]
+        seq_lengths += [per_request] * len(SEARCH_KEYS)
     sequence = KeyedJaggedTensor.from_lengths_sync(
         keys=list(spec.sequence_keys),
         values=torch.from_numpy(np.concatenate([np.asarray(v, dtype=np.int64) for v in seq_values])),
@@ -163,7 +184,6 @@ def make_batch(
     )
     prof = None
     if spec.profile:
-        b = len(num_candidates)
         prof = KeyedJaggedTensor.from_lengths_sync(
             keys=list(spec.profile),
             values=torch.from_numpy(np.concatenate([np.asarray(profile[f], dtype=np.int64) for f in spec.profile])),
@@ -176,7 +196,59 @@ def make_batch(
         labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.float32)),
         gap=torch.from_numpy(gap_ids),
         interval=torch.from_numpy(interval_buckets(history["timestamp"].values, offsets, spec.time_gap_buckets)),
+        search_offsets=None if search is None else torch.from_numpy(search.offsets),
+        cand_group=None if search is None else torch.from_numpy(search.cand_group),
     )
+
+
+@dataclass(frozen=True)
+class Searched:
+    """SIM hard-search results of a batch, per search group (one request x one candidate category).
+
+    Groups are ordered by request; group g's behaviours are rows ``offsets[g]:offsets[g+1]`` of the
+    event arrays, newest first, at most K.
+    """
+
+    offsets: np.ndarray  # [G+1] int64
+    group_request: np.ndarray  # [G] int64
+    cand_group: np.ndarray  # [C] int64
+    item: np.ndarray  # [R] event fields
+    category: np.ndarray
+    behavior: np.ndarray
+    timestamp: np.ndarray
+
+
+def hard_search(
+    index: CategoryIndex, events: Mapping[str, np.ndarray], user_offsets: np.ndarray, *,
+    users: np.ndarray, hist_len: np.ndarray, cand_category: np.ndarray, num_candidates: np.ndarray, k: int,
+) -> Searched:
+    """GSU hard search (SIM Eq. 1, r_i = [C_i = C_a]): each candidate's K most recent behaviours of its
+    category before its request's cut-off, one index lookup per (request, category), no Python loop.
+
+    Args:
+        index: the category index of the histories ``events`` (item, category, behavior, timestamp
+            arrays) with ``user_offsets [U+1]``. users, hist_len: [B] per request.
+        cand_category: [C] candidates' categories; num_candidates: [B].
+
+    Example:
+        >>> ev = {"item": np.array([10, 11, 12, 13]), "category": np.array([1, 2, 1, 1]),
+        ...       "behavior": np.zeros(4, int), "timestamp": np.arange(4)}
+        >>> idx = CategoryIndex.from_arrays(ev["category"], np.array([0, 4]), num_categories=3)
+        >>> s = hard_search(idx, ev, np.array([0, 4]), users=np.array([0]), hist_len=np.array([3]),
+        ...                 cand_category=np.array([1, 2, 1]), num_candidates=np.array([3]), k=5)
+        >>> s.item.tolist(), s.offsets.tolist(), s.cand_group.tolist()   # newest first; before event 3
+        ([12, 10, 11], [0, 2, 3], [0, 1, 0])
+    """
+    num_candidates = np.asarray(num_candidates, dtype=np.int64)
+    request = np.repeat(np.arange(len(num_candidates)), num_candidates)  # [C]
+    nc = index.num_categories
+    keys, cand_group = np.unique(request * nc + np.asarray(cand_category, dtype=np.int64), return_inverse=True)
+    group_request, group_category = keys // nc, keys % nc  # sorted by request, then category
+    users = np.asarray(users, dtype=np.int64)
+    pos, offsets = index.lookup(users[group_request], np.asarray(hist_len)[group_request], group_category, k=k)
+    rows = np.repeat(np.asarray(user_offsets)[users[group_request]], np.diff(offsets)) + pos
+    return Searched(offsets=offsets, group_request=group_request, cand_group=cand_group.reshape(-1).astype(np.int64),
+                    **{f: np.asarray(events[f])[rows] for f in HISTORY_FIELDS})
 
 
 def interval_buckets(timestamps: np.ndarray, offsets: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -222,27 +294,36 @@ def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch_from_requests(
-    spec: FeatureSpec, table: pa.Table, store: HistoryStore, *, max_history: int | None
+    spec: FeatureSpec, table: pa.Table, store: HistoryStore, *, max_history: int | None,
+    search_k: int | None = None, index: CategoryIndex | None = None,
 ) -> RequestBatch:
     """A batch from rows of ``requests/*.parquet`` (features/requests.py) and the history store.
 
     Args:
         table: request rows (Arrow; Ray Data hands these over with ``batch_format="pyarrow"``).
         max_history: the most recent events each request needs (None: the whole history).
+        search_k, index: SIM hard search: K behaviours per candidate, through the store's category index.
 
     The batch's ``extra`` keeps per-candidate ``request_id``, ``user``, ``true_prob`` (when the
     data has it) for evaluation.
     """
     users = table.column("user").to_numpy().astype(np.int64)
-    index, offsets = store.recent_index(users, table.column("hist_len").to_numpy(), max_history)
-    history = {f: Jagged(getattr(store, f)[index], offsets) for f in HISTORY_FIELDS}
+    rows, offsets = store.recent_index(users, table.column("hist_len").to_numpy(), max_history)
+    history = {f: Jagged(getattr(store, f)[rows], offsets) for f in HISTORY_FIELDS}
     cands, num = {}, None
     for f in spec.candidate:
         cands[f], num = _flat_list(table, f)
     labels, _ = _flat_list(table, "label")
     profile = {f: table.column(f).to_numpy() for f in spec.profile}
+    search = None
+    if search_k is not None:
+        if index is None:
+            raise ValueError("search_k needs the history store's category index")
+        search = hard_search(index, {f: getattr(store, f) for f in HISTORY_FIELDS}, store.offsets, users=users,
+                             hist_len=table.column("hist_len").to_numpy(), cand_category=cands["category"],
+                             num_candidates=num, k=search_k)
     batch = make_batch(spec, history=history, request_time=table.column("timestamp").to_numpy(),
-                       candidates=cands, num_candidates=num, profile=profile, labels=labels)
+                       candidates=cands, num_candidates=num, profile=profile, labels=labels, search=search)
     extra = {"request_id": np.repeat(table.column("request_id").to_numpy(), num),
              "user": np.repeat(users, num)}
     if "true_prob" in table.column_names and table.column("true_prob").null_count == 0:

@@ -5,7 +5,8 @@ Blocks read the embedded batch and return one vector per candidate; the head con
     [profile [C, P*D] | candidate features [C, F*D] | block outputs ...] -> MLP -> logit [C]
 
 Blocks: DIN target attention over the most recent ``din.max_len`` behaviours; KSA over the whole
-history with a target-attention read-out (models/ksa.py).
+history with a target-attention read-out (models/ksa.py); SIM's search and exact search units
+(models/sim.py), whose auxiliary losses :meth:`CTRModel.aux_loss` returns.
 History tokens (the keys) are ``[item | category] + [behavior | time gap]``, ``[L_total, 2D]``;
 a candidate's query is ``[item | category]``, ``[C, 2D]``: the item and category tables are the
 same for both, so a candidate and a behaviour of the same item share their embedding.
@@ -31,6 +32,7 @@ from models.embedding import Embedded, FeatureEmbeddings
 from models.jagged import pad, segment_ids, tail
 from models.ksa import KSABlock
 from models.mlp import MLP
+from models.sim import SIMBlock
 from recsys.model_schemas import DINConfig, ModelConfig
 
 
@@ -72,6 +74,17 @@ class CTRModel(nn.Module):
             return None
         return max(lens) if lens else 0
 
+    @property
+    def search_k(self) -> int | None:
+        """K of a SIM hard search the batch builder must run (None: no block asks for one)."""
+        ks = [k for b in self.blocks.values() if (k := getattr(b, "search_k", None)) is not None]
+        return max(ks) if ks else None
+
+    def aux_loss(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Auxiliary losses of the latest training forward (SIM's alpha L_GSU and guide loss), or None."""
+        parts = [x for b in self.blocks.values() if hasattr(b, "aux_loss") and (x := b.aux_loss(labels)) is not None]
+        return torch.stack(parts).sum() if parts else None
+
     def forward(self, batch: RequestBatch) -> torch.Tensor:
         emb = self.embeddings(batch)
         if self.detach_embeddings:
@@ -93,6 +106,8 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None
     if cfg.ksa.enabled:
         blocks["ksa"] = KSABlock(dim=dim, cfg=cfg.ksa, interval_buckets=spec.time_gap_buckets,
                                  gap_buckets=spec.time_gap_buckets)
+    if cfg.sim.enabled:  # after KSA: the ksa search mode reads its encode
+        blocks["sim"] = SIMBlock(dim=dim, cfg=cfg.sim, ksa=blocks.get("ksa"))
     in_dim = embeddings.profile_dim + dim * len(spec.candidate) + sum(b.out_dim for b in blocks.values())
     head = MLP(in_dim=in_dim, hidden=cfg.head.hidden, out_dim=1, dropout=cfg.head.dropout)
     model = CTRModel(embeddings=embeddings, blocks=blocks, head=head)

@@ -1,7 +1,7 @@
 """The embedding layer: torchrec tables built from the feature spec.
 
 * ``EmbeddingCollection`` (unpooled, one vector per id) for sequences: tables ``item`` and
-  ``category`` (each serving the history feature and the candidate feature: one table, two
+  ``category`` (each serving the history, candidate and SIM search features: one table, three
   feature names), ``behavior``, ``time_gap``, and the candidate-only ``brand``, ``price_bucket``.
 * ``EmbeddingBagCollection`` (pooled) for per-request profile features (``segment``,
   ``age_bucket``, optionally ``user``).
@@ -13,6 +13,7 @@ Output, for B requests with L_total history events and C candidates::
     candidate[name]   [C, D]         name in spec.candidate
     cand_offsets      [B+1]
     profile           [B, P*D]       concatenated profile embeddings (P may be 0)
+    search[name]      [R, D]         SIM hard-search behaviours (sim_* features), when the batch has them
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Embedded:
     hist_gap: torch.Tensor | None = None  # [L_total] ids (RequestBatch.gap)
     hist_interval: torch.Tensor | None = None  # [L_total] ids (RequestBatch.interval)
     history_source: torch.Tensor | None = None  # [B] (RequestBatch.history_source)
+    search: dict[str, torch.Tensor] | None = None  # name in item, category, behavior, gap: [R, D] SIM hard search
+    search_offsets: torch.Tensor | None = None  # [G+1] (RequestBatch.search_offsets)
+    cand_group: torch.Tensor | None = None  # [C] (RequestBatch.cand_group)
 
 
 class FeatureEmbeddings(nn.Module):
@@ -57,11 +61,11 @@ class FeatureEmbeddings(nn.Module):
         # behaviours, so summed event tokens would start as behaviour noise. One scale for all.
         init = {"weight_init_min": -init_scale, "weight_init_max": init_scale}
         tables = [
-            EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=s["item"], feature_names=["hist_item", "cand_item"], **init),
+            EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=s["item"], feature_names=["hist_item", "cand_item", "sim_item"], **init),
             EmbeddingConfig(name="category", embedding_dim=dim, num_embeddings=s["category"],
-                            feature_names=["hist_category", "cand_category"], **init),
-            EmbeddingConfig(name="behavior", embedding_dim=dim, num_embeddings=len(BEHAVIORS), feature_names=["hist_behavior"], **init),
-            EmbeddingConfig(name="time_gap", embedding_dim=dim, num_embeddings=spec.time_gap_buckets, feature_names=["hist_gap"], **init),
+                            feature_names=["hist_category", "cand_category", "sim_category"], **init),
+            EmbeddingConfig(name="behavior", embedding_dim=dim, num_embeddings=len(BEHAVIORS), feature_names=["hist_behavior", "sim_behavior"], **init),
+            EmbeddingConfig(name="time_gap", embedding_dim=dim, num_embeddings=spec.time_gap_buckets, feature_names=["hist_gap", "sim_gap"], **init),
         ]
         tables += [EmbeddingConfig(name=f, embedding_dim=dim, num_embeddings=s[f], feature_names=[f"cand_{f}"], **init)
                    for f in spec.candidate if f not in ("item", "category")]
@@ -98,4 +102,7 @@ class FeatureEmbeddings(nn.Module):
             hist_gap=batch.gap,
             hist_interval=batch.interval,
             history_source=batch.history_source,
+            search=None if batch.search_offsets is None else {n: jt[f"sim_{n}"].values() for n in ("item", "category", "behavior", "gap")},
+            search_offsets=batch.search_offsets,
+            cand_group=batch.cand_group,
         )

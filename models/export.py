@@ -13,6 +13,8 @@ at all::
     items.parquet        row i = item index i: item_id and candidate feature indices
     users.parquet        row u = user index u: user_id and profile feature indices
     history.arrow        the lifelong history store (features/history.py), unless left out
+    category_index.arrow its category index (features/category_index.py), with the store when the
+                         model runs SIM hard search
 
 Loading verifies before it trusts anything: the manifest parses and names a known format, every
 listed file is there with its size and sha256, and nothing unlisted is there. Weights are read with
@@ -54,6 +56,8 @@ import torch
 import torchrec
 from torch import nn
 
+from features.category_index import FILE_NAME as CATEGORY_INDEX
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from features.vocab import Vocab
 from models.batch import FeatureSpec
@@ -94,6 +98,7 @@ class Export:
     users: dict[str, np.ndarray]  # column -> [num_users]
     history: HistoryStore | None
     manifest: dict[str, Any]
+    category_index: CategoryIndex | None = None  # SIM hard search over ``history``
 
     @property
     def name(self) -> str:
@@ -158,6 +163,12 @@ def save_export(
             shutil.copyfile(_require(data / name, "data table"), tmp / name)
         if include_history:
             shutil.copyfile(_require(data / "history" / "history.arrow", "history store"), tmp / HISTORY)
+            if model.search_k is not None:
+                src = data / "history" / CATEGORY_INDEX
+                if src.is_file():
+                    shutil.copyfile(src, tmp / CATEGORY_INDEX)
+                else:  # a dataset built before the index existed
+                    CategoryIndex.build(HistoryStore.open(tmp / HISTORY), num_categories=spec.sizes["category"]).write(tmp / CATEGORY_INDEX)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -316,8 +327,17 @@ def _load(root: Path, manifest: dict[str, Any]) -> Export:
         if store.num_users != len(users["user"]):
             raise DataError(f"{store.num_users} users, but users.parquet has {len(users['user'])} rows",
                             file=str(root / HISTORY))
+    index = None
+    if store is not None and model.search_k is not None:
+        if CATEGORY_INDEX not in manifest["files"]:
+            raise DataError(f"the model searches by category but the export has no {CATEGORY_INDEX}", file=str(root / MANIFEST))
+        index = CategoryIndex.open(root / CATEGORY_INDEX)
+        index.per_category = cfg.model.sim.per_category  # caps the lists of users updated while serving
+        if index.num_categories != spec.sizes["category"]:
+            raise DataError(f"{index.num_categories} categories, spec.json sizes.category = {spec.sizes['category']}",
+                            file=str(root / CATEGORY_INDEX))
     return Export(path=root, model=model, spec=spec, config=cfg, history_len=history_len, vocabularies=vocabs,
-                  items=items, users=users, history=store, manifest=manifest)
+                  items=items, users=users, history=store, manifest=manifest, category_index=index)
 
 
 def load_weights(model: nn.Module, path: Path, *, what: str) -> None:

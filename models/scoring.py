@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from models.batch import FeatureSpec, RequestBatch, batch_from_requests
 
@@ -37,7 +38,7 @@ def probabilities(model: nn.Module, batches: Iterable[RequestBatch]) -> np.ndarr
 
 def score_requests(
     model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, *,
-    history_len: int | None, batch_size: int = 512,
+    history_len: int | None, batch_size: int = 512, search_k: int | None = None, index: CategoryIndex | None = None,
 ) -> dict[str, np.ndarray]:
     """Score every candidate of a request table.
 
@@ -45,13 +46,15 @@ def score_requests(
     user's requests share one history encode (see ``RequestBatch.history_source``); the results
     come back in the table's order either way.
 
+    ``search_k`` and ``index``: the SIM hard search the model needs (``CTRModel.search_k``).
+
     Returns:
         Per candidate [C]: ``request_id``, ``user``, ``label``, ``prob`` and, when the data has the
         ground truth, ``true_prob``.
     """
     if history_len is None and table.num_rows:
         perm = np.argsort(table.column("user").to_numpy(), kind="stable")  # sorted row -> table row
-        out = _score(model, spec, store, table.take(perm), None, batch_size)
+        out = _score(model, spec, store, table.take(perm), None, batch_size, search_k, index)
         counts = table.column("item").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
         sorted_counts = counts[perm]
         starts = np.cumsum(sorted_counts) - sorted_counts  # [R] first candidate of each sorted row
@@ -60,16 +63,17 @@ def score_requests(
         first = starts[inverse]  # [R] where table row r's candidates sit in the sorted output
         index = np.repeat(first, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
         return {k: v[index] for k, v in out.items()}
-    return _score(model, spec, store, table, history_len, batch_size)
+    return _score(model, spec, store, table, history_len, batch_size, search_k, index)
 
 
 def _score(model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, history_len: int | None,
-           batch_size: int) -> dict[str, np.ndarray]:
+           batch_size: int, search_k: int | None, index: CategoryIndex | None) -> dict[str, np.ndarray]:
     parts: list[RequestBatch] = []
 
     def batches():
         for start in range(0, table.num_rows, batch_size):
-            b = batch_from_requests(spec, table.slice(start, batch_size), store, max_history=history_len)
+            b = batch_from_requests(spec, table.slice(start, batch_size), store, max_history=history_len,
+                                    search_k=search_k, index=index)
             parts.append(b)
             yield b
 

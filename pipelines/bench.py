@@ -1,5 +1,7 @@
 """``recsys bench train``: what the request-level batch layout buys, and how training scales with Ray workers.
-``recsys bench ksa``: Kwai Summary Attention against full causal attention (:func:`bench_ksa`, at the end).
+``recsys bench ksa``: Kwai Summary Attention against full causal attention (:func:`bench_ksa`).
+``recsys bench sim``: SIM's hard, soft and KSA-guided search against target attention over the whole
+history, time per request (:func:`bench_sim`, at the end).
 
 Two figures, each against a baseline in the same run (the ratio is the figure to quote):
 
@@ -27,6 +29,7 @@ num_candidates ``[C]`` = 1.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -41,16 +44,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
-from models.batch import HISTORY_FIELDS, FeatureSpec, RequestBatch, batch_from_requests, make_batch
+from models.batch import (
+    HISTORY_FIELDS,
+    FeatureSpec,
+    RequestBatch,
+    Searched,
+    batch_from_requests,
+    hard_search,
+    make_batch,
+)
 from models.ctr import CTRModel, build_model
+from models.embedding import Embedded
 from models.ksa import KSABlock, KSAState, full_kv_bytes
+from models.sim import ESU
 from pipelines.runs import dataset_spec, split_path
 from recsys.config import load_config
-from recsys.model_schemas import KSAConfig, RunConfig
+from recsys.model_schemas import DINConfig, KSAConfig, ModelConfig, RunConfig, SIMConfig
 from recsys.progress import bar, note
 from recsys.schemas import BuildConfig, SynthConfig
-from recsys.types import Jagged
+from recsys.types import BEHAVIORS, Jagged
 
 #: Logits of the two layouts must agree to this tolerance (float32; different reduction orders).
 LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
@@ -546,3 +560,340 @@ def format_bench_ksa(r: dict[str, Any]) -> str:
             f"{_human_bytes(row['ksa_state_bytes']):>11} {_human_bytes(row['full_kv_bytes']):>11} "
             f"{row['state_ratio']:>7.3f} {row['append_p50_ms']:>8.3f} ms {row['append_p99_ms']:>8.3f} ms")
     return "\n".join(lines + _ksa_target_lines(r["rows"]))
+
+
+# --------------------------------------------------------------------------------------------
+# SIM: hard, soft and KSA-guided search against target attention over the whole history
+#
+# Shapes: n history events of one user, M candidates of one request, D embedding dim, Dz = 4D ESU
+# key dim ([item | category | behaviour | gap]), q ESU heads.
+
+#: History lengths of ``recsys bench sim`` (1k .. 54k events, the last about a lifelong history).
+SIM_SIZES: tuple[int, ...] = (1000, 10000, 54000)
+#: Timed modes, in the order they run within each repetition and appear in the rows.
+SIM_MODES: tuple[str, ...] = ("hard", "soft", "ksa", "naive")
+#: How the text output names the modes.
+SIM_LABELS = {"hard": "GSU hard + ESU", "soft": "GSU soft + ESU", "ksa": "KSA-guided + ESU",
+              "naive": "target attention, all n"}
+#: The figure the benchmark is judged by: p50 of ``mode`` at history length ``n`` <= ``ms``.
+SIM_TARGET = {"mode": "hard", "n": 54000, "ms": 5.0}
+#: Vocabularies of the synthetic user (real ids start at 1; index 0 is the OOV row).
+SIM_ITEMS, SIM_CATEGORIES = 200_000, 1_000
+#: Distinct categories of one request's candidates (SIM: hundreds of candidates span fewer than 20).
+SIM_CANDIDATE_CATEGORIES = 15
+#: p(category of rank r) is proportional to r ** -SIM_ZIPF over a per-user random order of the categories.
+SIM_ZIPF = 1.0
+#: Mean gap between two events of the synthetic user (54k events span about three years).
+SIM_MEAN_GAP_S = 1800
+
+
+def sim_bench_config(mode: str) -> ModelConfig:
+    """The benchmarked model of one mode: default embeddings (D = 16) and head, DIN off, SIM on with
+    the default K = 50 and ESU (2 heads x 16); for ``ksa`` also the default KSA block (chunk 8,
+    1 summary, window 16, d_model 64, 2 summary layers), whose summaries guide the search.
+
+    Example:
+        >>> cfg = sim_bench_config("ksa")
+        >>> cfg.din.enabled, cfg.sim.mode, cfg.ksa.enabled, cfg.ksa.chunk
+        (False, 'ksa', True, 8)
+    """
+    if mode not in ("hard", "soft", "ksa"):
+        raise ValueError(f"mode must be one of hard, soft, ksa, got {mode!r}")
+    return ModelConfig(din=DINConfig(enabled=False), sim=SIMConfig(enabled=True, mode=mode),
+                       ksa=KSAConfig(enabled=mode == "ksa"))
+
+
+def sim_bench_history(n: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """One user's synthetic history of ``n`` events, oldest first, as vocabulary indices.
+
+    Items uniform over ``SIM_ITEMS``; categories Zipf-like over ``SIM_CATEGORIES`` (p proportional
+    to rank ** -``SIM_ZIPF`` over a random order of the categories), so that the user's top
+    categories hold many events, as hard search expects; behaviours from the 4 codes, mostly
+    ``pv``; timestamps increasing, exponential gaps of mean ``SIM_MEAN_GAP_S``.
+
+    Example:
+        >>> h = sim_bench_history(1000)
+        >>> sorted(h), len(h["item"]), bool((np.diff(h["timestamp"]) >= 0).all())
+        (['behavior', 'category', 'item', 'timestamp'], 1000, True)
+        >>> int(np.bincount(h["category"]).max()) > 50   # the top category: far above 1000 / 1000
+        True
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(SIM_CATEGORIES) + 1  # category of each rank
+    p = np.arange(1, SIM_CATEGORIES + 1, dtype=np.float64) ** -SIM_ZIPF
+    return {
+        "item": rng.integers(1, SIM_ITEMS + 1, n),
+        "category": order[rng.choice(SIM_CATEGORIES, n, p=p / p.sum())],
+        "behavior": rng.choice(len(BEHAVIORS), n, p=[0.85, 0.05, 0.05, 0.05]),
+        "timestamp": 1_600_000_000 + np.cumsum(rng.exponential(SIM_MEAN_GAP_S, n)).astype(np.int64),
+    }
+
+
+def sim_bench_candidates(history: dict[str, np.ndarray], m: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """``m`` candidates of one request: items uniform, categories from ``min(SIM_CANDIDATE_CATEGORIES, m)``
+    distinct ones, four in five drawn among the user's categories (by frequency), the rest uniform.
+
+    Example:
+        >>> h = sim_bench_history(1000)
+        >>> c = sim_bench_candidates(h, 100)
+        >>> len(c["item"]), len(np.unique(c["category"])) < 20
+        (100, True)
+        >>> float(np.isin(c["category"], h["category"]).mean()) >= 0.75   # 12 of the 15 categories are the user's
+        True
+    """
+    rng = np.random.default_rng(seed + 1)
+    d = min(SIM_CANDIDATE_CATEGORIES, m)
+    cats, counts = np.unique(history["category"], return_counts=True)
+    own = rng.choice(cats, min(d - d // 5, len(cats)), replace=False, p=counts / counts.sum()) if len(cats) else cats
+    others = np.setdiff1d(np.arange(1, SIM_CATEGORIES + 1), own)
+    chosen = np.concatenate([own, rng.choice(others, d - len(own), replace=False)])
+    return {"item": rng.integers(1, SIM_ITEMS + 1, m), "category": chosen[rng.permutation(m) % d]}
+
+
+def target_attention_all(esu: ESU, z: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Every candidate attends over all n rows of ``z`` through the ESU's weights (SIM Eqs. 3-4):
+    what ``esu(z.expand(M, n, Dz), all-true mask, query)`` returns, but the keys are projected
+    once and shared by the candidates instead of being copied per candidate ([100, 54k, 4D] would
+    be 1.4 GB).
+
+    Args:
+        z: [n, Dz] keys of the whole history. query: [M, Dq] candidates.
+    Returns:
+        [M, q * Dz]; zeros when n = 0 (the ESU's output with nothing selected).
+
+    Example:
+        >>> esu = ESU(key_dim=8, query_dim=4, heads=2, head_dim=3)
+        >>> z, query = torch.randn(5, 8), torch.randn(3, 4)
+        >>> ref = esu(z.expand(3, 5, 8), torch.ones(3, 5, dtype=torch.bool), query)
+        >>> torch.allclose(target_attention_all(esu, z, query), ref, atol=1e-6)
+        True
+    """
+    h, dh = esu.heads, esu.head_dim
+    if not len(z):
+        return z.new_zeros(len(query), h * z.shape[1])
+    kb = esu.w_b(z).view(-1, h, dh)  # [n, H, dh]
+    qa = esu.w_a(query).view(-1, h, dh)  # [M, H, dh]
+    att = (torch.einsum("nhd,mhd->mhn", kb, qa) / math.sqrt(dh)).softmax(-1)  # [M, H, n]
+    return torch.einsum("mhn,nz->mhz", att, z).reshape(len(query), -1)  # [M, H * Dz]
+
+
+def _esu_keys(emb: Embedded) -> torch.Tensor:
+    """[L, 4D] ESU keys [item | category | behaviour | gap] of the embedded history."""
+    h = emb.history
+    return torch.cat([h["item"], h["category"], h["behavior"], h["gap"]], -1)
+
+
+def _head(model: CTRModel, emb: Embedded, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The model's head on [profile | candidate features | block outputs], as CTRModel.forward builds it."""
+    request = torch.zeros(len(blocks[0]), dtype=torch.int64)  # [M] one request
+    return model.head(torch.cat([emb.profile[request], *emb.candidate.values(), *blocks], -1)).squeeze(-1)  # [M]
+
+
+def sim_request_fns(models: dict[str, CTRModel], spec: FeatureSpec, history: dict[str, np.ndarray],
+                    candidates: dict[str, np.ndarray], request_time: int, *, index: CategoryIndex,
+                    summaries: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """One request per mode as a no-argument call returning the logits ``[M]`` (what :func:`bench_sim` times;
+    call them under ``torch.no_grad()``, as serving does).
+
+    Args:
+        models: ``hard``, ``soft``, ``ksa`` models of :func:`sim_bench_config` (eval mode); ``naive``
+            runs the soft model's embeddings, ESU and head.
+        history: the user's events (:func:`sim_bench_history`), n of them; candidates: [M] item, category.
+        index: the user's category index (user 0; serving keeps it). summaries: [(n // C) * S, d_model]
+            top-layer KSA summary states of the history under the ksa model.
+    """
+    n, m = len(history["item"]), len(candidates["item"])
+    num = np.array([m])
+    whole = {f: Jagged(history[f], np.array([0, n])) for f in HISTORY_FIELDS}
+    empty = {f: Jagged(history[f][:0], np.array([0, 0])) for f in HISTORY_FIELDS}
+    no_candidates = {f: candidates[f][:0] for f in spec.candidate}
+    user_offsets = np.array([0, n])
+    k = models["hard"].blocks["sim"].k
+
+    def batch(hist: dict[str, Jagged], cands: dict[str, np.ndarray], count: np.ndarray, search: Searched | None = None):
+        return make_batch(spec, history=hist, request_time=np.array([request_time]), candidates=cands,
+                          num_candidates=count, search=search)
+
+    def hard() -> torch.Tensor:
+        searched = hard_search(index, history, user_offsets, users=np.zeros(1, dtype=np.int64), hist_len=np.array([n]),
+                               cand_category=candidates["category"], num_candidates=num, k=k)
+        return models["hard"](batch(empty, candidates, num, searched))
+
+    def soft() -> torch.Tensor:
+        return models["soft"](batch(whole, candidates, num))
+
+    ksa_model = models["ksa"]
+    ksa_out = ksa_model.blocks["ksa"].out_dim
+
+    def ksa_keys(rows: torch.Tensor) -> torch.Tensor:
+        p = rows.numpy()
+        chosen = {f: Jagged(history[f][p], np.array([0, len(p)])) for f in HISTORY_FIELDS}
+        return _esu_keys(ksa_model.embeddings(batch(chosen, no_candidates, np.zeros(1, dtype=np.int64))))  # [P, 4D]
+
+    def ksa() -> torch.Tensor:
+        emb = ksa_model.embeddings(batch(empty, candidates, num))
+        query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [M, 2D]
+        out = ksa_model.blocks["sim"].guided_search_one(query, summaries, n, ksa_keys)  # [M, q * 4D]
+        return _head(ksa_model, emb, [query.new_zeros(m, ksa_out), out])  # the KSA read-out's slot: zeros
+
+    soft_model = models["soft"]
+
+    def naive() -> torch.Tensor:
+        emb = soft_model.embeddings(batch(whole, candidates, num))
+        query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [M, 2D]
+        return _head(soft_model, emb, [target_attention_all(soft_model.blocks["sim"].esu, _esu_keys(emb), query)])
+
+    return {"hard": hard, "soft": soft, "ksa": ksa, "naive": naive}
+
+
+@torch.no_grad()
+def sim_summaries_and_recall(model: CTRModel, spec: FeatureSpec, history: dict[str, np.ndarray],
+                             candidates: dict[str, np.ndarray], request_time: int) -> tuple[torch.Tensor, float]:
+    """One forward of the ksa model on the whole history: the KSA top-layer summary states
+    ``[(n // C) * S, d_model]`` of that encode, and the fraction of the soft top-K (exact over
+    all n events, with the model's own W_a, W_b) that the KSA-guided search also selects."""
+    n, m = len(history["item"]), len(candidates["item"])
+    sim = model.blocks["sim"]
+    batch = make_batch(spec, history={f: Jagged(history[f], np.array([0, n])) for f in HISTORY_FIELDS},
+                       request_time=np.array([request_time]), candidates=candidates, num_candidates=np.array([m]))
+    sim.measure_recall, sim.recall = True, [0, 0]
+    try:
+        model(batch)
+    finally:
+        sim.measure_recall = False
+    found, total = sim.recall
+    return model.blocks["ksa"].last.summaries, found / total if total else 1.0
+
+
+@torch.no_grad()
+def bench_sim(sizes: Sequence[int] = SIM_SIZES, *, candidates: int = 100, repeats: int = 30,
+              seed: int = 0) -> dict[str, Any]:
+    """Time per request of SIM's search modes and of target attention over the whole history.
+
+    For each history length n: one synthetic user (:func:`sim_bench_history`) and one request of
+    ``candidates`` candidates (:func:`sim_bench_candidates`, < 20 categories), made 1 minute after
+    the last event. One model per mode (:func:`sim_bench_config`, seeded, eval mode, no gradients,
+    float32, the same weights at every n). What each timed call does, from vocabulary indices to
+    the logits ``[M]`` (:func:`sim_request_fns`):
+
+    * ``hard``: :func:`models.batch.hard_search` (the K = 50 most recent events of each candidate
+      category, read from the user's :class:`CategoryIndex` built beforehand with the serving
+      truncation of 200 per category: serving keeps it), :func:`make_batch` with an empty history
+      and the search results, and the hard model's forward: embedding lookups of the candidates
+      and the searched events, ESU, head.
+    * ``soft``: :func:`make_batch` with all n events and the soft model's forward: embedding
+      lookups of n events, soft scores r_i for M x n, top-K per candidate, ESU, head.
+    * ``ksa``: the serving path without the whole history. The embedding lookup of the candidates
+      (:func:`make_batch` + the model's embeddings), :meth:`SIMBlock.guided_search_one` (chunk
+      scores of the n/8 summaries, the 16 best chunks + the partial one per candidate, exact
+      scores on their events, top-K, ESU), inside which the chosen events' ESU keys are looked up
+      (item, category, behaviour, time-gap bucket to the request: :func:`make_batch` + the model's
+      torchrec embeddings), and the head on [candidate embeddings | zeros | SIM output]. The zeros
+      fill the slot of the model's other block, the KSA read-out: it is not part of the search and
+      is not run (``recsys bench ksa`` times the KSA side). Not timed: the summaries, the KSA
+      top-layer summary states of the history, computed once per n by a forward of the ksa model
+      on the whole history; they equal what :attr:`KSAState.top_sum` holds after appending the
+      history, which serving keeps per user.
+    * ``naive``: plain target attention over the whole history, the baseline: :func:`make_batch`
+      with all n events, the soft model's embedding lookups, its ESU over all n events for every
+      candidate (:func:`target_attention_all`: keys projected once, not copied per candidate; what
+      a soft model whose search kept everything computes), its head.
+
+    The modes run one after another within each repetition (noise hits all alike), after one
+    untimed warm-up of each. ``recall_untrained`` (ksa rows): the fraction of the soft top-K over
+    all n events (with the ksa model's own W_a, W_b) that the guided search also selects, with
+    untrained weights, so a weak figure (random summaries and scores).
+
+    Args:
+        sizes: history lengths, each in [1, KSA_MAX_N]; reported distinct and ascending.
+        candidates: M, candidates per request. repeats: timed requests per mode and n.
+        seed: fixes the weights, the histories and the candidates, so everything but timing.
+
+    Returns:
+        ``machine``, ``config`` and ``rows``: one dict per (n, mode) with ``history_len, mode,
+        candidates, p50_ms, p99_ms, speedup_vs_naive`` (naive p50 / this p50), ksa rows also
+        ``recall_untrained``.
+
+    Raises:
+        ValueError: an n outside [1, KSA_MAX_N], no n, or candidates or repeats below 1.
+    """
+    ns = _check_sizes(sizes)
+    _positive("candidates", candidates)
+    _positive("repeats", repeats)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    spec = FeatureSpec(sizes={"item": SIM_ITEMS + 1, "category": SIM_CATEGORIES + 1})
+    models: dict[str, CTRModel] = {}
+    for mode in ("hard", "soft", "ksa"):
+        torch.manual_seed(seed)
+        models[mode] = build_model(sim_bench_config(mode), spec).eval()
+    sim_cfg = sim_bench_config("ksa").sim
+    rows = []
+    for n in ns:
+        note(f"[bench] sim n={n:,}: history, category index, KSA summaries and recall ...")
+        history = sim_bench_history(n, seed=seed)
+        cands = sim_bench_candidates(history, candidates, seed=seed)
+        request_time = int(history["timestamp"][-1]) + 60
+        index = CategoryIndex.from_arrays(history["category"], np.array([0, n]), num_categories=spec.sizes["category"],
+                                          per_category=sim_cfg.per_category)
+        summaries, recall = sim_summaries_and_recall(models["ksa"], spec, history, cands, request_time)
+        fns = sim_request_fns(models, spec, history, cands, request_time, index=index, summaries=summaries)
+        note(f"[bench] sim n={n:,}: {candidates} candidates over {len(np.unique(cands['category']))} categories, "
+             f"1 warm-up + {repeats} requests per mode ...")
+        kept: dict[str, list[float]] = {mode: [] for mode in SIM_MODES}
+        for rep in range(repeats + 1):
+            for mode in SIM_MODES:
+                start = time.perf_counter()
+                fns[mode]()
+                if rep:  # the first round is the warm-up
+                    kept[mode].append((time.perf_counter() - start) * 1e3)
+        p50 = {mode: float(np.percentile(kept[mode], 50)) for mode in SIM_MODES}
+        for mode in SIM_MODES:
+            row = {"history_len": n, "mode": mode, "candidates": candidates, "p50_ms": round(p50[mode], 4),
+                   "p99_ms": round(float(np.percentile(kept[mode], 99)), 4),
+                   "speedup_vs_naive": round(p50["naive"] / p50[mode], 3)}
+            if mode == "ksa":
+                row["recall_untrained"] = round(recall, 4)
+            rows.append(row)
+        note(f"[bench] sim n={n:,}: p50 " + ", ".join(f"{mode} {p50[mode]:,.2f} ms" for mode in SIM_MODES)
+             + f"; ksa recall (untrained) {recall:.3f}")
+    ksa_cfg = sim_bench_config("ksa").ksa
+    config = {
+        "items": SIM_ITEMS, "categories": SIM_CATEGORIES, "zipf": SIM_ZIPF,
+        "candidate_categories": min(SIM_CANDIDATE_CATEGORIES, candidates), "embedding_dim": sim_bench_config("hard").embedding.dim,
+        "sim": {k: getattr(sim_cfg, k) for k in ("k", "heads", "head_dim", "search_dim", "per_category", "guide_chunks")},
+        "ksa": {k: getattr(ksa_cfg, k) for k in ("chunk", "summaries", "window", "d_model", "heads")}
+        | {"layers": list(ksa_cfg.layers)},
+        "batch": 1, "candidates": candidates, "dtype": "float32", "seed": seed, "repeats": repeats, "warmup": 1,
+    }
+    return {"machine": machine, "config": config, "rows": rows}
+
+
+def _sim_target_line(rows: Sequence[dict[str, Any]]) -> str:
+    """:data:`SIM_TARGET` at its n: the p50 and met / MISSED / not measured."""
+    t = SIM_TARGET
+    head = f"  target: {SIM_LABELS[t['mode']]} p50 <= {t['ms']:g} ms at n = {t['n']:,}:"
+    row = next((r for r in rows if r["history_len"] == t["n"] and r["mode"] == t["mode"]), None)
+    if row is None:
+        return f"{head} not measured (--n does not include {t['n']})"
+    return f"{head} {row['p50_ms']:.3f} ms {'met' if row['p50_ms'] <= t['ms'] else 'MISSED'}"
+
+
+def format_bench_sim(r: dict[str, Any]) -> str:
+    """The result of :func:`bench_sim` as aligned text, with the target marked met or MISSED."""
+    m, c = r["machine"], r["config"]
+    s, k = c["sim"], c["ksa"]
+    lines = [
+        f"recsys bench sim   ({m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']}, "
+        f"{m['torch_threads']} threads)",
+        f"  one user per n, one request of {c['candidates']} candidates over {c['candidate_categories']} categories; "
+        f"D {c['embedding_dim']}, K {s['k']}, ESU {s['heads']} heads x {s['head_dim']}; KSA chunk {k['chunk']}, "
+        f"window {k['window']}, d_model {k['d_model']}, {s['guide_chunks']} guide chunks; {c['dtype']}, eval, no grad",
+        f"  per request, index/batch to logits: p50/p99 of {c['repeats']} after {c['warmup']} warm-up, modes alternating",
+        f"  {'n':>9}  {'mode':<24} {'p50':>11} {'p99':>11} {'vs naive':>9}  {'recall (untrained)':>18}",
+    ]
+    for row in r["rows"]:
+        recall = f"{row['recall_untrained']:.3f}" if "recall_untrained" in row else ""
+        lines.append(f"  {row['history_len']:>9,}  {SIM_LABELS[row['mode']]:<24} {row['p50_ms']:>8,.3f} ms "
+                     f"{row['p99_ms']:>8,.3f} ms {row['speedup_vs_naive']:>8.2f}x  {recall:>18}".rstrip())
+    return "\n".join([*lines, _sim_target_line(r["rows"])])

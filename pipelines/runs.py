@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from models.batch import FeatureSpec
 from models.ctr import CTRModel, build_model
@@ -67,8 +68,18 @@ class Run:
     def history_len(self) -> int | None:
         return self.info["history_len"]
 
+    @property
+    def search_k(self) -> int | None:
+        """K of the SIM hard search the model's batches carry (None: none)."""
+        return self.info.get("search_k")
+
     def store(self) -> HistoryStore:
         return HistoryStore.open(self.data_dir / "history" / "history.arrow")
+
+    def category_index(self, store: HistoryStore) -> CategoryIndex:
+        """The dataset's category index (built in memory for datasets written before it existed)."""
+        return CategoryIndex.beside(self.data_dir / "history" / "history.arrow", store,
+                                    num_categories=self.spec.sizes["category"])
 
     def checkpoint(self) -> Path:
         rel = self.info.get("checkpoint")

@@ -66,6 +66,7 @@ def train(
         "data": str(data_dir),
         "spec": {"sizes": dict(spec.sizes), "time_gap_buckets": spec.time_gap_buckets, "use_user_id": spec.use_user_id},
         "history_len": model.history_len,
+        "search_k": model.search_k,
         "workers": workers,
         "parameters": parameter_count(model),
         "checkpoint": None,
@@ -110,6 +111,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)  # same dense init on every rank
     device = torch.device("cpu")
     store = run.store()
+    index = run.category_index(store) if run.search_k is not None else None
     model = build_model(cfg.model, run.spec)
     dmp, optimizer = shard(model, tc, device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -121,11 +123,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         smoothed = None
         dmp.train()
         for table in _agreed(_train_batches(loop_config, run, epoch)):
-            batch = batch_from_requests(run.spec, table, store, max_history=run.history_len).to(device)
+            batch = batch_from_requests(run.spec, table, store, max_history=run.history_len,
+                                        search_k=run.search_k, index=index).to(device)
             optimizer.zero_grad()
             if distill is None:
                 loss = loss_fn(dmp(batch), batch.labels)
-                loss.backward()
+                aux = model.aux_loss(batch.labels)  # SIM: alpha L_GSU (+ the KSA-guided search's guide loss)
+                (loss if aux is None else loss + aux).backward()
             else:
                 loss = distill.step(dmp, batch, loss_fn, step)
             optimizer.step()
@@ -174,7 +178,7 @@ class Distiller:
     def step(self, dmp: torch.nn.Module, batch: Any, loss_fn: Any, step: int) -> torch.Tensor:
         """Forward teacher and student, backward the combined loss; return it."""
         warm = step < self.cfg.summary_steps
-        kernel = self.block.kernel
+        kernel, record = self.block.kernel, self.block.record
         self.model.detach_embeddings = warm
         self.block.record = True
         try:
@@ -188,13 +192,15 @@ class Distiller:
         finally:
             self.block.kernel = kernel
             self.model.detach_embeddings = False
-            self.block.record = False
+            self.block.record = record
         p_t = torch.sigmoid(teacher)
         log_s, log_1s = torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)
         kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_s) + (1 - p_t) * (torch.log((1 - p_t).clamp_min(1e-12)) - log_1s)).mean()
         mse = torch.stack([((s - t) ** 2).clamp(max=self.cfg.clamp).mean() for s, t in zip(student_att, teacher_att, strict=True)]).mean() \
             if student_att else logits.new_zeros(())
         loss = loss_fn(logits, batch.labels) + self.cfg.kl * kl + self.cfg.mse * mse
+        aux = self.model.aux_loss(batch.labels)
+        loss = loss if aux is None else loss + aux
         loss.backward()
         if warm:
             for name, p in self.model.named_parameters():
@@ -276,7 +282,9 @@ def evaluate_split(run: Run, split: str, *, state: dict[str, torch.Tensor] | Non
         model = build_model(run.config.model, run.spec)
         model.load_state_dict(state)
     table = pq.read_table(split_path(run.data_dir, split))
-    scores = score_requests(model, run.spec, store or run.store(), table, history_len=run.history_len)
+    store = store or run.store()
+    scores = score_requests(model, run.spec, store, table, history_len=run.history_len, search_k=run.search_k,
+                            index=run.category_index(store) if run.search_k is not None else None)
     if len(scores["prob"]) == 0:
         raise RecsysError(f"the {split} split has no candidates to evaluate")
     metrics = evaluate(scores["label"], scores["prob"], scores["user"], true_prob=scores.get("true_prob"))

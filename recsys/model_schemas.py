@@ -95,6 +95,38 @@ class KSAConfig(Schema):
         return self
 
 
+class SIMConfig(Schema):
+    """SIM: a General Search Unit picks K behaviours per candidate, the Exact Search Unit attends
+    over them (models/sim.py; PAPERS.md §2)."""
+
+    enabled: bool = False
+    mode: Literal["hard", "soft", "ksa"] = Field(
+        "hard", description="hard: same category as the candidate, through the category index; soft: top-K of "
+        "(W_b e_i).(W_a e_a) over the whole history; ksa: soft scores on the events of the chunks whose KSA "
+        "summaries score best (needs model.ksa.enabled)",
+    )
+    k: int = Field(50, ge=1, le=4096, description="K: behaviours the search keeps per candidate")
+    heads: int = Field(2, ge=1, le=16, description="q: ESU attention heads (each outputs a weighted sum of z)")
+    head_dim: int = Field(16, ge=1, le=256, description="dimension of each head's W_b z and W_a e_a")
+    per_category: int = Field(
+        200, ge=1, description="serving index: most recent positions kept per (user, category), as SIM's UBT",
+    )
+    search_dim: int = Field(32, ge=1, le=1024, description="soft search: dimension of W_b e_i and W_a e_a")
+    aux_weight: float = Field(
+        1.0, ge=0, description="alpha in alpha * L_GSU + beta * L_ESU (soft and ksa modes; hard search has none)",
+    )
+    aux_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1,
+                                  description="MLP of the GSU auxiliary task on [sum_i r_i e_i | e_a]")
+    guide_chunks: int = Field(16, ge=1, description="ksa mode: best-scoring chunks whose events are searched")
+    guide_weight: float = Field(
+        1.0, ge=0, description="ksa mode: weight of the loss that teaches summary scores to rank chunks as the "
+        "soft scores of their events do (KL to the softmax over chunks of logsumexp r_i)",
+    )
+    score_budget: int = Field(
+        4_000_000, ge=1024, description="soft and ksa modes: most padded (candidate, event) scores computed at once",
+    )
+
+
 class HeadConfig(Schema):
     """The MLP over [profile, candidate, block outputs] that gives one logit per candidate."""
 
@@ -106,7 +138,17 @@ class ModelConfig(Schema):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     din: DINConfig = Field(default_factory=DINConfig)
     ksa: KSAConfig = Field(default_factory=KSAConfig)
+    sim: SIMConfig = Field(default_factory=SIMConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+
+    @model_validator(mode="after")
+    def _sim_needs_ksa(self) -> ModelConfig:
+        if self.sim.enabled and self.sim.mode == "ksa" and not self.ksa.enabled:
+            raise ValueError("model.sim.mode 'ksa' searches with the KSA summaries: set model.ksa.enabled=true")
+        if self.sim.enabled and self.sim.k > self.sim.per_category and self.sim.mode == "hard":
+            raise ValueError(f"model.sim.k ({self.sim.k}) must be <= model.sim.per_category ({self.sim.per_category}): "
+                             "hard search reads at most per_category behaviours of a category")
+        return self
 
 
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]

@@ -13,7 +13,9 @@ A request is one user at one time with candidates (raw ids, as the outside world
   An attribute the model has no feature for (``brand_id`` on Taobao data) is ignored.
 * History: the request's own events when it brings them (``history``, even ``[]``), else the
   user's events in the shipped history store; either way only events strictly before
-  ``timestamp``, oldest first, the last ``history_len`` of them.
+  ``timestamp``, oldest first, the last ``history_len`` of them. A model with SIM hard search
+  also gets each candidate's K most recent same-category behaviours from the whole history
+  before ``timestamp``, through the shipped category index.
 
 Every request of a :meth:`Scorer.score_batch` call goes through ``models.batch.make_batch`` and
 the model once; the id mapping is vectorised (sorted raw ids + ``np.searchsorted``, built once).
@@ -36,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from features.category_index import CategoryIndex
 from features.vocab import Vocab
-from models.batch import HISTORY_FIELDS, make_batch
+from models.batch import HISTORY_FIELDS, Searched, hard_search, make_batch
 from models.export import FEATURE_VOCAB, Export, load_export
 from recsys.errors import DataError
 from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
@@ -76,6 +79,7 @@ class Scorer:
         self.export = export
         self.spec = export.spec
         self.history_len = export.history_len
+        self.search_k = export.model.search_k  # SIM hard search: K behaviours per candidate
         self.ids = {name: IdMap.from_vocab(v) for name, v in export.vocabularies.items()}
         # Features a request may set by raw id, with the vocabulary that encodes them.
         self.attributes = {attr: feature for attr, feature in CANDIDATE_ATTRIBUTES.items()
@@ -125,11 +129,20 @@ class Scorer:
         ts = np.array([now if r.get("timestamp") is None else _int(r["timestamp"], f"requests[{i}].timestamp")
                        for i, r in enumerate(requests)], dtype=np.int64)
         users = self.ids["user_id"].encode(user_raw)  # [B]
-        history = self._history(requests, users, ts)
         candidates, num = self._candidates(requests)
+        # SIM hard search reads the shipped index, or (requests that bring their own history) an index
+        # of the whole histories, which are then gathered too
+        local = self.search_k is not None and (self.export.category_index is None
+                                               or any(r.get("history") is not None for r in requests))
+        history, hist_len = self._history(requests, users, ts, None if local else self.history_len)
+        search = None
+        if self.search_k is not None:
+            search = self._search(users, history if local else None, hist_len, candidates["category"], num)
+        if local:
+            history = _recent(history, self.history_len)
         profile = {f: users if f == "user" else self.export.users[f][users] for f in self.spec.profile}
         batch = make_batch(self.spec, history=history, request_time=ts, candidates=candidates,
-                           num_candidates=num, profile=profile)
+                           num_candidates=num, profile=profile, search=search)
         probs = torch.sigmoid(self.export.model(batch)).double().numpy()  # [C]
         offsets = np.concatenate([[0], np.cumsum(num)])
         return [probs[offsets[i]:offsets[i + 1]].tolist() for i in range(b)]
@@ -163,27 +176,48 @@ class Scorer:
             out[feature] = values
         return out, num
 
-    def _history(self, requests: Sequence[Mapping[str, Any]], users: np.ndarray, ts: np.ndarray) -> dict[str, Jagged]:
-        """The last ``history_len`` events before each cut-off, jagged over the batch."""
+    def _search(self, users: np.ndarray, full: dict[str, Jagged] | None, hist_len: np.ndarray,
+                cand_category: np.ndarray, num: np.ndarray) -> Searched:
+        """SIM hard search through the export's category index, or (``full``: whole histories of the
+        batch) through an index of those."""
+        if full is None:
+            store = self.export.history
+            return hard_search(self.export.category_index, {f: getattr(store, f) for f in HISTORY_FIELDS}, store.offsets,
+                               users=users, hist_len=hist_len, cand_category=cand_category, num_candidates=num,
+                               k=self.search_k)
+        local = CategoryIndex.from_arrays(full["category"].values, full["item"].offsets,
+                                          num_categories=self.spec.sizes["category"])
+        return hard_search(local, {f: full[f].values for f in HISTORY_FIELDS}, full["item"].offsets,
+                           users=np.arange(len(users)), hist_len=hist_len, cand_category=cand_category,
+                           num_candidates=num, k=self.search_k)
+
+    def _history(self, requests: Sequence[Mapping[str, Any]], users: np.ndarray, ts: np.ndarray,
+                 limit: int | None) -> tuple[dict[str, Jagged], np.ndarray]:
+        """The last ``limit`` (None: all) events before each cut-off, jagged over the batch, and [B]
+        how many events each request has before its cut-off."""
         store = self.export.history
         stored = [i for i, r in enumerate(requests) if r.get("history") is None and store is not None]
         parts: dict[int, dict[str, np.ndarray]] = {}
+        total = np.zeros(len(requests), dtype=np.int64)
         if stored:
             lengths = store.cutoff_lengths(users[stored], ts[stored])
-            index, offsets = store.recent_index(users[stored], lengths, self.history_len)
+            total[stored] = lengths
+            index, offsets = store.recent_index(users[stored], lengths, limit)
             for k, i in enumerate(stored):
                 rows = index[offsets[k]:offsets[k + 1]]
                 parts[i] = {f: getattr(store, f)[rows] for f in HISTORY_FIELDS}
         for i, r in enumerate(requests):
             if i not in parts:
-                parts[i] = self._given_history(r.get("history") or [], ts[i], f"requests[{i}].history")
+                own = self._given_history(r.get("history") or [], ts[i], f"requests[{i}].history")
+                total[i] = len(own["item"])
+                parts[i] = {f: v[max(len(v) - limit, 0):] if limit is not None else v for f, v in own.items()}
         lengths = np.array([len(parts[i]["item"]) for i in range(len(requests))], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         return {f: Jagged(np.concatenate([np.asarray(parts[i][f], dtype=np.int64) for i in range(len(requests))]),
-                          offsets) for f in HISTORY_FIELDS}
+                          offsets) for f in HISTORY_FIELDS}, total
 
     def _given_history(self, events: Sequence[Mapping[str, Any]], cutoff: int, where: str) -> dict[str, np.ndarray]:
-        """A request's own events: encoded, strictly before ``cutoff``, by time, the last ``history_len``."""
+        """A request's own events: encoded, strictly before ``cutoff``, by time."""
         if not isinstance(events, Sequence) or isinstance(events, str | bytes):
             raise DataError(f"{where}: expected a list of events, got {events!r}")
         cols: dict[str, list[int]] = {"item": [], "category": [], "behavior": [], "timestamp": []}
@@ -201,11 +235,21 @@ class Scorer:
         a = {f: np.array(v, dtype=np.int64) for f, v in cols.items()}
         keep = np.flatnonzero(a["timestamp"] < cutoff)
         keep = keep[np.argsort(a["timestamp"][keep], kind="stable")]  # by time; ties keep request order
-        if self.history_len is not None:
-            keep = keep[max(len(keep) - self.history_len, 0):]
         return {"item": self.ids["item_id"].encode(a["item"][keep]),
                 "category": self.ids["category_id"].encode(a["category"][keep]),
                 "behavior": a["behavior"][keep], "timestamp": a["timestamp"][keep]}
+
+
+def _recent(history: dict[str, Jagged], n: int | None) -> dict[str, Jagged]:
+    """The last ``n`` events of each jagged history (all with None)."""
+    if n is None:
+        return history
+    offsets = history["item"].offsets
+    lengths = np.diff(offsets)
+    take = np.minimum(lengths, n)
+    new = np.r_[0, np.cumsum(take)].astype(np.int64)
+    rows = np.repeat(offsets[1:] - take, take) + (np.arange(new[-1]) - np.repeat(new[:-1], take))
+    return {f: Jagged(j.values[rows], new) for f, j in history.items()}
 
 
 def _int(value: Any, where: str) -> int:

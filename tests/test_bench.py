@@ -1,9 +1,11 @@
-"""``recsys bench train`` and ``recsys bench ksa`` (pipelines/bench.py): the two batch layouts, KSA against
-full attention, and the results' shape (no timing asserts)."""
+"""``recsys bench train``, ``recsys bench ksa`` and ``recsys bench sim`` (pipelines/bench.py): the two batch
+layouts, KSA against full attention, SIM's search modes against target attention over the whole history,
+and the results' shape (no timing asserts)."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -11,24 +13,36 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
-from models.batch import batch_from_requests
+from models.batch import HISTORY_FIELDS, FeatureSpec, batch_from_requests, make_batch
 from models.ctr import build_model
 from models.ksa import KSABlock, KSAState
 from pipelines.bench import (
+    SIM_CATEGORIES,
+    SIM_ITEMS,
+    SIM_MODES,
     bench_batching,
     bench_ksa,
+    bench_sim,
     bench_train,
     check_same_logits,
     first_candidates,
     format_bench_ksa,
+    format_bench_sim,
     format_bench_train,
     ksa_bench_config,
     per_impression_batch,
+    sim_bench_candidates,
+    sim_bench_config,
+    sim_bench_history,
+    sim_request_fns,
+    sim_summaries_and_recall,
 )
 from pipelines.runs import dataset_spec
 from recsys.config import load_config
-from recsys.model_schemas import RunConfig
+from recsys.model_schemas import ModelConfig, RunConfig
+from recsys.types import Jagged
 from tests.conftest import run_cli
 
 M = 3
@@ -185,19 +199,22 @@ def test_format_bench_ksa_table_and_targets(ksa_result):
     assert "5.00x" in targets[0] and "0.100 (1/10.0)" in targets[1] and "3.000 ms" in targets[2]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--n", "abc"], "--n: 'abc' is not an integer"),
-    (["--n", "1000,1.5"], "--n: '1.5' is not an integer"),
-    (["--n", "0"], "--n: 0 is out of range"),
-    (["--n", "40,1000001"], "--n: 1000001 is out of range"),
-    (["--n=-3"], "--n: -3 is out of range"),
-    (["--n", "40,,100"], "--n: empty length in '40,,100'"),
-    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
-    (["--appends", "-1"], "--appends must be >= 1, got -1"),
-    (["--repeats", "x"], "argument --repeats: invalid int value: 'x'"),
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("ksa", ["--n", "abc"], "--n: 'abc' is not an integer"),
+    ("ksa", ["--n", "1000,1.5"], "--n: '1.5' is not an integer"),
+    ("ksa", ["--n", "0"], "--n: 0 is out of range"),
+    ("ksa", ["--n", "40,1000001"], "--n: 1000001 is out of range"),
+    ("ksa", ["--n=-3"], "--n: -3 is out of range"),
+    ("ksa", ["--n", "40,,100"], "--n: empty length in '40,,100'"),
+    ("ksa", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("ksa", ["--appends", "-1"], "--appends must be >= 1, got -1"),
+    ("ksa", ["--repeats", "x"], "argument --repeats: invalid int value: 'x'"),
+    ("sim", ["--n", "abc"], "--n: 'abc' is not an integer"),
+    ("sim", ["--candidates", "0"], "--candidates must be >= 1, got 0"),
+    ("sim", ["--repeats", "-1"], "--repeats must be >= 1, got -1"),
 ])
-def test_bench_ksa_cli_rejects_bad_values_by_name(args, message):
-    proc = run_cli("bench", "ksa", *args)
+def test_bench_cli_rejects_bad_values_by_name(command, args, message):
+    proc = run_cli("bench", command, *args)
     assert proc.returncode == 2 and proc.stdout == ""
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -212,3 +229,168 @@ def test_bench_ksa_cli_rejects_bad_values_by_name(args, message):
 def test_bench_ksa_rejects_bad_arguments_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bench_ksa(**{"sizes": [8], **kwargs})
+
+
+# --------------------------------------------------------------------------------------------
+# recsys bench sim
+
+SIM_ROW = {"history_len", "mode", "candidates", "p50_ms", "p99_ms", "speedup_vs_naive"}
+SIM_SPEC = FeatureSpec(sizes={"item": SIM_ITEMS + 1, "category": SIM_CATEGORIES + 1})
+
+
+@pytest.fixture(scope="module")
+def sim_cli_result():
+    """The real command at small n (unsorted on purpose), 2 timed requests per mode."""
+    proc = run_cli("bench", "sim", "--n", "1000,200", "--repeats", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr  # stdout is the JSON and nothing else
+
+
+def check_sim_rows(rows, sizes, candidates):
+    assert [(r["history_len"], r["mode"]) for r in rows] == [(n, mode) for n in sizes for mode in SIM_MODES]
+    for row in rows:
+        assert set(row) == SIM_ROW | ({"recall_untrained"} if row["mode"] == "ksa" else set())
+        assert row["candidates"] == candidates
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        naive = next(r for r in rows if r["history_len"] == row["history_len"] and r["mode"] == "naive")
+        assert row["speedup_vs_naive"] == pytest.approx(naive["p50_ms"] / row["p50_ms"], rel=1e-2, abs=1e-3)
+        if row["mode"] == "ksa":
+            assert 0 <= row["recall_untrained"] <= 1
+
+
+def test_bench_sim_cli_json_fields_and_relations(sim_cli_result):
+    r, stderr = sim_cli_result
+    assert set(r) == {"machine", "config", "rows"}
+    assert r["machine"]["cpus"] >= 1 and r["machine"]["torch"] == torch.__version__ and r["machine"]["torch_threads"] >= 1
+    c = r["config"]
+    assert (c["repeats"], c["warmup"], c["batch"], c["candidates"], c["candidate_categories"]) == (2, 1, 1, 100, 15)
+    assert c["sim"]["k"] == 50 and c["ksa"]["chunk"] == 8 and c["sim"]["guide_chunks"] == 16
+    check_sim_rows(r["rows"], [200, 1000], 100)
+    recall = {row["history_len"]: row["recall_untrained"] for row in r["rows"] if row["mode"] == "ksa"}
+    assert recall[1000] < 1  # 16 of 125 chunks searched
+    assert "[bench] sim n=1,000" in stderr  # progress goes to stderr
+
+
+def test_bench_sim_function_and_its_text():
+    r = bench_sim([40, 200], candidates=30, repeats=2)
+    check_sim_rows(r["rows"], [40, 200], 30)
+    recall = {row["history_len"]: row["recall_untrained"] for row in r["rows"] if row["mode"] == "ksa"}
+    assert recall[40] == 1.0  # 5 chunks, all within the 16 the guided search reads: it finds the whole soft top-K
+    text = format_bench_sim(r)
+    assert "recsys bench sim" in text and "KSA-guided + ESU" in text and "target attention, all n" in text
+    assert text.splitlines()[-1].endswith("not measured (--n does not include 54000)")
+
+
+def test_format_bench_sim_target_met_and_missed(sim_cli_result):
+    r, _ = sim_cli_result
+    row = {"mode": "hard", "candidates": 100, "p50_ms": 4.5, "p99_ms": 6.0, "speedup_vs_naive": 20.0}
+    met = format_bench_sim({**r, "rows": [{**row, "history_len": 54000}]}).splitlines()[-1]
+    assert met.endswith("4.500 ms met") and "p50 <= 5 ms at n = 54,000" in met
+    missed = format_bench_sim({**r, "rows": [{**row, "history_len": 54000, "p50_ms": 5.5}]}).splitlines()[-1]
+    assert missed.endswith("5.500 ms MISSED")
+
+
+def test_sim_bench_synthetic_request_is_skewed_and_within_few_categories():
+    h = sim_bench_history(5000, seed=3)
+    assert set(h) == set(HISTORY_FIELDS) and all(len(v) == 5000 for v in h.values())
+    assert h["item"].min() >= 1 and h["item"].max() <= SIM_ITEMS and h["category"].min() >= 1
+    assert h["behavior"].min() >= 0 and h["behavior"].max() <= 3 and (np.diff(h["timestamp"]) >= 0).all()
+    counts = np.sort(np.bincount(h["category"]))[::-1]
+    assert counts[:10].sum() > 0.3 * 5000  # the top 10 of 1,000 categories hold a third of the events
+    c = sim_bench_candidates(h, 100, seed=3)
+    assert len(c["item"]) == len(c["category"]) == 100
+    assert len(np.unique(c["category"])) == 15
+    assert np.isin(c["category"], h["category"]).mean() >= 0.75
+
+
+@pytest.fixture(scope="module")
+def sim_parts():
+    """Models, request and the timed calls at n = 200; the soft model searches K = n (it keeps everything)."""
+    n, m = 200, 30
+    models = {}
+    for mode in ("hard", "soft", "ksa"):
+        torch.manual_seed(0)
+        cfg = sim_bench_config(mode)
+        if mode == "soft":
+            cfg = ModelConfig.model_validate({**cfg.model_dump(), "sim": {**cfg.sim.model_dump(), "k": n}})
+        models[mode] = build_model(cfg, SIM_SPEC).eval()
+    history = sim_bench_history(n)
+    cands = sim_bench_candidates(history, m)
+    request_time = int(history["timestamp"][-1]) + 60
+    index = CategoryIndex.from_arrays(history["category"], np.array([0, n]), num_categories=SIM_CATEGORIES + 1)
+    summaries, recall = sim_summaries_and_recall(models["ksa"], SIM_SPEC, history, cands, request_time)
+    fns = sim_request_fns(models, SIM_SPEC, history, cands, request_time, index=index, summaries=summaries)
+    whole = make_batch(SIM_SPEC, history={f: Jagged(history[f], np.array([0, n])) for f in HISTORY_FIELDS},
+                       request_time=np.array([request_time]), candidates=cands, num_candidates=np.array([m]))
+    return SimpleNamespace(models=models, history=history, cands=cands, whole=whole, summaries=summaries,
+                           recall=recall, fns=fns)
+
+
+@torch.no_grad()
+def test_sim_naive_is_soft_search_that_keeps_every_event(sim_parts):
+    naive, soft = sim_parts.fns["naive"](), sim_parts.fns["soft"]()  # soft with K = n: its ESU reads all n events
+    assert naive.shape == (30,)
+    torch.testing.assert_close(naive, soft, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_sim_ksa_serving_path_gives_the_model_forward_logits(sim_parts):
+    model = sim_parts.models["ksa"]
+    # the timed path runs the head with zeros in the KSA read-out's slot: the forward with that block zeroed
+    hook = model.blocks["ksa"].register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    try:
+        expected = model(sim_parts.whole)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(sim_parts.fns["ksa"](), expected, rtol=1e-5, atol=1e-6)
+    assert 0 < sim_parts.recall < 1  # 25 chunks, 16 searched
+
+
+@torch.no_grad()
+def test_sim_summaries_are_the_serving_state_top_summaries(sim_parts):
+    model = sim_parts.models["ksa"]
+    block = model.blocks["ksa"]
+    emb = model.embeddings(sim_parts.whole)
+    h = emb.history
+    state = KSAState.empty(block)
+    state.append(block, block.tokens(h["item"], h["category"], h["behavior"], emb.hist_interval),
+                 sim_parts.history["timestamp"])
+    assert sim_parts.summaries.shape == (200 // 8, 64)
+    torch.testing.assert_close(sim_parts.summaries, state.top_sum.view(), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_sim_hard_request_is_esu_over_the_k_latest_events_of_each_category(sim_parts):
+    model, history, cands = sim_parts.models["hard"], sim_parts.history, sim_parts.cands
+    esu = model.blocks["sim"].esu
+    emb = model.embeddings(sim_parts.whole)  # the whole history embedded, to pick from by hand
+    h = emb.history
+    keys = torch.cat([h["item"], h["category"], h["behavior"], h["gap"]], -1)  # [n, 4D]
+    query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [M, 2D]
+    z, mask = keys.new_zeros(30, 50, keys.shape[1]), torch.zeros(30, 50, dtype=torch.bool)
+    found = []
+    for c, cat in enumerate(cands["category"]):
+        rows = np.flatnonzero(history["category"] == cat)[::-1][:50]  # the 50 most recent of its category
+        z[c, :len(rows)], mask[c, :len(rows)] = keys[torch.as_tensor(rows.copy())], True
+        found.append(len(rows))
+    assert min(found) == 0 and max(found) > 10  # the user has some candidate categories often, some never
+    expected = model.head(torch.cat([emb.candidate["item"], emb.candidate["category"], esu(z, mask, query)], -1))
+    torch.testing.assert_close(sim_parts.fns["hard"](), expected.squeeze(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_sim_cli_help_has_the_options_and_an_example():
+    proc = run_cli("bench", "sim", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for word in ("--n", "--candidates", "--repeats", "--json", "default 1000,10000,54000", "example: recsys bench sim"):
+        assert word in proc.stdout, word
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sizes": []}, r"^n needs at least one history length$"),
+    ({"sizes": [0]}, r"^n \(0\) must be an integer in \[1, 1000000\]$"),
+    ({"candidates": 0}, r"^candidates \(0\) must be >= 1$"),
+    ({"repeats": 0}, r"^repeats \(0\) must be >= 1$"),
+])
+def test_bench_sim_rejects_bad_arguments_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench_sim(**{"sizes": [8], **kwargs})
