@@ -24,7 +24,7 @@ def requests(data) -> pl.DataFrame:
 def test_outputs_and_dataset_manifest(tiny_data):
     names = sorted(p.relative_to(tiny_data).as_posix() for p in tiny_data.rglob("*") if p.is_file())
     assert names == [
-        "config.yaml", "dataset.json", "history/history.arrow", "items.parquet", "report.json",
+        "config.yaml", "dataset.json", "history/category_index.arrow", "history/history.arrow", "items.parquet", "report.json",
         "requests/test.parquet", "requests/train.parquet", "requests/valid.parquet", "users.parquet",
         "vocab/age_bucket.parquet", "vocab/brand_id.parquet", "vocab/category_id.parquet",
         "vocab/item_id.parquet", "vocab/price_bucket.parquet", "vocab/segment.parquet", "vocab/user_id.parquet",
