@@ -115,6 +115,22 @@ def first_true(lo: np.ndarray, hi: np.ndarray, test) -> np.ndarray:
         lo = np.where(active & ~ok, mid + 1, lo)
 
 
+def last_rows(ends: np.ndarray, lengths: np.ndarray, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the last ``n`` (None: all) of each slice ``[ends - lengths, ends)``, and their offsets.
+
+    Example:
+        >>> rows, offsets = last_rows(np.array([5, 9]), np.array([5, 2]), 3)
+        >>> rows.tolist(), offsets.tolist()
+        ([2, 3, 4, 7, 8], [0, 3, 5])
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    take = lengths if n is None else np.minimum(lengths, n)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(take, out=offsets[1:])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], take)
+    return np.repeat(np.asarray(ends, dtype=np.int64) - take, take) + within, offsets
+
+
 @dataclass(frozen=True)
 class HistoryStore:
     """A memory-mapped history store (see the module docstring for the layout)."""
@@ -190,12 +206,7 @@ class HistoryStore:
         """
         users = np.asarray(users, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
-        take = lengths if max_len is None else np.minimum(lengths, max_len)
-        out_offsets = np.zeros(len(users) + 1, dtype=np.int64)
-        np.cumsum(take, out=out_offsets[1:])
-        start = self.offsets[users] + lengths - take  # [B]
-        within = np.arange(out_offsets[-1]) - np.repeat(out_offsets[:-1], take)
-        return np.repeat(start, take) + within, out_offsets
+        return last_rows(self.offsets[users] + lengths, lengths, max_len)
 
     def recent(self, users: np.ndarray, lengths: np.ndarray, max_len: int | None, field: str = "item") -> Jagged:
         """The last ``max_len`` events before each example's cut-off, as a jagged batch.

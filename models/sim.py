@@ -109,10 +109,10 @@ def request_groups(lengths: np.ndarray, cands: np.ndarray, budget: int) -> list[
     order = np.argsort(lengths, kind="stable")
     groups, start = [], 0
     while start < len(order):
-        end = start + 1
-        while end < len(order):
-            n = end + 1 - start
-            if n * int(cands[order[start:end + 1]].max()) * max(int(lengths[order[end]]), 1) > budget:
+        end, most = start + 1, int(cands[order[start]])
+        while end < len(order):  # lengths grow along ``order``: the newest is the longest
+            most = max(most, int(cands[order[end]]))
+            if (end + 1 - start) * most * max(int(lengths[order[end]]), 1) > budget:
                 break
             end += 1
         groups.append(order[start:end])

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from features.category_index import CategoryIndex
+from features.history import last_rows
 from features.vocab import Vocab
 from models.batch import HISTORY_FIELDS, Searched, hard_search, make_batch
 from models.export import FEATURE_VOCAB, Export, load_export
@@ -245,10 +246,7 @@ def _recent(history: dict[str, Jagged], n: int | None) -> dict[str, Jagged]:
     if n is None:
         return history
     offsets = history["item"].offsets
-    lengths = np.diff(offsets)
-    take = np.minimum(lengths, n)
-    new = np.r_[0, np.cumsum(take)].astype(np.int64)
-    rows = np.repeat(offsets[1:] - take, take) + (np.arange(new[-1]) - np.repeat(new[:-1], take))
+    rows, new = last_rows(offsets[1:], np.diff(offsets), n)
     return {f: Jagged(j.values[rows], new) for f, j in history.items()}
 
 
