@@ -12,10 +12,14 @@
   ``\\x02`` (STX), string ids (``B00ABC123``, ``Books``).
 * ``paddlerec:FILE``: the PaddleRec DIN sample format: one example a line,
   ``hist_items;hist_cates;item;cate;label``, lists separated by whitespace, integer ids, no user.
+* ``alimama:FILE``: Ali_Display_Ad_Click as preprocessed for DMR (Deep Match to Rank): a header,
+  then one example a line, 267 comma-separated columns (:func:`read_alimama`): 50 steps each of
+  ``cont_btag, his_cate, his_brand, mask, match_mask``, then the user profile, the ad and
+  ``target``. History steps have behaviour and category but no item id.
 
-The two line formats (:func:`read_lines`) have no times, and a line carries its own history, not
-a user's lifelong log. They are mapped onto events and impressions so that the same build serves
-them, without leaks:
+The line formats (:func:`read_lines`, :func:`read_alimama`) have no times, and a line carries its
+own history, not a user's lifelong log. They are mapped onto events and impressions so that the
+same build serves them, without leaks:
 
 * Pseudo-users. Each distinct (user, history) (PaddleRec: each distinct history) is one user,
   whose ``user_id`` is the line it first appears on; all its lines are one request
@@ -29,14 +33,22 @@ them, without leaks:
   i of n is at the request's time - (n - i) days: in the file's order, all strictly before the
   cut-off. Time gaps carry only order (SIM also uses no time on Amazon).
 * History events are ``pv`` (the logs are reviews/clicks), written once per pseudo-user.
+  Alimama: the steps with ``mask`` 1, in the file's order (oldest first), ``cont_btag`` 1-4 read
+  as pv, cart, fav, buy (:data:`DMR_BTAG`), and the item null, which every vocabulary encodes
+  as its out-of-vocabulary row 0 (the format has no history item ids).
 * Items: each target and history item with its most frequent category (ties: the smallest id),
-  so a candidate's category is known even when it never occurs in a history.
+  so a candidate's category is known even when it never occurs in a history. Alimama adds the
+  ad's ``brand`` (0, no brand, is null: out of vocabulary) and a price decile (:func:`price_deciles`).
+* Profiles (Alimama only): ``segment`` = ``cms_group_id``, ``age_bucket`` = ``age_level``, of the
+  pseudo-user's first line.
 * String ids (Amazon) become int64 by :func:`stable_id` (63 bits of BLAKE2b), per distinct id;
   a collision, about n² / 2⁶⁴ for n ids, stops the build.
 
 A line is rejected for: a blank line, a wrong field count, a label other than 0 or 1, an empty
-user/item/category (Amazon) or a non-integer id (PaddleRec), an empty id inside a list
-(Amazon) or a non-integer one (PaddleRec), and history lists of different lengths.
+user/item/category (Amazon) or a non-integer id (PaddleRec, Alimama), an empty id inside a list
+(Amazon) or a non-integer one (PaddleRec; Alimama on a real step), history lists of different
+lengths, and (Alimama) a price that is not a finite number, a ``mask`` other than 0 or 1, or a
+``cont_btag`` other than 1-4 on a real step. A wrong Alimama header stops the build, strict or not.
 
 Bad rows are skipped into the rejects table (or, with ``strict``, stop the build with a
 :class:`DataError` naming file, line, field and value). The readers return raw ids; vocabularies
@@ -73,7 +85,7 @@ from recsys.io import read_json
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIOR_CODE
 
-SOURCE_KINDS = ("synth", "taobao", "amazon", "paddlerec")
+SOURCE_KINDS = ("synth", "taobao", "amazon", "paddlerec", "alimama")
 TAOBAO_FIELDS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 
 #: Columns of the validated events frame every reader returns.
@@ -118,7 +130,7 @@ def parse_source(spec: str) -> tuple[str, Path]:
         raise RecsysError(f"--source {spec}: a synth source is a directory written by `recsys data synth`")
     if kind == "taobao" and not p.is_file():
         raise RecsysError(f"--source {spec}: a taobao source is a CSV file")
-    if kind in LINE_FORMATS and not p.is_file():
+    if kind in LINE_KINDS and not p.is_file():
         raise RecsysError(f"--source {spec}: the {kind} format is a text file, one example a line")
     return kind, p
 
@@ -129,6 +141,8 @@ def read_source(spec: str, cfg: BuildConfig, *, strict: bool) -> SourceData:
         return read_taobao(path, cfg, strict=strict)
     if kind in LINE_FORMATS:
         return read_lines(path, LINE_FORMATS[kind], cfg, strict=strict)
+    if kind == "alimama":
+        return read_alimama(path, cfg, strict=strict)
     return read_synth(path, strict=strict)
 
 
@@ -296,7 +310,7 @@ def read_synth(path: Path, *, strict: bool) -> SourceData:
 
 
 # --------------------------------------------------------------------------------------------
-# One example a line: the Amazon DIN/DIEN files and the PaddleRec DIN sample
+# One example a line: the Amazon DIN/DIEN files, the PaddleRec DIN sample and Alimama DMR
 
 LINE_T0 = 1_577_836_800  # 2020-01-01T00:00:00Z: request j of a line source is at LINE_T0 + j
 HISTORY_GAP = 86_400  # seconds between consecutive synthetic history events (one day)
@@ -331,6 +345,7 @@ PADDLEREC = LineFormat(
     label="label", list_separator=" ", integer_ids=True,
 )
 LINE_FORMATS = {f.kind: f for f in (AMAZON, PADDLEREC)}
+LINE_KINDS = (*LINE_FORMATS, "alimama")
 _PARTS = ("_label", "_user", "_item", "_category", "_hist_items", "_hist_categories")
 
 
@@ -473,17 +488,38 @@ def read_lines(path: Path, fmt: LineFormat, cfg: BuildConfig, *, strict: bool) -
     )
     valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
     ids = _id_mapper(valid, fmt, path.name)
-    # One pseudo-user per distinct (user, history): named after the line it first appears on.
     examples = valid.select(
-        "line",
-        pl.col("line").min().over("_user", "_hist_items", "_hist_categories").alias("user_id"),
+        "line", "_user", "_hist_items", "_hist_categories",
         pl.col("_label").cast(pl.Int8).alias("label"),
         ids("_item", False).alias("item_id"),
         ids("_category", False).alias("category_id"),
         ids("_items", True).alias("hist_item"),
         ids("_categories", True).alias("hist_category"),
-    ).with_columns(timestamp=pl.col("user_id").rank("dense").cast(pl.Int64) - 1 + LINE_T0)
+    )
+    examples = pseudo_users(examples, ["_user", "_hist_items", "_hist_categories"])
+    return line_source(fmt.kind, path, examples, cfg, lines=checked.height, rejects=rejects)
 
+
+def pseudo_users(examples: pl.DataFrame, key: list[str]) -> pl.DataFrame:
+    """Add ``user_id``, the first line of each distinct ``key`` (one pseudo-user, one request), and
+    ``timestamp``: ``LINE_T0 + j`` for the j-th pseudo-user (0-based) in file order."""
+    return examples.with_columns(user_id=pl.col("line").min().over(key)).with_columns(
+        timestamp=pl.col("user_id").rank("dense").cast(pl.Int64) - 1 + LINE_T0
+    )
+
+
+def line_source(
+    kind: str, path: Path, examples: pl.DataFrame, cfg: BuildConfig, *, lines: int, rejects: pl.DataFrame
+) -> SourceData:
+    """Impressions, history events and items of a line format's valid examples.
+
+    Args:
+        examples: one row per valid line, from :func:`pseudo_users`: ``line, user_id, timestamp,
+            label, item_id, category_id, hist_category`` and, where the format has them,
+            ``hist_item`` (else every history event has a null item, encoded as the OOV row) and
+            ``hist_behavior`` (else every event is ``pv``).
+        lines: the lines read, valid or not.
+    """
     # The candidates of a request in a random order: the file's fixed order of a positive and
     # its negative must not reach a model that reads the list. (group_impressions sorts by
     # request and position; with every position -1 this order is kept, as a test checks.)
@@ -493,21 +529,178 @@ def read_lines(path: Path, fmt: LineFormat, cfg: BuildConfig, *, strict: bool) -
         pl.lit(-1, pl.Int64).alias("position"), pl.col("label").cast(pl.Int64).alias("clicked"),
     )
     # History event i of n at the request's time - (n - i) days: in order, all before the cut-off.
-    n = pl.col("hist_item").list.len().cast(pl.Int64)
+    lists = [c for c in ("hist_item", "hist_category", "hist_behavior") if c in examples.columns]
+    n = pl.col("hist_category").list.len().cast(pl.Int64)
     events = (
         examples.filter((pl.col("line") == pl.col("user_id")) & (n > 0))
-        .select("line", "user_id", "timestamp", "hist_item", "hist_category", n.alias("_n"))
-        .explode("hist_item", "hist_category")
+        .select("line", "user_id", "timestamp", *lists, n.alias("_n"))
+        .explode(*lists)
         .select(
-            "line", "user_id", pl.col("hist_item").alias("item_id"), pl.col("hist_category").alias("category_id"),
-            pl.lit(BEHAVIOR_CODE["pv"], pl.Int8).alias("behavior"),
+            "line", "user_id",
+            (pl.col("hist_item") if "hist_item" in lists else pl.lit(None, pl.Int64)).alias("item_id"),
+            pl.col("hist_category").alias("category_id"),
+            (pl.col("hist_behavior") if "hist_behavior" in lists else pl.lit(BEHAVIOR_CODE["pv"], pl.Int8)).alias("behavior"),
             (pl.col("timestamp") - (pl.col("_n") - pl.int_range(pl.len()).over("line")) * HISTORY_GAP).alias("timestamp"),
         )
     )
-    items = most_frequent_category(
-        pl.concat([examples.select("item_id", "category_id"), events.select("item_id", "category_id")])
-    )
+    items = most_frequent_category(pl.concat([
+        examples.select("item_id", "category_id"), events.filter(pl.col("item_id").is_not_null()).select("item_id", "category_id"),
+    ]))
     return SourceData(
-        kind=fmt.kind, path=path, events=events.select(list(EVENTS_SCHEMA)), rows_read={"lines": checked.height},
+        kind=kind, path=path, events=events.select(list(EVENTS_SCHEMA)), rows_read={"lines": lines},
         rejects=rejects, impressions=impressions, items=items,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Alimama DMR lines: Ali_Display_Ad_Click as preprocessed for Deep Match to Rank (DeepCTR, PaddleRec)
+
+DMR_STEPS = 50
+DMR_LISTS = ("cont_btag", "his_cate", "his_brand", "mask", "match_mask")  # DMR_STEPS columns each
+DMR_SCALARS = ("uid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
+               "shopping_level", "occupation", "new_user_class_level", "mid", "cate_id", "campaign_id",
+               "customer", "brand", "price", "pid", "target")
+DMR_INTEGERS = tuple(name for name in DMR_SCALARS if name not in ("price", "target"))
+DMR_HEADER = (*(name for name in DMR_LISTS for _ in range(DMR_STEPS)), *DMR_SCALARS)
+#: ``cont_btag`` on a real step (0 pads): Ali_Display_Ad_Click's btag in its documented order
+#: (pv/ipv, cart, fav, buy), which is also ours; 1 is 95% of the steps of the public sample.
+DMR_BTAG = {"1": "pv", "2": "cart", "3": "fav", "4": "buy"}
+PRICE_BUCKETS = 10
+
+
+def _dmr_list(name: str) -> pl.Expr:
+    return pl.col("_fields").list.slice(DMR_LISTS.index(name) * DMR_STEPS, DMR_STEPS)
+
+
+@feature_step({"line": pl.Int64, "raw": pl.String, "_steps": pl.List(pl.UInt32),
+               **{f"_{n}": pl.String for n in DMR_SCALARS},
+               **{f"_{n}": pl.List(pl.String) for n in DMR_LISTS}})
+def split_dmr(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Split a line into its 17 scalar fields (``_uid`` ... as text), the five 50-step lists
+    (``_cont_btag`` ...) and ``_steps``, the 0-based steps whose ``mask`` is 1."""
+    parts = pl.col("raw").str.strip_chars_end("\r").str.split(",").list.eval(pl.element().str.strip_chars())
+    return lf.with_columns(_fields=parts).with_columns(
+        _n=pl.col("_fields").list.len(),
+        **{f"_{name}": pl.col("_fields").list.get(i, null_on_oob=True)
+           for i, name in enumerate(DMR_SCALARS, DMR_STEPS * len(DMR_LISTS))},
+        **{f"_{name}": _dmr_list(name) for name in DMR_LISTS},
+        _steps=_dmr_list("mask").list.eval(pl.arg_where(pl.element() == "1")),
+    ).drop("_fields")
+
+
+def real_steps(name: str) -> pl.Expr:
+    """The values of a history list on its real steps (``mask`` 1), in the file's order."""
+    return pl.col(f"_{name}").list.gather(pl.col("_steps"))
+
+
+def step_check(name: str, bad: pl.Expr, reason: str, *, real: bool = True) -> Check:
+    """``bad`` (on ``pl.element()``) over the real steps (or, ``real=False``, all 50) of the list
+    ``name``: the value shown is the first bad one, the reason names its column and step."""
+    values = real_steps(name) if real else pl.col(f"_{name}")
+    first = values.list.eval(bad).list.arg_max()
+    step = pl.col("_steps").list.get(first, null_on_oob=True) if real else first
+    column = step + DMR_LISTS.index(name) * DMR_STEPS + 1
+    return Check(values.list.eval(bad).list.any(), name, values.list.get(first, null_on_oob=True),
+                 pl.format("{} (column {}, step {} of {})", pl.lit(reason), column, step + 1, pl.lit(DMR_STEPS)))
+
+
+def dmr_checks() -> list[Check]:
+    """In order: blank line, field count, ``target``, the integer fields, ``price``, ``mask``,
+    then ``cont_btag``, ``his_cate``, ``his_brand`` on the real steps."""
+    checks = [*line_shape(len(DMR_HEADER)), binary_label("target", pl.col("_target"))]
+    for name in DMR_INTEGERS:
+        text = pl.col(f"_{name}")
+        checks.append(non_negative_int(name, text.cast(pl.Int64, strict=False), text))
+    price = pl.col("_price").cast(pl.Float64, strict=False)
+    checks.append(Check(price.is_null() | ~price.is_finite(), "price", pl.col("_price"), "not a finite number"))
+    checks.append(step_check("mask", ~pl.element().is_in(["0", "1"]), "must be 0 or 1", real=False))
+    checks.append(step_check("cont_btag", ~pl.element().is_in(list(DMR_BTAG)),
+                             "not a behaviour code 1-4 (pv, cart, fav, buy) on a step whose mask is 1"))
+    parsed = pl.element().cast(pl.Int64, strict=False)
+    for name in ("his_cate", "his_brand"):
+        checks.append(step_check(name, parsed.is_null() | (parsed < 0), "not a non-negative integer"))
+    return checks
+
+
+@feature_step({"line": pl.Int64, "raw": pl.String, "_field": pl.String, "_value": pl.String, "_reason": pl.String,
+               "uid": pl.Int64, "label": pl.Int8, "item_id": pl.Int64, "category_id": pl.Int64,
+               "brand_id": pl.Int64, "price": pl.Float64, "segment": pl.Int64, "age_bucket": pl.Int64,
+               "hist_category": pl.List(pl.Int64), "hist_behavior": pl.List(pl.Int8), "hist_brand": pl.List(pl.Int64)})
+def typed_dmr(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Parse the checked text into typed columns (null on bad rows, which keep their text), so
+    the 267 strings of a line are not held after this step."""
+    bad = pl.col("_reason").is_not_null()
+    btag_code = {k: BEHAVIOR_CODE[v] for k, v in DMR_BTAG.items()}
+
+    def integer(name: str) -> pl.Expr:
+        return pl.col(f"_{name}").cast(pl.Int64, strict=False)
+
+    def integers(name: str) -> pl.Expr:
+        return real_steps(name).list.eval(pl.element().cast(pl.Int64, strict=False))
+
+    return lf.select(
+        "line", pl.when(bad).then(pl.col("raw")).alias("raw"), "_field", "_value", "_reason",
+        integer("uid").alias("uid"),
+        pl.col("_target").cast(pl.Int8, strict=False).alias("label"),
+        integer("mid").alias("item_id"),
+        integer("cate_id").alias("category_id"),
+        pl.when(integer("brand") != 0).then(integer("brand")).alias("brand_id"),  # 0: the ad has no brand
+        pl.col("_price").cast(pl.Float64, strict=False).alias("price"),
+        integer("cms_group_id").alias("segment"),
+        integer("age_level").alias("age_bucket"),
+        integers("his_cate").alias("hist_category"),
+        real_steps("cont_btag").list.eval(pl.element().replace_strict(btag_code, default=None, return_dtype=pl.Int8))
+        .alias("hist_behavior"),
+        integers("his_brand").alias("hist_brand"),
+    )
+
+
+def check_dmr_header(path: Path) -> None:
+    """Raise a DataError naming the file unless its first line is the 267-column DMR header."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        found = [name.strip() for name in f.readline().rstrip("\r\n").split(",")]
+    if found == list(DMR_HEADER):
+        return
+    layout = f"{DMR_STEPS} each of {', '.join(DMR_LISTS)}, then {', '.join(DMR_SCALARS)}"
+    if len(found) != len(DMR_HEADER):
+        raise DataError(f"the header has {len(found)} columns, expected {len(DMR_HEADER)}: {layout}", file=path.name, line=1)
+    k = next(i for i, (a, b) in enumerate(zip(found, DMR_HEADER, strict=True)) if a != b)
+    raise DataError(f"header column {k + 1} is {found[k]!r}, expected {DMR_HEADER[k]!r} ({layout})", file=path.name, line=1)
+
+
+def price_deciles(price: pl.Expr) -> pl.Expr:
+    """0..9: the decile of ``price`` among the rows (by rank, ties share a bucket). The DMR price
+    is rescaled (0.94-1.0 in the sample, unit unknown), so fixed buckets would not mean anything;
+    ranks survive any increasing rescaling.
+
+    Example:
+        >>> pl.select(price_deciles(pl.Series([0.95, 0.97, 0.97, 1.0]))).to_series().to_list()
+        [0, 2, 2, 7]
+    """
+    return ((price.rank("min").cast(pl.Int64) - 1) * PRICE_BUCKETS // price.len()).cast(pl.Int64)
+
+
+def read_alimama(path: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
+    """Read an Alimama DMR file: the mapping is in the module docstring and docs/DATA.md.
+
+    Raises:
+        DataError: a wrong header (strict or not), or, with ``strict``, the first bad line.
+    """
+    check_dmr_header(path)
+    checked = (
+        scan_lines(path)
+        .filter(pl.col("line") > 1)
+        .pipe(split_dmr)
+        .pipe(with_checks, dmr_checks())
+        .pipe(typed_dmr)
+        .collect(engine="streaming")
+    )
+    valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
+    examples = pseudo_users(valid.sort("line"), ["uid", "hist_behavior", "hist_category", "hist_brand"])
+    src = line_source("alimama", path, examples, cfg, lines=checked.height, rejects=rejects)
+    ads = examples.unique("item_id", keep="first", maintain_order=True).select(
+        "item_id", "brand_id", price_deciles(pl.col("price")).alias("price_bucket")
+    )
+    src.items = src.items.join(ads, on="item_id", how="left", maintain_order="left")
+    src.users = examples.filter(pl.col("line") == pl.col("user_id")).select("user_id", "segment", "age_bucket")
+    return src

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  recsys data build --source taobao:UserBehavior.csv --out out/taobao --strict",
     )
     build.add_argument("--source", required=True, metavar="KIND:PATH", help="synth:DIR (from `data synth`), taobao:FILE (UserBehavior CSV), amazon:FILE (DIN/DIEN "
-                       "lines) or paddlerec:FILE (PaddleRec DIN lines); see docs/DATA.md")
+                       "lines), paddlerec:FILE (PaddleRec DIN lines) or alimama:FILE (DMR CSV with header); "
+                       "see docs/DATA.md")
     build.add_argument("--out", type=Path, required=True, help="output directory")
     build.add_argument("--config", type=Path, help="build config (YAML, BuildConfig schema; default configs/data/default.yaml)")
     build.add_argument("--strict", action="store_true", help="stop at the first bad row (exit code 2) instead of skipping it")

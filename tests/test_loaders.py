@@ -1,10 +1,12 @@
-"""The one-example-a-line sources: Amazon DIN/DIEN (``amazon:``) and PaddleRec DIN (``paddlerec:``).
+"""The one-example-a-line sources: Amazon DIN/DIEN (``amazon:``), PaddleRec DIN (``paddlerec:``)
+and Alimama DMR (``alimama:``).
 
 Counts are re-derived from the files with plain Python, independently of the polars reader.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 
 import polars as pl
@@ -13,7 +15,7 @@ import pytest
 import features.sources as sources
 from features.build import build
 from features.history import HistoryStore
-from features.sources import HISTORY_GAP, LINE_T0, stable_id
+from features.sources import DMR_HEADER, HISTORY_GAP, LINE_T0, stable_id
 from features.vocab import Vocab
 from recsys.errors import DataError, RecsysError
 from recsys.schemas import BuildConfig
@@ -25,7 +27,7 @@ SPLITS = ("train", "valid", "test")
 def built(out) -> tuple[pl.DataFrame, HistoryStore, dict[str, dict]]:
     """All requests (with raw ids of candidates), the history store and raw_of[vocab][index]."""
     raw_of = {}
-    for name in ("item_id", "category_id"):
+    for name in (f.stem for f in (out / "vocab").glob("*.parquet")):
         table = Vocab.load(out / "vocab", name).table
         raw_of[name] = dict(zip(table["index"].to_list(), table["raw"].to_list(), strict=True))
     req = pl.concat([pl.read_parquet(out / "requests" / f"{s}.parquet") for s in SPLITS])
@@ -275,3 +277,198 @@ def test_a_line_source_must_be_a_file(tmp_path):
     with pytest.raises(RecsysError) as err:
         build(f"amazon:{tmp_path}", tmp_path / "out", BuildConfig())
     assert str(err.value) == f"--source amazon:{tmp_path}: the amazon format is a text file, one example a line"
+
+
+# --------------------------------------------------------------------------------------------
+# Alimama DMR: header, then 50 steps each of cont_btag, his_cate, his_brand, mask, match_mask,
+# then uid, profile, ad (mid, cate_id, ..., brand, price), pid, target
+
+STEPS = 50
+HEADER = ",".join(DMR_HEADER)
+BTAG = {"1": 0, "2": 1, "3": 2, "4": 3}  # cont_btag -> our behaviour code (pv, cart, fav, buy)
+
+
+def dmr_line(history=(), *, uid="7", mid="100", cate="11", brand="500", price="0.99", target="1",
+             group="3", age="2", **scalars: str) -> str:
+    """One DMR line; ``history`` = (btag, cate, brand) of the real steps, oldest first, left-padded."""
+    pad = ["0"] * (STEPS - len(history))
+    btags, cates, brands = ([*pad, *column] for column in zip(*history, strict=True)) if history else (pad,) * 3
+    mask = [*pad, *("1" for _ in history)]
+    fields = dict(uid=uid, cms_segid="0", cms_group_id=group, final_gender_code="2", age_level=age,
+                  pvalue_level="1", shopping_level="3", occupation="0", new_user_class_level="2", mid=mid,
+                  cate_id=cate, campaign_id="9", customer="9", brand=brand, price=price, pid="1", target=target)
+    fields.update(scalars)
+    return ",".join([*btags, *cates, *brands, *mask, *mask, *fields.values()])
+
+
+def with_column(line: str, column: int, value: str) -> str:
+    """``line`` with its ``column`` (1-based) set to ``value``."""
+    fields = line.split(",")
+    fields[column - 1] = value
+    return ",".join(fields)
+
+
+H1 = [("1", "11", "21"), ("2", "12", "22"), ("4", "13", "23")]  # steps 48-50 real, 1-47 padding
+H2 = [("2", "12", "22"), ("4", "13", "23"), ("3", "14", "24")]  # the same user one step later
+DMR_GOOD = [
+    dmr_line(H1),  # positive ...
+    dmr_line(H1, mid="101", cate="12", brand="0", price="0.95", target="0"),  # ... same history: same request; no brand
+    dmr_line((), uid="8", mid="102", group="4", age="5", price="1.0"),  # no history
+    dmr_line(H2, mid="103", cate="14", brand="501", price="0.97", target="0"),  # uid 7, another history
+    with_column(dmr_line(H1, uid="9", mid="104"), 150 + 48, "0"),  # step 48 masked out: a 2-step history
+]
+G = dmr_line(H1)
+DMR_BAD = [  # (line text, field, value, reason)
+    (G[:-2], "*", G[:-2], "expected 267 fields, got 266"),
+    (G + ",1", "*", G + ",1", "expected 267 fields, got 268"),
+    (dmr_line(H1, target="2"), "target", "2", "must be 0 or 1"),
+    (dmr_line(H1, target=""), "target", "", "must be 0 or 1"),
+    (dmr_line(H1, uid="u7"), "uid", "u7", "not a non-negative integer"),
+    (dmr_line(H1, mid="-100"), "mid", "-100", "not a non-negative integer"),
+    (dmr_line(H1, cate="1.5"), "cate_id", "1.5", "not a non-negative integer"),
+    (dmr_line(H1, group=""), "cms_group_id", "", "not a non-negative integer"),
+    (dmr_line(H1, pid="p1"), "pid", "p1", "not a non-negative integer"),
+    (dmr_line(H1, price="cheap"), "price", "cheap", "not a finite number"),
+    (dmr_line(H1, price="inf"), "price", "inf", "not a finite number"),
+    (with_column(G, 150 + 3, "2"), "mask", "2", "must be 0 or 1 (column 153, step 3 of 50)"),
+    (with_column(G, 50, "5"), "cont_btag", "5",
+     "not a behaviour code 1-4 (pv, cart, fav, buy) on a step whose mask is 1 (column 50, step 50 of 50)"),
+    (with_column(G, 48, "0"), "cont_btag", "0",
+     "not a behaviour code 1-4 (pv, cart, fav, buy) on a step whose mask is 1 (column 48, step 48 of 50)"),
+    (with_column(G, 50 + 49, "x"), "his_cate", "x", "not a non-negative integer (column 99, step 49 of 50)"),
+    (with_column(G, 100 + 50, "-3"), "his_brand", "-3", "not a non-negative integer (column 150, step 50 of 50)"),
+    ("", "*", "", "empty line"),
+]
+
+
+def dmr_file(tmp_path, lines: list[str]):
+    path = tmp_path / "alimama.txt"
+    path.write_text("".join(f"{line}\n" for line in [HEADER, *lines]))
+    return path
+
+
+@pytest.mark.real_data
+def test_alimama_sample_builds_end_to_end(tmp_path):
+    path = shared_file("alimama_dmr_deepctr", "alimama_sample.txt")
+    with path.open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    col = {name: header.index(name) for name in header[250:]}  # scalar columns are unique
+    by_line = {}
+    for n, r in enumerate(rows, 2):  # line 1 is the header
+        real = [i for i in range(STEPS) if r[150 + i] == "1"]
+        by_line[n] = {
+            "history": [(r[i], int(r[50 + i]), int(r[100 + i])) for i in real],  # (btag, cate, brand)
+            **{name: r[col[name]] for name in col},
+        }
+    pseudo_users = {}  # (uid, history) -> first line
+    for n, ex in by_line.items():
+        pseudo_users.setdefault((ex["uid"], tuple(ex["history"])), n)
+    first_price = {}
+    for ex in by_line.values():
+        first_price.setdefault(int(ex["mid"]), float(ex["price"]))
+    prices = sorted(first_price.values())
+    decile = {item: prices.index(p) * 10 // len(prices) for item, p in first_price.items()}
+
+    out = tmp_path / "d"
+    result = run_cli("--quiet", "data", "build", "--source", f"alimama:{path}", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_read"] == {"lines": len(rows)} and report["rows_rejected"] == 0
+    assert report["users"] == len(pseudo_users) < len(rows)  # some lines share a user and history
+    assert report["events"] == sum(len(h) for _, h in pseudo_users)
+    assert sum(report["requests"].values()) == len(pseudo_users)
+    assert sum(report["candidates"].values()) == len(rows)
+    assert sum(report["positives"].values()) == sum(int(ex["target"]) for ex in by_line.values())
+    assert all(report["requests"][s] > 0 for s in SPLITS)
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["candidate_features"] == ["item", "category", "brand", "price_bucket"]
+    assert manifest["profile_features"] == ["segment", "age_bucket"]
+
+    req, store, raw_of = built(out)
+    users = pl.read_parquet(out / "users.parquet")
+    for r in req.iter_rows(named=True):
+        lines = [n for n, ex in by_line.items() if pseudo_users[(ex["uid"], tuple(ex["history"]))] == r["request_id"]]
+        ex = by_line[lines[0]]
+        history = store.user_events(r["user"], r["hist_len"])
+        assert r["hist_len"] == len(ex["history"]) == store.lengths()[r["user"]]
+        assert [raw_of["category_id"][c] for c in history["category"]] == [c for _, c, _ in ex["history"]]
+        assert history["behavior"].tolist() == [BTAG[b] for b, _, _ in ex["history"]]
+        assert (history["item"] == 0).all()  # no item ids in the history: the OOV row
+        assert (r["timestamp"] - history["timestamp"]).tolist() == [HISTORY_GAP * k for k in range(r["hist_len"], 0, -1)]
+        profile = users.row(r["user"], named=True)
+        assert raw_of["segment"][profile["segment"]] == int(ex["cms_group_id"])
+        assert raw_of["age_bucket"][profile["age_bucket"]] == int(ex["age_level"])
+        got = sorted(zip(*(r[c] for c in ("item", "category", "brand", "price_bucket", "label")), strict=True))
+        want = [(int(by_line[n]["mid"]), int(by_line[n]["cate_id"]), int(by_line[n]["brand"]) or None,
+                 decile[int(by_line[n]["mid"])], int(by_line[n]["target"])) for n in lines]
+        assert sorted((raw_of["item_id"][i], raw_of["category_id"][c], raw_of["brand_id"][b], raw_of["price_bucket"][p], y)
+                      for i, c, b, p, y in got) == sorted(want)
+    assert req.sort("timestamp")["request_id"].to_list() == sorted(pseudo_users.values())
+
+
+def test_alimama_lines_map_to_pseudo_users_profiles_and_ads(tmp_path):
+    lines = [DMR_GOOD[0], *(b[0] for b in DMR_BAD), *DMR_GOOD[1:]]
+    bad_at = {n: b for n, b in enumerate(DMR_BAD, 3)}  # line 1 the header, 2 the first good line
+    path = dmr_file(tmp_path, lines)
+    report = build(f"alimama:{path}", tmp_path / "d", BuildConfig())
+    assert report["rows_read"] == {"lines": len(lines)} and report["rows_rejected"] == len(DMR_BAD)
+    assert report["users"] == 4 and report["events"] == 3 + 0 + 3 + 2
+    assert sum(report["requests"].values()) == 4 and sum(report["candidates"].values()) == 5
+    check_rejects(tmp_path / "d", path.name, bad_at)
+
+    req, store, raw_of = built(tmp_path / "d")
+    users = pl.read_parquet(tmp_path / "d" / "users.parquet")
+    by_id = {r["request_id"]: r for r in req.iter_rows(named=True)}
+    good_line = [2, *range(3 + len(DMR_BAD), 3 + len(DMR_BAD) + 4)]  # the lines of DMR_GOOD
+    pair, empty, later, masked = (by_id[good_line[k]] for k in (0, 2, 3, 4))
+    assert set(by_id) == {good_line[k] for k in (0, 2, 3, 4)}  # DMR_GOOD[1] joined DMR_GOOD[0]'s request
+
+    got = {raw_of["item_id"][i]: (raw_of["brand_id"][b], raw_of["price_bucket"][p], y)
+           for i, b, p, y in zip(pair["item"], pair["brand"], pair["price_bucket"], pair["label"], strict=True)}
+    assert got == {100: (500, 4, 1), 101: (None, 0, 0)}  # brand 0 is OOV; 2 of the 5 ads are cheaper than 0.99
+    for r, steps in ((pair, H1), (later, H2), (masked, H1[1:])):
+        history = store.user_events(r["user"], r["hist_len"])
+        assert [raw_of["category_id"][c] for c in history["category"]] == [int(c) for _, c, _ in steps]
+        assert history["behavior"].tolist() == [BTAG[b] for b, _, _ in steps]
+        assert history["item"].tolist() == [0] * len(steps)
+        assert (history["timestamp"] < r["timestamp"]).all()
+    assert empty["hist_len"] == 0 and raw_of["item_id"][empty["item"][0]] == 102
+    profile = users.row(empty["user"], named=True)
+    assert (raw_of["segment"][profile["segment"]], raw_of["age_bucket"][profile["age_bucket"]]) == (4, 5)
+    # pseudo-users in file order, one second apart
+    assert [by_id[n]["timestamp"] for n in sorted(by_id)] == [LINE_T0 + j for j in range(4)]
+
+
+@pytest.mark.parametrize("bad", DMR_BAD, ids=[f"{b[1]}: {b[3]}" for b in DMR_BAD])
+def test_alimama_strict_names_file_line_field_and_value(tmp_path, bad):
+    check_strict("alimama", [HEADER, *DMR_GOOD], bad, tmp_path)
+
+
+def test_alimama_strict_cli_exits_2_with_one_line(tmp_path):
+    path = dmr_file(tmp_path, [*DMR_GOOD, with_column(G, 50, "5"), dmr_line(H1, price="cheap")])
+    result = run_cli("data", "build", "--source", f"alimama:{path}", "--out", str(tmp_path / "out"), "--strict")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr == (
+        f"recsys: error: alimama.txt:{2 + len(DMR_GOOD)}: field 'cont_btag' = '5': not a behaviour code 1-4 "
+        "(pv, cart, fav, buy) on a step whose mask is 1 (column 50, step 50 of 50) "
+        "(2 bad rows in all; run without --strict to skip them into rejects.csv)\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+LAYOUT = ("50 each of cont_btag, his_cate, his_brand, mask, match_mask, then uid, cms_segid, cms_group_id, "
+          "final_gender_code, age_level, pvalue_level, shopping_level, occupation, new_user_class_level, mid, "
+          "cate_id, campaign_id, customer, brand, price, pid, target")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize(("header", "message"), [
+    (HEADER.rsplit(",", 1)[0], f"the header has 266 columns, expected 267: {LAYOUT}"),
+    (HEADER + ",label", f"the header has 268 columns, expected 267: {LAYOUT}"),
+    (HEADER.replace(",uid,", ",user_id,"), f"header column 251 is 'user_id', expected 'uid' ({LAYOUT})"),
+    (DMR_GOOD[0], f"header column 1 is '0', expected 'cont_btag' ({LAYOUT})"),  # no header at all
+    ("", f"the header has 1 columns, expected 267: {LAYOUT}"),
+], ids=["266 columns", "268 columns", "a renamed column", "no header", "empty file"])
+def test_a_wrong_alimama_header_stops_the_build(tmp_path, header, message, strict):
+    e = build_error("alimama", [header, *DMR_GOOD], tmp_path, strict=strict)
+    assert str(e) == f"din.txt:1: {message}"
