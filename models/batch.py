@@ -45,7 +45,7 @@ from torchrec import KeyedJaggedTensor
 from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from recsys.errors import DataError
-from recsys.types import Jagged
+from recsys.types import BEHAVIORS, Jagged
 
 #: History fields read from the store for every request (timestamp becomes ``hist_gap``).
 HISTORY_FIELDS = ("item", "category", "behavior", "timestamp")
@@ -87,6 +87,10 @@ class FeatureSpec:
         """From a built dataset's ``dataset.json``."""
         sizes = {name: int(f["size"]) for name, f in dataset["features"].items()}
         return cls(sizes=sizes, time_gap_buckets=time_gap_buckets, use_user_id=use_user_id)
+
+    def size(self, feature: str) -> int:
+        """Rows of a feature's table (``behavior``: the fixed behaviour codes)."""
+        return len(BEHAVIORS) if feature == "behavior" else int(self.sizes[feature])
 
     @property
     def candidate(self) -> tuple[str, ...]:

@@ -6,7 +6,8 @@ Blocks read the embedded batch and return one vector per candidate; the head con
 
 Blocks: DIN target attention over the most recent ``din.max_len`` behaviours; KSA over the whole
 history with a target-attention read-out (models/ksa.py); SIM's search and exact search units
-(models/sim.py), whose auxiliary losses :meth:`CTRModel.aux_loss` returns.
+(models/sim.py), whose auxiliary losses :meth:`CTRModel.aux_loss` returns; CAN's co-action units
+and the Cartesian-product baseline (models/can.py), whose tables the embedding layer owns.
 History tokens (the keys) are ``[item | category] + [behavior | time gap]``, ``[L_total, 2D]``;
 a candidate's query is ``[item | category]``, ``[C, 2D]``: the item and category tables are the
 same for both, so a candidate and a behaviour of the same item share their embedding.
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from models.batch import FeatureSpec, RequestBatch
+from models.can import CANBlock, CartesianBlock
 from models.din import DINAttention
 from models.embedding import Embedded, FeatureEmbeddings
 from models.jagged import pad, segment_ids, tail
@@ -89,7 +91,8 @@ class CTRModel(nn.Module):
         emb = self.embeddings(batch)
         if self.detach_embeddings:
             emb = dataclasses.replace(emb, history={k: v.detach() for k, v in emb.history.items()},
-                                      candidate={k: v.detach() for k, v in emb.candidate.items()}, profile=emb.profile.detach())
+                                      candidate={k: v.detach() for k, v in emb.candidate.items()}, profile=emb.profile.detach(),
+                                      extra={k: (v.detach(), o) for k, (v, o) in emb.extra.items()})
         request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
         parts = [emb.profile[request], *emb.candidate.values()]  # [C, P*D], F x [C, D]
         parts += [block(emb, request) for block in self.blocks.values()]
@@ -99,7 +102,14 @@ class CTRModel(nn.Module):
 def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> CTRModel:
     """The composed model for a dataset's features (``FeatureSpec``) and a model config."""
     dim = cfg.embedding.dim
-    embeddings = FeatureEmbeddings(spec=spec, dim=dim, device=device)
+    # CAN and the Cartesian baseline keep their parameters in tables the embedding layer owns
+    crosses: dict[str, nn.Module] = {}
+    if cfg.can.enabled:
+        crosses["can"] = CANBlock(cfg=cfg.can, spec=spec)
+    if cfg.cartesian.enabled:
+        crosses["cartesian"] = CartesianBlock(cfg=cfg.cartesian, spec=spec)
+    extra = [t for b in crosses.values() for t in b.tables()]
+    embeddings = FeatureEmbeddings(spec=spec, dim=dim, extra=extra, device=device)
     blocks: dict[str, nn.Module] = {}
     if cfg.din.enabled:
         blocks["din"] = DINBlock(dim=dim, cfg=cfg.din)
@@ -108,6 +118,7 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None
                                  gap_buckets=spec.time_gap_buckets)
     if cfg.sim.enabled:  # after KSA: the ksa search mode reads its encode
         blocks["sim"] = SIMBlock(dim=dim, cfg=cfg.sim, ksa=blocks.get("ksa"))
+    blocks.update(crosses)
     in_dim = embeddings.profile_dim + dim * len(spec.candidate) + sum(b.out_dim for b in blocks.values())
     head = MLP(in_dim=in_dim, hidden=cfg.head.hidden, out_dim=1, dropout=cfg.head.dropout)
     model = CTRModel(embeddings=embeddings, blocks=blocks, head=head)

@@ -32,8 +32,15 @@ def run_ablation(
     data_dir: str | Path, models: list[str], *, config_dir: Path, out: str | Path, workers: int = 0,
     split: str = "test", overrides: list[str] = (), overwrite: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per model (see ``COLUMNS``), in the order given."""
+    """One row per model (see ``COLUMNS``), in the order given.
+
+    Each row is also appended to ``OUT/rows.jsonl`` as soon as its model is evaluated, so a long
+    ablation that is stopped keeps the rows it finished.
+    """
     configs = {m: load_config(RunConfig, model_config_path(config_dir, m), overrides) for m in models}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    log = Path(out) / "rows.jsonl"
+    log.write_text("")
     rows = []
     for name, cfg in configs.items():
         note(f"[ablation] {name}: training")
@@ -46,6 +53,8 @@ def run_ablation(
             "examples_per_s": epochs[-1]["examples_per_s"] if epochs else None,
             "split": split, "examples": result["examples"], "run": str(run.path),
         })
+        with log.open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 

@@ -246,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timed requests per mode and n, after 1 warm-up (p50/p99; default 30)")
     bsim.add_argument("--json", action="store_true", help="print one JSON object")
     bsim.set_defaults(handler=_cmd_bench_sim)
+    bcan = bench_cmds.add_parser(
+        "can", help="CAN block (batched co-action units) vs a loop over pairs and steps: forward time",
+        description="Forward time of the CAN block of configs/models/can.yaml (three pairs, micro-MLP 16 -> 8 -> 4,\n"
+        "orders 1..3) for one request of --candidates candidates and a --steps-step history, against the same\n"
+        "function written as a Python loop over pairs, orders and steps (each step batched over candidates), in\n"
+        "the same run; the outputs are checked equal first. Target: speedup >= 10. See docs/BENCHMARKS.md.",
+        epilog="example: recsys bench can --json",
+        formatter_class=fmt,
+    )
+    bcan.add_argument("--candidates", type=int, default=100, metavar="M", help="candidates per request (default 100)")
+    bcan.add_argument("--steps", type=int, default=100, metavar="N", help="history steps (default 100)")
+    bcan.add_argument("--repeats", type=int, default=20, metavar="R", help="timed forwards of each, after 1 warm-up (p50; default 20)")
+    bcan.add_argument("--json", action="store_true", help="print one JSON object (can_ms, naive_ms, speedup, ...)")
+    bcan.set_defaults(handler=_cmd_bench_can)
     return parser
 
 
@@ -433,6 +447,13 @@ def _cmd_bench_sim(args: argparse.Namespace) -> int:
 
     return _run_bench(args, {"--candidates": args.candidates, "--repeats": args.repeats},
                       lambda: bench_sim(sizes, candidates=args.candidates, repeats=args.repeats), format_bench_sim)
+
+
+def _cmd_bench_can(args: argparse.Namespace) -> int:
+    from pipelines.bench_can import bench_can, format_bench_can
+
+    return _run_bench(args, {"--candidates": args.candidates, "--steps": args.steps, "--repeats": args.repeats},
+                      lambda: bench_can(candidates=args.candidates, steps=args.steps, repeats=args.repeats), format_bench_can)
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -127,6 +127,108 @@ class SIMConfig(Schema):
     )
 
 
+#: Candidate features a co-action pair may take as its induction side (they parameterise the micro-MLP).
+InductionFeature = Literal["item", "category", "brand", "price_bucket"]
+#: User-side features a pair may feed: the history's ids (one input per step) or a profile feature.
+FeedFeature = Literal["history.item", "history.category", "history.behavior", "profile.segment", "profile.age_bucket"]
+
+
+class CoActionPair(Schema):
+    """One feature pair: the candidate's ``induction`` feature acting on the user-side ``feed`` feature."""
+
+    induction: InductionFeature
+    feed: FeedFeature
+
+    @property
+    def label(self) -> str:
+        return f"{self.induction} x {self.feed}"
+
+
+def _default_pairs() -> list[CoActionPair]:
+    return [CoActionPair(induction="item", feed="history.item"),
+            CoActionPair(induction="category", feed="history.category")]
+
+
+def _unique_pairs(pairs: list[CoActionPair], where: str) -> None:
+    seen = set()
+    for p in pairs:
+        if (p.induction, p.feed) in seen:
+            raise ValueError(f"{where}.pairs lists {p.label} twice")
+        seen.add((p.induction, p.feed))
+
+
+class CANConfig(Schema):
+    """CAN co-action units (models/can.py; PAPERS.md §3): per pair, the candidate's induction vector
+    becomes a micro-MLP applied to the feed feature (each history step, masked, then summed).
+
+    The defaults are the official code's: the two same-type pairs, micro-MLP 16 -> 8 -> 4 without
+    bias (D' = 16*8 + 8*4 = 160, D = 16), orders 1..3 concatenated, parameter independence only.
+    """
+
+    enabled: bool = False
+    pairs: list[CoActionPair] = Field(default_factory=_default_pairs, min_length=1)
+    mlp: list[int] = Field(
+        default_factory=lambda: [16, 8, 4], min_length=2, max_length=6,
+        description="micro-MLP widths: the feed size D, then each layer's output (tanh between layers)",
+    )
+    bias: bool = Field(False, description="micro-MLP layers have a bias (the official code has none)")
+    orders: int = Field(3, ge=1, le=8, description="C: feed vectors raised element-wise to powers 1..C, outputs concatenated")
+    induction_dim: int | None = Field(
+        None, ge=1, description="D': size of an induction vector; must equal sum over layers of d_in*d_out (+ d_out "
+        "with bias). Leave unset to derive it from mlp",
+    )
+    order_independent: bool = Field(False, description="a separate micro-MLP per order (induction vectors C times longer)")
+    combination_independent: bool = Field(
+        False, description="a separate induction slice per pair an induction feature takes part in, and a separate "
+        "feed slice per pair a feed feature takes part in (PAPERS.md §3.1, level 2)",
+    )
+    max_len: int = Field(100, ge=1, description="most recent history steps a history pair reads")
+    init_std: float = Field(0.01, gt=0, description="std of the uniform init of the co-action tables (paper: 0.01)")
+
+    @property
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        return list(zip(self.mlp[:-1], self.mlp[1:], strict=True))
+
+    @property
+    def mlp_size(self) -> int:
+        """Parameters of one micro-MLP: sum of d_in*d_out (+ d_out with bias)."""
+        return sum(i * o + (o if self.bias else 0) for i, o in self.layer_shapes)
+
+    @property
+    def out_dim(self) -> int:
+        """Output per pair: orders x the widths of all layers."""
+        return self.orders * sum(self.mlp[1:])
+
+    @model_validator(mode="after")
+    def _shapes(self) -> CANConfig:
+        if self.induction_dim is not None and self.induction_dim != self.mlp_size:
+            shape = " -> ".join(map(str, self.mlp))
+            terms = " + ".join(f"{i}*{o}" + (f" + {o}" if self.bias else "") for i, o in self.layer_shapes)
+            raise ValueError(f"model.can.induction_dim ({self.induction_dim}) does not fit the micro-MLP {shape} "
+                             f"{'with' if self.bias else 'without'} bias, which needs {self.mlp_size} = {terms}")
+        _unique_pairs(self.pairs, "model.can")
+        return self
+
+
+class CartesianConfig(Schema):
+    """The Cartesian-product baseline CAN is compared with: one id per (candidate value, feed value)
+    of each pair, embedded in its own torchrec table (hashed when the product of the two
+    vocabularies exceeds ``rows``) and summed over history steps."""
+
+    enabled: bool = False
+    pairs: list[CoActionPair] = Field(default_factory=_default_pairs, min_length=1)
+    dim: int = Field(16, ge=1, le=1024, description="embedding dimension of the cross-id tables")
+    rows: int = Field(
+        2_097_152, ge=16, description="rows per pair: exact ids when |induction| * |feed| fits, else hashed into this many",
+    )
+    max_len: int = Field(100, ge=1, description="most recent history steps a history pair crosses")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> CartesianConfig:
+        _unique_pairs(self.pairs, "model.cartesian")
+        return self
+
+
 class HeadConfig(Schema):
     """The MLP over [profile, candidate, block outputs] that gives one logit per candidate."""
 
@@ -139,6 +241,8 @@ class ModelConfig(Schema):
     din: DINConfig = Field(default_factory=DINConfig)
     ksa: KSAConfig = Field(default_factory=KSAConfig)
     sim: SIMConfig = Field(default_factory=SIMConfig)
+    can: CANConfig = Field(default_factory=CANConfig)
+    cartesian: CartesianConfig = Field(default_factory=CartesianConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
 
     @model_validator(mode="after")

@@ -394,3 +394,38 @@ def test_bench_sim_cli_help_has_the_options_and_an_example():
 def test_bench_sim_rejects_bad_arguments_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bench_sim(**{"sizes": [8], **kwargs})
+
+
+# --------------------------------------------------------------------------------------------
+# recsys bench can
+
+
+def test_bench_can_cli_json_fields_and_the_loop_agrees():
+    r = run_cli("bench", "can", "--candidates", "7", "--steps", "9", "--repeats", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"can_ms", "naive_ms", "speedup", "max_abs_diff", "target_speedup", "met"} <= set(out)
+    assert out["can_ms"] > 0 and out["naive_ms"] > 0
+    assert out["speedup"] == pytest.approx(out["naive_ms"] / out["can_ms"], rel=0.01)
+    assert out["met"] == (out["speedup"] >= 10) and out["max_abs_diff"] <= 1e-4
+    assert out["config"]["pairs"] == ["item x history.item", "category x history.category", "brand x profile.segment"]
+    bad = run_cli("bench", "can", "--steps", "0")
+    assert bad.returncode == 2 and "--steps must be >= 1, got 0" in bad.stderr
+
+
+def test_the_pair_step_loop_equals_the_block_with_independence_options():
+    from models.jagged import segment_ids
+    from pipelines.bench_can import CAN_SIZES, _request, co_action_pair_step_loop
+
+    cfg = ModelConfig.model_validate({"din": {"enabled": False}, "can": {
+        "enabled": True, "bias": True, "orders": 2, "order_independent": True, "combination_independent": True,
+        "pairs": [{"induction": "item", "feed": "history.item"}, {"induction": "item", "feed": "profile.segment"},
+                  {"induction": "brand", "feed": "history.item"}]}})
+    spec = FeatureSpec(sizes=CAN_SIZES)
+    torch.manual_seed(0)
+    model = build_model(cfg, spec).eval()
+    with torch.no_grad():
+        emb = model.embeddings(_request(spec, 6, 11, 0))
+        block = model.blocks["can"](emb, segment_ids(emb.cand_offsets))
+        loop = co_action_pair_step_loop(model.blocks["can"], emb)
+    torch.testing.assert_close(block, loop, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,14 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str, out: str) -> None:
+#: CAN's co-action tables (dims 160 and 16) and the Cartesian tables (hashed and exact) as well.
+CROSSES = ["model.can.enabled=true", "model.can.max_len=20", "model.can.pairs=[{induction: item, feed: history.item}, "
+           "{induction: brand, feed: profile.segment}]", "model.cartesian.enabled=true", "model.cartesian.max_len=20",
+           "model.cartesian.rows=4096", "model.cartesian.pairs=[{induction: category, feed: history.category}, "
+           "{induction: brand, feed: profile.segment}]"]
+
+
+def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str, out: str, extra: tuple[str, ...] = ()) -> None:
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -27,7 +34,7 @@ def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
                             timeout=dt.timedelta(seconds=120))
     try:
-        cfg = load_config(RunConfig, overrides=[f"train.sharding={sharding}", "model.din.max_len=20"])
+        cfg = load_config(RunConfig, overrides=[f"train.sharding={sharding}", "model.din.max_len=20", *extra])
         dataset = json.loads(open(f"{data_dir}/dataset.json").read())
         spec = FeatureSpec.from_dataset(dataset, time_gap_buckets=20, use_user_id=False)
         store = HistoryStore.open(f"{data_dir}/history/history.arrow")
@@ -62,13 +69,16 @@ def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_sharded_model_equals_the_gathered_plain_model(tiny_data, tmp_path, sharding):
+@pytest.mark.parametrize(("sharding", "crosses"), [("table_wise", False), ("column_wise", False), ("table_wise", True)])
+def test_sharded_model_equals_the_gathered_plain_model(tiny_data, tmp_path, sharding, crosses):
     out = tmp_path / "result.json"
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_data), sharding, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_data), sharding, str(out), tuple(CROSSES) if crosses else ()),
+             nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert sharding in result["plan"]
     assert "rank:1" in result["plan"]  # both ranks hold tables (it really is sharded)
+    if crosses:
+        assert "can_induce_item" in result["plan"] and "cart_category_x_hist_category" in result["plan"]
     # exact up to float summation order; a feature-order mix-up (e.g. a sharded EBC returning its
     # keys grouped by rank) shows up here as differences of 1e-3 and more
     assert result["max_abs_diff"] < 1e-5
