@@ -61,3 +61,14 @@ def tiny_data(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_data") / "data"
     build(f"synth:{tiny_world}", out, BuildConfig())
     return out
+
+
+def eval_export_serve(run: Path, data: Path, export: Path, requests: int = 4) -> dict:
+    """Evaluate a trained run on test, export it and score ``requests`` of its test requests over
+    HTTP (pipelines.demo's check): the result has ``requests`` and ``max_abs_diff`` vs eval."""
+    assert run_cli("eval", "--run", str(run), "--split", "test", "--json").returncode == 0
+    r = run_cli("export", "--run", str(run), "--out", str(export))
+    assert r.returncode == 0, r.stderr
+    from pipelines.demo import _score_over_http
+
+    return _score_over_http(export, data, run / "eval" / "test-scores.parquet", requests)

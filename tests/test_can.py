@@ -20,7 +20,7 @@ from recsys.config import load_config
 from recsys.errors import ConfigError
 from recsys.model_schemas import CANConfig, ModelConfig, RunConfig
 from recsys.types import Jagged
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, eval_export_serve, run_cli
 
 SHAPES = [(2, 2), (2, 1)]  # micro-MLP 2 -> 2 -> 1
 
@@ -246,10 +246,5 @@ def test_can_and_cartesian_train_export_and_serve_their_eval_scores(tiny_data, t
     assert info["history_len"] == 20
     epoch = json.loads((run / "metrics.jsonl").read_text())
     assert np.isfinite(epoch["train_loss"]) and 0 < epoch["valid"]["auc"] < 1
-    assert run_cli("eval", "--run", str(run), "--split", "test", "--json").returncode == 0
-    r = run_cli("export", "--run", str(run), "--out", str(tmp_path / "export"))
-    assert r.returncode == 0, r.stderr
-    from pipelines.demo import _score_over_http
-
-    served = _score_over_http(tmp_path / "export", tiny_data, run / "eval" / "test-scores.parquet", 4)
+    served = eval_export_serve(run, tiny_data, tmp_path / "export")
     assert served["requests"] == 4 and served["max_abs_diff"] <= 1e-5

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-
 #: CAN's co-action tables (dims 160 and 16) and the Cartesian tables (hashed and exact) as well.
 CROSSES = ["model.can.enabled=true", "model.can.max_len=20", "model.can.pairs=[{induction: item, feed: history.item}, "
            "{induction: brand, feed: profile.segment}]", "model.cartesian.enabled=true", "model.cartesian.max_len=20",

@@ -22,7 +22,7 @@ from recsys.config import load_config
 from recsys.errors import ConfigError, DataError
 from recsys.model_schemas import KSAConfig, ModelConfig, RunConfig, SIMConfig
 from recsys.types import Jagged
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, eval_export_serve, run_cli
 
 
 def _histories(rng, lengths, num_categories):
@@ -289,12 +289,7 @@ def test_sim_trains_exports_and_serves_its_eval_scores(tiny_data, tmp_path, mode
     assert (info["search_k"], info["history_len"]) == ((10, 20) if mode == "hard" else (None, None))
     epoch = json.loads((run / "metrics.jsonl").read_text())
     assert np.isfinite(epoch["train_loss"]) and 0 < epoch["valid"]["auc"] < 1
-    assert run_cli("eval", "--run", str(run), "--split", "test", "--json").returncode == 0
-    r = run_cli("export", "--run", str(run), "--out", str(tmp_path / "export"))
-    assert r.returncode == 0, r.stderr
-    from pipelines.demo import _score_over_http
-
-    served = _score_over_http(tmp_path / "export", tiny_data, run / "eval" / "test-scores.parquet", 4)
+    served = eval_export_serve(run, tiny_data, tmp_path / "export")
     assert served["requests"] == 4 and served["max_abs_diff"] <= 1e-5
 
 
