@@ -46,7 +46,7 @@ from models.batch import FeatureSpec
 from models.embedding import Embedded, ExtraTable
 from models.jagged import pad, segment_ids
 from recsys.errors import ConfigError
-from recsys.model_schemas import CANConfig, CartesianConfig, CoActionPair
+from recsys.model_schemas import CANConfig, CartesianConfig, CoActionPair, micro_mlp_size
 
 
 def split_layers(induction: torch.Tensor, shapes: Sequence[tuple[int, int]], bias: bool):
@@ -81,7 +81,7 @@ def co_action(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor | 
     Raises:
         ValueError: D' is not the size the micro-MLP shapes need (naming both numbers).
     """
-    need = sum(i * o + (o if bias else 0) for i, o in shapes)
+    need = micro_mlp_size(shapes, bias)
     if induction.shape[-1] != need:
         raise ValueError(f"induction vectors have {induction.shape[-1]} values but the micro-MLP "
                          f"{' -> '.join(str(s[0]) for s in shapes)} -> {shapes[-1][1]} needs {need}")
@@ -167,28 +167,25 @@ class CANBlock(nn.Module):
         self.spec = spec
         self.shapes = cfg.layer_shapes
         self.k_slices = cfg.orders if cfg.order_independent else 1
-        # Slot of each pair in its induction and feed vectors (always 0 without combination independence).
-        self.slots: list[tuple[int, int]] = []
+        # Slot of each pair in its induction and feed vectors: its rank among the pairs sharing the
+        # feature with combination independence, else 0 (one slice shared by all of them).
         induced: dict[str, int] = {}
         fed: dict[str, int] = {}
+        self.slots: list[tuple[int, int]] = []
         for p in cfg.pairs:
-            feed_table = self.feed_table(p)
-            self.slots.append((induced.get(p.induction, 0), fed.get(feed_table, 0)))
-            induced[p.induction] = induced.get(p.induction, 0) + 1
-            fed[feed_table] = fed.get(feed_table, 0) + 1
-        one = not cfg.combination_independent
-        self.induction_slices = {m: 1 if one else n for m, n in induced.items()}
-        self.feed_slices = {f: 1 if one else n for f, n in fed.items()}
-        if one:
-            self.slots = [(0, 0)] * len(cfg.pairs)
+            m, f = p.induction, self.feed_table(p)
+            self.slots.append((induced.get(m, 0), fed.get(f, 0)) if cfg.combination_independent else (0, 0))
+            induced[m], fed[f] = induced.get(m, 0) + 1, fed.get(f, 0) + 1
+        self.induction_slices = {m: n if cfg.combination_independent else 1 for m, n in induced.items()}
+        self.feed_slices = {f: n if cfg.combination_independent else 1 for f, n in fed.items()}
         self.history_pairs = [i for i, p in enumerate(cfg.pairs) if p.feed.startswith("history.")]
         self.profile_pairs = [i for i, p in enumerate(cfg.pairs) if p.feed.startswith("profile.")]
         self.max_len = cfg.max_len if self.history_pairs else 0
         self.out_dim = len(cfg.pairs) * cfg.out_dim
 
     @staticmethod
-    def induction_table(pair: CoActionPair) -> str:
-        return f"can_induce_{pair.induction}"
+    def induction_table(feature: str) -> str:
+        return f"can_induce_{feature}"
 
     @staticmethod
     def feed_table(pair: CoActionPair) -> str:
@@ -197,16 +194,16 @@ class CANBlock(nn.Module):
 
     def tables(self) -> list[ExtraTable]:
         """One induction table per induction feature, one feed table per feed feature."""
-        cfg, out = self.cfg, []
-        for m, s in self.induction_slices.items():
-            out.append(ExtraTable(name=f"can_induce_{m}", source=f"cand.{m}", rows=self.spec.size(m),
-                                  dim=s * self.k_slices * cfg.mlp_size, init_std=cfg.init_std))
+        cfg, spec = self.cfg, self.spec
+        out = [ExtraTable(name=self.induction_table(m), source=f"cand.{m}", rows=spec.size(m),
+                          dim=s * self.k_slices * cfg.mlp_size, init_std=cfg.init_std)
+               for m, s in self.induction_slices.items()]
         for p in cfg.pairs:
             name = self.feed_table(p)
             if any(t.name == name for t in out):
                 continue
             kind, feature = _feed_source(p)
-            out.append(ExtraTable(name=name, source=f"{kind}.{feature}", rows=self.spec.size(feature),
+            out.append(ExtraTable(name=name, source=f"{kind}.{feature}", rows=spec.size(feature),
                                   dim=self.feed_slices[name] * cfg.mlp[0], init_std=cfg.init_std,
                                   max_len=cfg.max_len if kind == "hist" else None))
         return out
@@ -219,7 +216,7 @@ class CANBlock(nn.Module):
         for i in pairs:
             p = cfg.pairs[i]
             s, q = self.slots[i]
-            ind = emb.extra[self.induction_table(p)][0]  # [C, S K' D']
+            ind = emb.extra[self.induction_table(p.induction)][0]  # [C, S K' D']
             induction.append(ind.unflatten(-1, (-1, self.k_slices, dp))[:, s])  # [C, K', D']
             fv, feed_offsets = emb.extra[self.feed_table(p)]  # [L' or B, Q d_0], [B+1]
             feed.append(fv.unflatten(-1, (-1, d0))[:, q])  # [L' or B, d_0]

@@ -151,6 +151,7 @@ class FeatureEmbeddings(nn.Module):
                 EmbeddingConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows, feature_names=[t.name],
                                 weight_init_min=-t.init_std * 3**0.5, weight_init_max=t.init_std * 3**0.5)  # U(-a, a): std a/sqrt 3
                 for t in extra if t.dim == d], device=device) for d in sorted({t.dim for t in extra})})
+            self._extra_groups = {key: [i for i, t in enumerate(extra) if f"dim{t.dim}" == key] for key in self.extra}
 
     def _check_source(self, t: ExtraTable) -> None:
         parts = t.source.split(".")
@@ -226,11 +227,11 @@ class FeatureEmbeddings(nn.Module):
             step = torch.repeat_interleave(right_off[:-1].to(torch.int64)[request], n) + positions(n)  # [R] index into right
             values.append(cross_ids(torch.repeat_interleave(cand, n), right[step],
                                     sizes=(self.spec.size(f), self.spec.size(feed[1])), rows=t.rows))
-            lengths.append(torch.zeros(b, dtype=torch.int64, device=device).index_add_(0, request, n))  # M_b * N_b
+            lengths.append((cand_off[1:] - cand_off[:-1]) * (right_off[1:] - right_off[:-1]))  # M_b * N_b
             out_offsets[t.name] = lengths_to_offsets(n)
         out = {}
         for key, collection in self.extra.items():
-            tables = [i for i, t in enumerate(self.extra_tables) if f"dim{t.dim}" == key]
+            tables = self._extra_groups[key]
             kjt = KeyedJaggedTensor.from_lengths_sync(
                 keys=[self.extra_tables[i].name for i in tables], values=torch.cat([values[i] for i in tables]).to(torch.int64),
                 lengths=torch.cat([lengths[i] for i in tables]).to(torch.int32),

@@ -54,7 +54,7 @@ def co_action_pair_step_loop(block: CANBlock, emb: Embedded) -> torch.Tensor:
     cols = []
     for i, pair in enumerate(cfg.pairs):
         s, q = block.slots[i]
-        induction = emb.extra[block.induction_table(pair)][0].unflatten(-1, (-1, block.k_slices, dp))[:, s]  # [C, K', D']
+        induction = emb.extra[block.induction_table(pair.induction)][0].unflatten(-1, (-1, block.k_slices, dp))[:, s]  # [C, K', D']
         feed, offsets = emb.extra[block.feed_table(pair)]
         feed = feed.unflatten(-1, (-1, d0))[:, q]  # [L' or B, d_0]
         for k in range(cfg.orders):

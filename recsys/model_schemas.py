@@ -157,6 +157,11 @@ def _unique_pairs(pairs: list[CoActionPair], where: str) -> None:
         seen.add((p.induction, p.feed))
 
 
+def micro_mlp_size(shapes: list[tuple[int, int]], bias: bool) -> int:
+    """Values of one micro-MLP's induction vector: sum over layers of d_in*d_out (+ d_out with bias)."""
+    return sum(i * o + (o if bias else 0) for i, o in shapes)
+
+
 class CANConfig(Schema):
     """CAN co-action units (models/can.py; PAPERS.md §3): per pair, the candidate's induction vector
     becomes a micro-MLP applied to the feed feature (each history step, masked, then summed).
@@ -192,7 +197,7 @@ class CANConfig(Schema):
     @property
     def mlp_size(self) -> int:
         """Parameters of one micro-MLP: sum of d_in*d_out (+ d_out with bias)."""
-        return sum(i * o + (o if self.bias else 0) for i, o in self.layer_shapes)
+        return micro_mlp_size(self.layer_shapes, self.bias)
 
     @property
     def out_dim(self) -> int:
