@@ -233,9 +233,44 @@ def _segment_cumsum(values: np.ndarray, first: np.ndarray, group: np.ndarray) ->
     return total - before[group]
 
 
-def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id: int) -> Shard:
-    """Users ``[shard·shard_users, …)``: profiles, events, requests and impressions."""
-    rng = np.random.default_rng([cfg.seed, 1, shard])
+@dataclass
+class Population:
+    """One shard's users and their organic events, as world indices (before any request).
+
+    Users are ``u0 + [0, n)``; events are user-major and time-ordered within a user; sessions too.
+    """
+
+    u0: int
+    n: int
+    seg: np.ndarray  # [n]
+    age: np.ndarray  # [n]
+    k_u: np.ndarray  # [n] long-term interests of each user
+    lt_cat: np.ndarray  # [n, K] long-term categories (the first k_u valid)
+    lt_aff: np.ndarray  # [n, K] their affinities in [0, 1] (0 beyond k_u)
+    has: np.ndarray  # [n, K] valid long-term slots
+    user_first: np.ndarray  # [n] each user's first event
+    ev_user: np.ndarray  # [N] shard-local user of each event
+    ev_time: np.ndarray  # [N] seconds from the start
+    ev_cat: np.ndarray  # [N]
+    ev_item: np.ndarray  # [N]
+    ev_beh: np.ndarray  # [N] behaviour codes
+    sess_of: np.ndarray  # [N] session of each event
+    sess_user: np.ndarray  # [Ns]
+    sess_start: np.ndarray  # [Ns] seconds from the start (float)
+    focus: np.ndarray  # [Ns] each session's category
+
+    def focus_at(self, user: np.ndarray, time: np.ndarray) -> np.ndarray:
+        """[R] the focus category of shard-local ``user`` at ``time``: its latest session started by then
+        (its first session when none has)."""
+        span = float(self.sess_start.max()) + 2.0 if len(self.sess_start) else 1.0
+        key = self.sess_user * span + self.sess_start
+        pos = np.searchsorted(key, np.asarray(user) * span + np.asarray(time, dtype=np.float64), side="right") - 1
+        first = np.searchsorted(self.sess_user, user)
+        return self.focus[np.maximum(pos, first)]
+
+
+def simulate_population(cfg: SynthConfig, world: World, shard: int, rng: np.random.Generator) -> Population:
+    """Users ``[shard·shard_users, …)``: profiles, interests, sessions and events (``rng`` advances)."""
     u0 = shard * cfg.shard_users
     n = min(cfg.shard_users, cfg.num_users - u0)
     act, inter = cfg.activity, cfg.interests
@@ -305,6 +340,21 @@ def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id:
     ev_item = _sample_items(world, ev_cat, ev_time, rng)
     ev_beh = _sample_behaviors(cfg, world.item_quality[ev_item], rng)
 
+    return Population(u0=u0, n=n, seg=seg, age=age, k_u=k_u, lt_cat=lt_cat, lt_aff=lt_aff, has=has,
+                      user_first=user_first, ev_user=ev_user, ev_time=ev_time, ev_cat=ev_cat, ev_item=ev_item,
+                      ev_beh=ev_beh, sess_of=sess_of, sess_user=sess_user, sess_start=sess_start, focus=focus)
+
+
+def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id: int) -> Shard:
+    """Users ``[shard·shard_users, …)``: profiles, events, requests and impressions."""
+    rng = np.random.default_rng([cfg.seed, 1, shard])
+    pop = simulate_population(cfg, world, shard, rng)
+    u0, n = pop.u0, pop.n
+    seg, age, k_u, lt_cat, lt_aff, has = pop.seg, pop.age, pop.k_u, pop.lt_cat, pop.lt_aff, pop.has
+    ev_user, ev_time, ev_item, ev_beh = pop.ev_user, pop.ev_time, pop.ev_item, pop.ev_beh
+    user_first, focus, sess_of = pop.user_first, pop.focus, pop.sess_of
+    n_total = len(ev_user)
+
     # ---- requests: an event in the impression window is followed by one with request_rate
     window = (cfg.time.history_days - cfg.time.impression_days) * DAY
     anchor = (ev_time >= window) & (rng.random(n_total) < cfg.impressions.request_rate)
@@ -314,11 +364,11 @@ def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id:
     r_user = ev_user[anchors]  # [R]
     r_time = ev_time[anchors] + 1  # [R] one second after the anchor event
     r_focus = focus[sess_of[anchors]]
-    cand_item = _sample_candidates(cfg, world, r_user, r_time, r_focus, seg, lt_cat, k_u, rng)
+    cand_item = sample_candidates(cfg, world, r_user, r_time, r_focus, seg, lt_cat, k_u, rng)
     n_req, m = cand_item.shape
     position = np.argsort(rng.random((n_req, m)), axis=1)  # [R, M] a random permutation
 
-    terms = _click_terms(cfg, world, cand_item, position, r_user, r_focus, seg, lt_cat, lt_aff)
+    terms = click_terms(cfg, world, cand_item, position, r_user, r_focus, seg, lt_cat, lt_aff)
     weights = np.array([getattr(cfg.click_model, t) for t in TERMS])
     logit = cfg.click_model.bias + np.einsum("trm,t->rm", terms, weights)  # [R, M]
     prob = 1.0 / (1.0 + np.exp(-logit))
@@ -384,7 +434,7 @@ def _sample_behaviors(cfg: SynthConfig, quality: np.ndarray, rng: np.random.Gene
     return code.astype(np.int8)
 
 
-def _sample_candidates(
+def sample_candidates(
     cfg: SynthConfig,
     world: World,
     r_user: np.ndarray,
@@ -438,7 +488,7 @@ def _sample_candidates(
     return items
 
 
-def _click_terms(
+def click_terms(
     cfg: SynthConfig,
     world: World,
     items: np.ndarray,

@@ -7,7 +7,8 @@ Blocks read the embedded batch and return one vector per candidate; the head con
 Blocks: DIN target attention over the most recent ``din.max_len`` behaviours; KSA over the whole
 history with a target-attention read-out (models/ksa.py); SIM's search and exact search units
 (models/sim.py), whose auxiliary losses :meth:`CTRModel.aux_loss` returns; CAN's co-action units
-and the Cartesian-product baseline (models/can.py), whose tables the embedding layer owns.
+and the Cartesian-product baseline (models/can.py), whose tables the embedding layer owns. With
+``model.age.gate`` the model also carries AGE's gate (models/age.py), trained beside the head.
 History tokens (the keys) are ``[item | category] + [behavior | time gap]``, ``[L_total, 2D]``;
 a candidate's query is ``[item | category]``, ``[C, 2D]``: the item and category tables are the
 same for both, so a candidate and a behaviour of the same item share their embedding.
@@ -26,7 +27,9 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from models.age import ItemGate
 from models.batch import FeatureSpec, RequestBatch
 from models.can import CANBlock, CartesianBlock
 from models.din import DINAttention
@@ -60,11 +63,14 @@ class DINBlock(nn.Module):
 class CTRModel(nn.Module):
     """Embeddings, the enabled blocks and the head; ``forward(batch) -> logits [C]``."""
 
-    def __init__(self, *, embeddings: FeatureEmbeddings, blocks: dict[str, nn.Module], head: MLP) -> None:
+    def __init__(self, *, embeddings: FeatureEmbeddings, blocks: dict[str, nn.Module], head: MLP,
+                 gate: ItemGate | None = None) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.blocks = nn.ModuleDict(blocks)
         self.head = head
+        self.gate = gate  # AGE's dynamic gating unit: not part of the score, trained beside it
+        self._gate_logits: torch.Tensor | None = None
         self.detach_embeddings = False  # KSA distillation warm-up: train summary parameters only
 
     @property
@@ -83,21 +89,34 @@ class CTRModel(nn.Module):
         return max(ks) if ks else None
 
     def aux_loss(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Auxiliary losses of the latest training forward (SIM's alpha L_GSU and guide loss), or None."""
+        """Auxiliary losses of the latest training forward (SIM's alpha L_GSU and guide loss, the AGE
+        gate's BCE on stop-gradient embeddings), or None."""
         parts = [x for b in self.blocks.values() if hasattr(b, "aux_loss") and (x := b.aux_loss(labels)) is not None]
+        if self._gate_logits is not None:
+            parts.append(F.binary_cross_entropy_with_logits(self._gate_logits, labels))
+            self._gate_logits = None
         return torch.stack(parts).sum() if parts else None
 
     def forward(self, batch: RequestBatch) -> torch.Tensor:
+        return self.score(self.embed(batch))
+
+    def embed(self, batch: RequestBatch) -> Embedded:
+        """The batch's embeddings (the sparse part). In training, the AGE gate reads them here."""
         emb = self.embeddings(batch)
         if self.detach_embeddings:
             emb = dataclasses.replace(emb, history={k: v.detach() for k, v in emb.history.items()},
                                       candidate={k: v.detach() for k, v in emb.candidate.items()}, profile=emb.profile.detach(),
                                       extra={k: (v.detach(), o) for k, (v, o) in emb.extra.items()})
+        if self.gate is not None:
+            self._gate_logits = self.gate(emb) if self.training else None
+        return emb
+
+    def score(self, emb: Embedded) -> torch.Tensor:
+        """logits [C] from embeddings: the blocks and the head (the dense part, AGE's θ)."""
         request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
         parts = [emb.profile[request], *emb.candidate.values()]  # [C, P*D], F x [C, D]
         parts += [block(emb, request) for block in self.blocks.values()]
         return self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # [C]
-
 
 def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> CTRModel:
     """The composed model for a dataset's features (``FeatureSpec``) and a model config."""
@@ -121,12 +140,15 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None
     blocks.update(crosses)
     in_dim = embeddings.profile_dim + dim * len(spec.candidate) + sum(b.out_dim for b in blocks.values())
     head = MLP(in_dim=in_dim, hidden=cfg.head.hidden, out_dim=1, dropout=cfg.head.dropout)
-    model = CTRModel(embeddings=embeddings, blocks=blocks, head=head)
+    gate = ItemGate(dim=dim, features=cfg.age.gate_features or spec.candidate, hidden=cfg.age.gate_hidden,
+                    available=spec.candidate) if cfg.age.gate else None
+    model = CTRModel(embeddings=embeddings, blocks=blocks, head=head, gate=gate)
     return model.to(device) if device is not None else model
 
 
 def parameter_count(model: nn.Module) -> dict[str, int]:
-    """Parameters of the embedding tables and of the dense part."""
+    """Parameters of the embedding tables, of the dense part (the score's) and of the AGE gate."""
     emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embeddings."))
+    gate = sum(p.numel() for n, p in model.named_parameters() if n.startswith("gate."))
     total = sum(p.numel() for p in model.parameters())
-    return {"embedding": emb, "dense": total - emb, "total": total}
+    return {"embedding": emb, "dense": total - emb - gate, "gate": gate, "total": total}

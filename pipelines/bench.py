@@ -71,6 +71,24 @@ LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def machine_info() -> dict[str, Any]:
+    """The machine a figure was measured on (recorded with every benchmark's result)."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def alternating_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each function per repeat, called in turn, so that the shared machine's load
+    drifts over all of them alike (ratios of their percentiles are the figures to quote)."""
+    kept: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            kept[name].append((time.perf_counter() - start) * 1e3)
+    return kept
+
+
 # --------------------------------------------------------------------------------------------
 # The two layouts
 
@@ -345,8 +363,7 @@ def bench_train(
     from features.build import build
     from features.synth import generate
 
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}  # before train() sets threads
+    machine = machine_info()  # before train() sets threads
     work = Path(work)
     if data_dir is None:
         synth = synth or load_config(SynthConfig, CONFIG_DIR / "synth" / f"{preset}.yaml")
@@ -466,8 +483,7 @@ def bench_ksa(sizes: Sequence[int] = KSA_SIZES, *, repeats: int = 3, appends: in
     _positive("repeats", repeats)
     _positive("appends", appends)
     cfg = cfg or ksa_bench_config()
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    machine = machine_info()
     torch.manual_seed(seed)
     block = KSABlock(dim=16, cfg=cfg, interval_buckets=20, gap_buckets=20).eval()
     encoder = block.encoder
@@ -820,8 +836,7 @@ def bench_sim(sizes: Sequence[int] = SIM_SIZES, *, candidates: int = 100, repeat
     ns = _check_sizes(sizes)
     _positive("candidates", candidates)
     _positive("repeats", repeats)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    machine = machine_info()
     spec = FeatureSpec(sizes={"item": SIM_ITEMS + 1, "category": SIM_CATEGORIES + 1})
     models: dict[str, CTRModel] = {}
     for mode in ("hard", "soft", "ksa"):

@@ -17,9 +17,6 @@ gradients, float32, in this process.
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from typing import Any
 
 import numpy as np
@@ -30,7 +27,7 @@ from models.can import CANBlock, split_layers
 from models.ctr import build_model
 from models.embedding import Embedded
 from models.jagged import segment_ids
-from pipelines.bench import CONFIG_DIR
+from pipelines.bench import CONFIG_DIR, alternating_ms, machine_info
 from recsys.config import load_config
 from recsys.model_schemas import ModelConfig, RunConfig
 from recsys.progress import note
@@ -113,12 +110,7 @@ def bench_can(*, candidates: int = 100, steps: int = 100, repeats: int = 20, see
             raise RuntimeError(f"the batched CAN block and the loop disagree by {diff:g}")
         note(f"[bench] can: {candidates} candidates x {steps} steps x {len(can_cfg.pairs)} pairs, "
              f"{repeats} forwards each, alternating ...")
-        kept: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                kept[name].append((time.perf_counter() - start) * 1e3)
+        kept = alternating_ms(fns, repeats)
     can_ms, naive_ms = (float(np.percentile(kept[n], 50)) for n in ("can", "naive"))
     return {
         "can_ms": round(can_ms, 4), "naive_ms": round(naive_ms, 4), "speedup": round(naive_ms / can_ms, 2),
@@ -127,8 +119,7 @@ def bench_can(*, candidates: int = 100, steps: int = 100, repeats: int = 20, see
         "config": {"candidates": candidates, "steps": steps, "pairs": [p.label for p in can_cfg.pairs],
                    "mlp": can_cfg.mlp, "orders": can_cfg.orders, "bias": can_cfg.bias, "repeats": repeats, "seed": seed,
                    "dtype": "float32"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "machine": machine_info(),
     }
 
 

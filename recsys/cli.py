@@ -176,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override the DIN config, e.g. --set train.epochs=1")
     demo.set_defaults(handler=_cmd_demo)
 
+    simulate = groups.add_parser("simulate", help="simulations on the synthetic world's true click probabilities",
+                                 description="Simulations that measure policies against the world's known click model.")
+    sim_cmds = simulate.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+    sim_cmds.required = True
+    sexplore = sim_cmds.add_parser(
+        "explore", help="exploration policies (random, greedy, epsilon-greedy, MC-dropout TS/UCB, AGE variants)",
+        formatter_class=fmt,
+        description="Rounds of users arriving with candidates that include new items of unknown quality; each policy\n"
+        "shows its top item(s), clicks are drawn from the true probability, each policy's model is updated on its\n"
+        "own log every few rounds. Prints cumulative clicks (mean +- std over seeds), lift against greedy, clicks on\n"
+        "new items and calibration; writes OUT/result.json and OUT/cumulative_clicks.png. See docs/RESULTS.md.",
+        epilog="example: recsys simulate explore --config configs/sim/explore_small.yaml --json",
+    )
+    sexplore.add_argument("--config", type=Path, default=None,
+                          help="a simulation config (default configs/sim/explore.yaml; explore_small.yaml runs in minutes)")
+    sexplore.add_argument("--out", type=Path, default=None, help="output directory (default out/explore/NAME; replaced with --overwrite)")
+    sexplore.add_argument("--json", action="store_true", help="print the result as JSON (policies: {name: {clicks_mean, ...}})")
+    _add_common(sexplore)
+    sexplore.set_defaults(handler=_cmd_simulate_explore)
+
     bench = groups.add_parser("bench", help="benchmarks (figures for docs/BENCHMARKS.md)",
                               description="Benchmarks that print figures; each compares against a baseline in the same run.")
     bench_cmds = bench.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -260,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     bcan.add_argument("--repeats", type=int, default=20, metavar="R", help="timed forwards of each, after 1 warm-up (p50; default 20)")
     bcan.add_argument("--json", action="store_true", help="print one JSON object (can_ms, naive_ms, speedup, ...)")
     bcan.set_defaults(handler=_cmd_bench_can)
+    bage = bench_cmds.add_parser(
+        "age", help="AGE-TS and AGE-UCB scoring vs plain scoring: time per request",
+        description="Scoring time of one request (--candidates candidates, --history events) with AGE's exploration\n"
+        "(TS: one dropout sample; UCB: N=20; PGD, T=3; every candidate explored) against plain scoring, in the same\n"
+        "run, for configs/models/din.yaml and full.yaml. Quote the ratios. See docs/BENCHMARKS.md.",
+        epilog="example: recsys bench age --json",
+        formatter_class=fmt,
+    )
+    bage.add_argument("--models", default="din,full", help="comma-separated model configs (default din,full)")
+    bage.add_argument("--candidates", type=int, default=100, metavar="M", help="candidates per request (default 100)")
+    bage.add_argument("--history", type=int, default=1000, metavar="N", help="history events (default 1000)")
+    bage.add_argument("--repeats", type=int, default=20, metavar="R", help="timed scorings of each, after 1 warm-up (p50; default 20)")
+    bage.add_argument("--json", action="store_true", help="print one JSON object (rows: plain_ms, age_ts_ms, ts_ratio, ...)")
+    bage.set_defaults(handler=_cmd_bench_age)
     return parser
 
 
@@ -447,6 +481,37 @@ def _cmd_bench_sim(args: argparse.Namespace) -> int:
 
     return _run_bench(args, {"--candidates": args.candidates, "--repeats": args.repeats},
                       lambda: bench_sim(sizes, candidates=args.candidates, repeats=args.repeats), format_bench_sim)
+
+
+def _cmd_bench_age(args: argparse.Namespace) -> int:
+    from pipelines.bench_age import bench_age, format_bench_age
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if not (config_dir() / "models" / f"{m}.yaml").is_file():
+            raise RecsysError(f"--models: unknown model {m!r} (configs in {config_dir() / 'models'})")
+    return _run_bench(args, {"--candidates": args.candidates, "--history": args.history, "--repeats": args.repeats},
+                      lambda: bench_age(models, candidates=args.candidates, history=args.history, repeats=args.repeats),
+                      format_bench_age)
+
+
+def _cmd_simulate_explore(args: argparse.Namespace) -> int:
+    from pipelines.explore import format_explore, simulate_explore
+    from recsys.io import check_output_dir
+    from recsys.sim_schemas import ExploreSimConfig
+
+    path = args.config or config_dir() / "sim" / "explore.yaml"
+    if not Path(path).is_file():
+        raise RecsysError(f"simulation config {path} not found (configs: {config_dir() / 'sim'})")
+    cfg = load_config(ExploreSimConfig, path, args.overrides)
+    out = args.out or Path("out/explore") / cfg.name
+    check_output_dir(out, overwrite=args.overwrite)
+    result = simulate_explore(cfg, config_dir=config_dir(), out=out, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=2))
+    else:
+        print(format_explore(result))
+    return 0
 
 
 def _cmd_bench_can(args: argparse.Namespace) -> int:

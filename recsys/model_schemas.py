@@ -234,6 +234,65 @@ class CartesianConfig(Schema):
         return self
 
 
+class AGEConfig(Schema):
+    """AGE's dynamic gating unit (models/age.py; PAPERS.md §4.1, Eqs. 15–17): a shallow network on the
+    candidate's item features, trained beside the model with its own BCE on stop-gradient embeddings.
+    The backbone's training is unchanged; exploration itself is a scoring-time policy (ExploreConfig)."""
+
+    gate: bool = Field(False, description="train the gate (estimates an item's average CTR from its features alone)")
+    gate_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1, max_length=4,
+                                   description="the gate's hidden layers (the paper: a 2-layer MLP)")
+    gate_features: list[InductionFeature] | None = Field(
+        None, description="candidate features the gate reads (None: every item feature the data has)",
+    )
+
+
+class ExploreConfig(Schema):
+    """An exploration policy of AGE (models/age.py; PAPERS.md §4): ŷ_e = f(h + σ·Δh | θ) with
+    ‖Δh‖ ≤ λ·|δ_y|, δ_y from MC-dropout on the dense parameters, Δh along the normalised gradient.
+
+    The defaults are the paper's where it gives one (λ = 1e-3, dropout 0.01, N = 20, PGD, impressions
+    below 3,000); ``pgd_steps``, ``pgd_step_scale`` and ``spread`` are ours (the paper is silent).
+    """
+
+    form: Literal["ts", "ucb"] = Field(
+        "ts", description="ts: δ_y = f(h|θ⊙M) − f(h|θ), one signed dropout sample (Eq. 13); ucb: the spread of "
+        "`samples` dropout predictions around f(h|θ) (Eq. 12)",
+    )
+    attack: Literal["pgd", "fgm"] = Field("pgd", description="fgm: one step along ḡ (Eq. 8); pgd: projected steps (Eq. 14)")
+    lam: float = Field(1e-3, ge=0, description="λ: the perturbation radius is λ·|δ_y| (paper: 1e-3 offline, 2e-3 online)")
+    dropout: float = Field(0.01, ge=0, lt=1, description="MC-dropout rate on the dense parameters θ (paper: 0.01)")
+    samples: int = Field(20, ge=1, le=1000, description="N: dropout samples of the ucb form (paper: 20)")
+    spread: Literal["std", "var"] = Field(
+        "std", description="ucb form: the standard deviation (default) or the variance of the N samples around f(h|θ)",
+    )
+    pgd_steps: int = Field(3, ge=1, le=100, description="T: PGD steps (not in the paper)")
+    pgd_step_scale: float = Field(
+        2.5, gt=0, description="each PGD step moves pgd_step_scale · radius / T before the projection (Madry et al.'s "
+        "2.5ε/T; not in the paper)",
+    )
+    perturb: list[str] = Field(
+        default_factory=lambda: ["item"], min_length=1,
+        description="candidate embeddings moved: candidate features (item, category, brand, price_bucket) or extra "
+        "tables read by candidate (e.g. can_induce_item)",
+    )
+    gate: Literal["learned", "none", "fixed"] = Field(
+        "learned", description="learned: σ = 1 where f(h|θ) > the gate's estimate (needs model.age.gate); none: σ = 1; "
+        "fixed: σ = 1 where f(h|θ) > gate_threshold",
+    )
+    gate_threshold: float = Field(0.01, ge=0, le=1, description="the fixed gate's threshold (Table 2 tries 0.005–0.02)")
+    impression_threshold: int = Field(
+        3000, ge=0, description="only items with fewer impressions are explored (paper: 3,000)",
+    )
+    uncertainty: Literal["dropout", "noise"] = Field(
+        "dropout", description="noise: δ_y ~ N(0, noise_std²) instead of MC-dropout (the paper's 'w/o δ_y' ablation)",
+    )
+    noise_std: float = Field(0.01, gt=0, description="std of δ_y under uncertainty=noise")
+    direction: Literal["gradient", "random"] = Field(
+        "gradient", description="random: a random unit direction instead of ḡ (the paper's 'w/o ḡ' ablation)",
+    )
+
+
 class HeadConfig(Schema):
     """The MLP over [profile, candidate, block outputs] that gives one logit per candidate."""
 
@@ -248,6 +307,7 @@ class ModelConfig(Schema):
     sim: SIMConfig = Field(default_factory=SIMConfig)
     can: CANConfig = Field(default_factory=CANConfig)
     cartesian: CartesianConfig = Field(default_factory=CartesianConfig)
+    age: AGEConfig = Field(default_factory=AGEConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
 
     @model_validator(mode="after")

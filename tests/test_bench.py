@@ -429,3 +429,19 @@ def test_the_pair_step_loop_equals_the_block_with_independence_options():
         block = model.blocks["can"](emb, segment_ids(emb.cand_offsets))
         loop = co_action_pair_step_loop(model.blocks["can"], emb)
     torch.testing.assert_close(block, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_age_cli_json_rows_for_din_and_full():
+    r = run_cli("bench", "age", "--candidates", "6", "--history", "40", "--repeats", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [row["model"] for row in out["rows"]] == ["din", "full"]
+    for row in out["rows"]:
+        assert row["plain_ms"] > 0 and row["age_ts_ms"] > 0 and row["age_ucb_ms"] > 0
+        assert row["ts_ratio"] == pytest.approx(row["age_ts_ms"] / row["plain_ms"], rel=0.02)
+        assert row["max_abs_diff"] <= 1e-5  # AGE's exploit score is the plain score
+    assert out["config"]["explore"]["samples"] == 20 and out["config"]["explore"]["attack"] == "pgd"
+    bad = run_cli("bench", "age", "--models", "din,nope")
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+    bad = run_cli("bench", "age", "--history", "0")
+    assert bad.returncode == 2 and "--history must be >= 1, got 0" in bad.stderr

@@ -1,0 +1,270 @@
+"""AGE: adversarial-gradient driven exploration (Wu, Chan, Bian et al., KDD 2022; PAPERS.md §4).
+
+At scoring time AGE re-computes a candidate's score with its embedding h moved a little along the
+direction that raises the prediction most, by a step scaled by how uncertain the model is::
+
+    ŷ   = f(h | θ)                                    exploit score (the model's CTR)
+    δ_y = f(h | θ ⊙ M) − f(h | θ)                     ts form: one signed MC-dropout sample (Eq. 13)
+        = spread of N samples f(h | θ ⊙ M_k) around ŷ  ucb form (Eq. 12)
+    ḡ   = ∇_h f(h | θ) / ‖∇_h f(h | θ)‖               normalised adversarial gradient (Eq. 8)
+    ŷ_e = f(h + σ · λ δ_y ḡ | θ)                      explore score (Eqs. 10, 15); items are ranked by it
+
+M is a dropout mask on the dense (non-embedding) parameters θ. PGD (Eq. 14, the default) replaces
+the single step by T projected steps inside the ball ‖Δh‖ ≤ λ|δ_y|. σ ∈ {0, 1} per user–item pair:
+1 where ŷ exceeds the gate's estimate of the item's average CTR (Eq. 16) and the item has fewer
+impressions than a threshold. A signed δ_y < 0 moves h against ḡ: the TS form can lower a score.
+
+Choices where the paper is silent (all in :class:`~recsys.model_schemas.ExploreConfig`):
+
+* δ_y of the ucb form is the standard deviation ``sqrt(mean_k (f_k − ŷ)²)`` (``spread: std``); the
+  paper says "variance" (``spread: var``). Around ŷ, not the sample mean (its footnote: no difference).
+* Dropout masks are inverted (kept entries scaled by 1/(1−p)), so E[θ ⊙ M] = θ, and cover every
+  dense parameter: weights, biases, PReLU slopes, norms. The gate is not part of θ.
+* PGD: T = 3 steps, each ``pgd_step_scale · r / T`` (r = λ|δ_y|, 2.5 r/T as in Madry et al.) along
+  the normalised gradient of sign(δ_y)·f at the current point, then projected back onto the ball.
+* Which embeddings move: ``perturb`` (default the candidate's item id embedding); the norm is taken
+  over all perturbed embeddings of a candidate together.
+
+Cost, per batch of candidates (all requests together, never a loop over candidates): one forward and
+backward for ŷ and the first gradient, 1 (ts) or N (ucb) dropout forwards of the dense part only (the
+embedding lookups are done once), T − 1 more forward/backward pairs for PGD, one forward for ŷ_e.
+A candidate's score depends on its own embedding only (candidates never see each other), so one
+backward of Σ_c f_c gives every candidate's gradient.
+
+Example:
+    >>> import numpy as np
+    >>> from models.batch import FeatureSpec, make_batch
+    >>> from models.ctr import build_model
+    >>> from recsys.model_schemas import ExploreConfig, ModelConfig
+    >>> from recsys.types import Jagged
+    >>> spec = FeatureSpec(sizes={"item": 50, "category": 5})
+    >>> _ = torch.manual_seed(0)
+    >>> model = build_model(ModelConfig(), spec)
+    >>> hist = {f: Jagged(np.array([1, 2]), np.array([0, 2])) for f in ("item", "category", "behavior", "timestamp")}
+    >>> batch = make_batch(spec, history=hist, request_time=np.array([100]), num_candidates=np.array([3]),
+    ...                    candidates={"item": np.array([5, 6, 7]), "category": np.array([1, 1, 2])})
+    >>> out = AGEExplorer(model, ExploreConfig(gate="none", lam=0.5)).score(batch, generator=torch.Generator().manual_seed(0))
+    >>> out.explore.shape, bool((out.perturbation <= 0.5 * out.uncertainty.abs() + 1e-7).all())
+    (torch.Size([3]), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from models.embedding import Embedded
+from models.mlp import MLP
+from recsys.errors import ConfigError
+from recsys.model_schemas import ExploreConfig
+
+#: Parameter-name prefixes that are not θ: the embedding tables and the gate (θ_s).
+NOT_DENSE = ("embeddings.", "gate.")
+
+
+class ItemGate(nn.Module):
+    """The dynamic gating unit f_dgu(sg(h_item) | θ_s) (Eq. 16): a shallow MLP on the candidate's item
+    features that estimates the item's average CTR. It reads detached embeddings, so its BCE
+    (``CTRModel.aux_loss``) trains only its own parameters, never the shared tables (Eq. 17)."""
+
+    def __init__(self, *, dim: int, features: Sequence[str], hidden: Sequence[int], available: Sequence[str]) -> None:
+        super().__init__()
+        missing = [f for f in features if f not in available]
+        if missing:
+            raise ConfigError(f"model.age.gate_features {missing} are not candidate features of this data "
+                              f"(it has {list(available)})")
+        self.features = tuple(features)
+        self.mlp = MLP(in_dim=dim * len(self.features), hidden=hidden, out_dim=1)
+
+    def forward(self, emb: Embedded) -> torch.Tensor:
+        x = torch.cat([emb.candidate[f].detach() for f in self.features], dim=-1)  # [C, F*D], stop-gradient
+        return self.mlp(x).squeeze(-1)  # [C] logits
+
+
+@dataclass(frozen=True)
+class ExploreScores:
+    """Per candidate [C], in the batch's order."""
+
+    exploit: torch.Tensor  # f(h|θ)
+    explore: torch.Tensor  # f(h + σ Δh|θ); equals exploit where σ = 0
+    gate: torch.Tensor  # bool σ: explored (gate open and below the impression threshold)
+    uncertainty: torch.Tensor  # δ_y (signed in the ts form)
+    perturbation: torch.Tensor  # ‖Δh‖ actually applied (0 where σ = 0)
+    gate_score: torch.Tensor | None = None  # the learned gate's CTR estimate, when it has one
+    delta: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # Δh per perturbed embedding [C, D]
+
+
+def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """θ: every parameter of the score that is not an embedding table or the gate."""
+    return {n: p for n, p in model.named_parameters() if not n.startswith(NOT_DENSE)}
+
+
+class _Score(nn.Module):
+    """``forward(emb) = model.score(emb)``, so that ``functional_call`` can swap θ for a masked copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, emb: Embedded) -> torch.Tensor:
+        return self.model.score(emb)
+
+
+class AGEExplorer:
+    """Scores batches with AGE (module docstring) for a model with ``embed``/``score`` (CTRModel)."""
+
+    def __init__(self, model: nn.Module, cfg: ExploreConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        if cfg.gate == "learned" and getattr(model, "gate", None) is None:
+            raise ConfigError("explore.gate 'learned' needs a model trained with model.age.gate=true "
+                              "(or use gate 'none' or 'fixed')")
+        emb = model.embeddings
+        cand_extra = [t.name for t in getattr(emb, "extra_tables", ()) if t.source.startswith("cand.")]
+        allowed = [*emb.spec.candidate, *cand_extra]
+        bad = [p for p in cfg.perturb if p not in allowed]
+        if bad:
+            raise ConfigError(f"explore.perturb {bad}: not a candidate embedding of this model (it has {allowed})")
+        self._scorer = _Score(model)
+
+    # ---------------------------------------------------------------------------------- pieces
+
+    def _base(self, emb: Embedded) -> dict[str, torch.Tensor]:
+        return {n: (emb.candidate[n] if n in emb.candidate else emb.extra[n][0]).detach() for n in self.cfg.perturb}
+
+    @staticmethod
+    def _moved(emb: Embedded, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> Embedded:
+        cand, extra = dict(emb.candidate), dict(emb.extra)
+        for n, d in delta.items():
+            if n in cand:
+                cand[n] = base[n] + d
+            else:
+                extra[n] = (base[n] + d, extra[n][1])
+        return dataclasses.replace(emb, candidate=cand, extra=extra)
+
+    def _prob_and_grad(self, emb: Embedded, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """f at h + Δ and ∇_Δ f per candidate: one forward and one backward for the whole batch."""
+        leaves = {n: d.detach().requires_grad_(True) for n, d in delta.items()}
+        with torch.enable_grad():
+            prob = torch.sigmoid(self.model.score(self._moved(emb, base, leaves)))  # [C]
+            grads = torch.autograd.grad(prob.sum(), list(leaves.values()))
+        return prob.detach(), dict(zip(leaves, grads, strict=True))
+
+    @torch.no_grad()
+    def dropout_probs(self, emb: Embedded, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[samples, C] f(h | θ ⊙ M_k): MC-dropout (Eq. 11) on θ, inverted scaling, the embeddings looked up once."""
+        rate = self.cfg.dropout
+        theta = dense_parameters(self.model)
+        out = []
+        for _ in range(samples):
+            masked = {}
+            for n, p in theta.items():
+                keep = torch.rand(p.shape, generator=generator, device=p.device) >= rate
+                masked[f"model.{n}"] = p * keep / (1.0 - rate)
+            out.append(torch.sigmoid(functional_call(self._scorer, masked, (emb,))))
+        return torch.stack(out)
+
+    def uncertainty(self, emb: Embedded, exploit: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """δ_y [C]: signed (ts) or a spread ≥ 0 (ucb); Gaussian noise under ``uncertainty: noise``."""
+        cfg = self.cfg
+        if cfg.uncertainty == "noise":
+            noise = torch.randn(exploit.shape, generator=generator, device=exploit.device) * cfg.noise_std
+            return noise if cfg.form == "ts" else noise.abs()
+        if cfg.form == "ts":
+            return self.dropout_probs(emb, 1, generator)[0] - exploit
+        sq = ((self.dropout_probs(emb, cfg.samples, generator) - exploit) ** 2).mean(0)
+        return sq.sqrt() if cfg.spread == "std" else sq
+
+    def open_gate(self, emb: Embedded, exploit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """σ [C] bool from the gate (Eq. 16) and the learned gate's estimate (or None)."""
+        cfg = self.cfg
+        if cfg.gate == "none":
+            return torch.ones_like(exploit, dtype=torch.bool), None
+        if cfg.gate == "fixed":
+            return exploit > cfg.gate_threshold, None
+        with torch.no_grad():
+            gate_score = torch.sigmoid(self.model.gate(emb))
+        return exploit > gate_score, gate_score
+
+    def _direction(self, grads: dict[str, torch.Tensor], sign: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sign · g / ‖g‖ per candidate (0 where the gradient is 0), the norm over all perturbed embeddings."""
+        norm = torch.sqrt(sum((g * g).sum(-1) for g in grads.values()))  # [C]
+        scale = torch.where(norm > 0, sign / norm.clamp_min(1e-30), torch.zeros_like(norm))
+        return {n: g * scale.unsqueeze(-1) for n, g in grads.items()}
+
+    def perturb(self, emb: Embedded, base: dict[str, torch.Tensor], radius: torch.Tensor, sign: torch.Tensor,
+                first_grad: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Δh per perturbed embedding, ‖Δh‖ ≤ radius [C]: FGM, PGD, or a random direction (ablation)."""
+        cfg = self.cfg
+        r = radius.unsqueeze(-1)
+        if cfg.direction == "random":
+            rnd = {n: torch.randn(b.shape, generator=generator, device=b.device) for n, b in base.items()}
+            return {n: d * r for n, d in self._direction(rnd, torch.ones_like(radius)).items()}
+        step = self._direction(first_grad, sign)
+        if cfg.attack == "fgm":
+            return {n: d * r for n, d in step.items()}
+        alpha = cfg.pgd_step_scale * r / cfg.pgd_steps
+        delta = {n: torch.zeros_like(b) for n, b in base.items()}
+        for t in range(cfg.pgd_steps):
+            if t:
+                _, grads = self._prob_and_grad(emb, base, delta)
+                step = self._direction(grads, sign)
+            delta = {n: delta[n] + alpha * step[n] for n in delta}
+            norm = torch.sqrt(sum((d * d).sum(-1) for d in delta.values()))  # [C]
+            shrink = torch.where(norm > radius, radius / norm.clamp_min(1e-30), torch.ones_like(norm)).unsqueeze(-1)
+            delta = {n: d * shrink for n, d in delta.items()}
+        return delta
+
+    # ---------------------------------------------------------------------------------- scoring
+
+    def score_embedded(self, emb: Embedded, impressions: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> ExploreScores:
+        """AGE on embeddings already looked up (detached): see :meth:`score`."""
+        cfg = self.cfg
+        base = self._base(emb)
+        zero = {n: torch.zeros_like(b) for n, b in base.items()}
+        exploit, grad0 = self._prob_and_grad(emb, base, zero)
+        delta_y = self.uncertainty(emb, exploit, generator)
+        sigma, gate_score = self.open_gate(emb, exploit)
+        if impressions is not None:
+            sigma = sigma & (impressions.to(exploit.device) < cfg.impression_threshold)
+        radius = cfg.lam * delta_y.abs() * sigma
+        sign = torch.where(delta_y < 0, -1.0, 1.0).to(exploit.dtype)
+        moved = radius > 0
+        if bool(moved.any()):
+            delta = self.perturb(emb, base, radius, sign, grad0, generator)
+            with torch.no_grad():
+                explore = torch.sigmoid(self.model.score(self._moved(emb, base, delta)))
+            explore = torch.where(moved, explore, exploit)
+            delta = {n: d * moved.unsqueeze(-1) for n, d in delta.items()}
+        else:
+            explore, delta = exploit.clone(), zero
+        applied = torch.sqrt(sum((d * d).sum(-1) for d in delta.values()))
+        return ExploreScores(exploit=exploit, explore=explore, gate=sigma, uncertainty=delta_y,
+                             perturbation=applied, gate_score=gate_score, delta=delta)
+
+    def score(self, batch, impressions: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> ExploreScores:
+        """Exploit and explore scores, gate and uncertainty of every candidate of a batch (of one or more
+        requests), in eval mode.
+
+        Args:
+            batch: a :class:`~models.batch.RequestBatch`.
+            impressions: [C] impressions of each candidate so far; those at or above
+                ``impression_threshold`` are never explored. None: every item may be.
+            generator: the dropout masks' (and ablations' noise) random source, for reproducible scores.
+        """
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                emb = self.model.embeddings(batch)
+            return self.score_embedded(emb, impressions, generator)
+        finally:
+            self.model.train(was)
