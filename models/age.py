@@ -99,6 +99,13 @@ class ExploreScores:
     delta: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # Δh per perturbed embedding [C, D]
 
 
+def _draw(fn, shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``torch.rand``/``randn`` on ``device`` from ``generator`` wherever that generator lives (a CPU
+    generator stays usable, and reproducible, for a model on CUDA)."""
+    where = generator.device if generator is not None else device
+    return fn(shape, generator=generator, device=where).to(device)
+
+
 def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """θ: every parameter of the score that is not an embedding table or the gate."""
     return {n: p for n, p in model.named_parameters() if not n.startswith(NOT_DENSE)}
@@ -165,7 +172,7 @@ class AGEExplorer:
         for _ in range(samples):
             masked = {}
             for n, p in theta.items():
-                keep = torch.rand(p.shape, generator=generator, device=p.device) >= rate
+                keep = _draw(torch.rand, p.shape, generator, p.device) >= rate
                 masked[f"model.{n}"] = p * keep / (1.0 - rate)
             out.append(torch.sigmoid(functional_call(self._scorer, masked, (emb,))))
         return torch.stack(out)
@@ -174,7 +181,7 @@ class AGEExplorer:
         """δ_y [C]: signed (ts) or a spread ≥ 0 (ucb); Gaussian noise under ``uncertainty: noise``."""
         cfg = self.cfg
         if cfg.uncertainty == "noise":
-            noise = torch.randn(exploit.shape, generator=generator, device=exploit.device) * cfg.noise_std
+            noise = _draw(torch.randn, exploit.shape, generator, exploit.device) * cfg.noise_std
             return noise if cfg.form == "ts" else noise.abs()
         if cfg.form == "ts":
             return self.dropout_probs(emb, 1, generator)[0] - exploit
@@ -204,7 +211,7 @@ class AGEExplorer:
         cfg = self.cfg
         r = radius.unsqueeze(-1)
         if cfg.direction == "random":
-            rnd = {n: torch.randn(b.shape, generator=generator, device=b.device) for n, b in base.items()}
+            rnd = {n: _draw(torch.randn, b.shape, generator, b.device) for n, b in base.items()}
             return {n: d * r for n, d in self._direction(rnd, torch.ones_like(radius)).items()}
         step = self._direction(first_grad, sign)
         if cfg.attack == "fgm":

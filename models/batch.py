@@ -197,7 +197,7 @@ def make_batch(
         sequence=sequence,
         profile=prof,
         num_candidates=torch.from_numpy(num_candidates),
-        labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.float32)),
+        labels=None if labels is None else torch.from_numpy(np.array(labels, dtype=np.float32)),  # a writable copy
         gap=torch.from_numpy(gap_ids),
         interval=torch.from_numpy(interval_buckets(history["timestamp"].values, offsets, spec.time_gap_buckets)),
         search_offsets=None if search is None else torch.from_numpy(search.offsets),

@@ -33,14 +33,14 @@ model can be copied with its optimizer state; the true click model has no term t
 except the position (shown at 0 with ``show = 1``) and the user's current focus (its history shows it).
 
 Example:
+    >>> from pipelines.bench import CONFIG_DIR
     >>> from recsys.config import load_config
-    >>> from recsys.sim_schemas import ExploreSimConfig
     >>> cfg = load_config(ExploreSimConfig, overrides=["seeds=1", "rounds=2", "users_per_round=8",
     ...     "warm_requests=50", "warm_epochs=1", "world_set=[num_users=100, num_items=800, num_categories=20]",
-    ...     "policies=[{name: greedy, kind: greedy}, {name: age_ts, kind: age}]", "model_set=[model.din.max_len=20]"])
-    >>> out = simulate_explore(cfg, config_dir=Path("configs"))
-    >>> sorted(out["policies"]), out["policies"]["greedy"]["lift_vs_greedy"]
-    (['age_ts', 'greedy'], 0.0)
+    ...     "policies=[{name: greedy, kind: greedy}, {name: age_ts, kind: age}]", 'model_set=["model.din.max_len=20"]'])
+    >>> out = simulate_explore(cfg, config_dir=CONFIG_DIR)
+    >>> sorted(out["policies"]), len(out["curves"]["greedy"])
+    (['age_ts', 'greedy'], 2)
 """
 
 from __future__ import annotations
@@ -455,21 +455,32 @@ def simulate_explore(cfg: ExploreSimConfig, *, config_dir: Path, out: str | Path
 
 
 def plot_explore(path: Path, curves: dict[str, list[float]], runs: dict[str, list[dict[str, Any]]], title: str) -> Path:
-    """Cumulative clicks over rounds (mean over seeds) and clicks on new items, one line per policy."""
+    """Three panels: cumulative clicks over rounds (mean over seeds); the same minus greedy's, for the
+    policies near it (random and oracle are off that scale); clicks on new items per policy."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5))
+    fig = Figure(figsize=(16, 4.8))
     FigureCanvasAgg(fig)
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for name, curve in curves.items():
-        left.plot(np.arange(1, len(curve) + 1), curve, label=name, linestyle="--" if name in ("random", "oracle") else "-")
+    left, mid, right = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+    colors = colormaps["tab20"]
+    greedy = np.asarray(curves["greedy"]) if "greedy" in curves else None
+    for i, (name, curve) in enumerate(curves.items()):
+        style = {"label": name, "color": colors(i % 20), "linestyle": "--" if name in ("random", "oracle") else "-"}
+        rounds = np.arange(1, len(curve) + 1)
+        left.plot(rounds, curve, **style)
+        if greedy is not None and name not in ("random", "oracle"):
+            mid.plot(rounds, np.asarray(curve) - greedy, **style)
     left.set_xlabel("round")
     left.set_ylabel("cumulative clicks (mean over seeds)")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7)
+    mid.axhline(0.0, color="black", linewidth=0.6)
+    mid.set_xlabel("round")
+    mid.set_ylabel("cumulative clicks minus greedy's (mean over seeds)")
     names = list(runs)
-    new = [np.mean([s["new_clicks"] for s in runs[n]]) for n in names]
-    right.barh(names, new)
+    right.barh(names, [np.mean([s["new_clicks"] for s in runs[n]]) for n in names],
+               color=[colors(i % 20) for i in range(len(names))])
     right.set_xlabel("clicks on new items (mean over seeds)")
     right.invert_yaxis()
     fig.suptitle(title)

@@ -289,7 +289,7 @@ class ExploreConfig(Schema):
     )
     noise_std: float = Field(0.01, gt=0, description="std of δ_y under uncertainty=noise")
     direction: Literal["gradient", "random"] = Field(
-        "gradient", description="random: a random unit direction instead of ḡ (the paper's 'w/o ḡ' ablation)",
+        "gradient", description="random: one step along a random unit direction instead of ḡ (the paper's 'w/o ḡ' ablation)",
     )
 
 
