@@ -118,6 +118,7 @@ class CTRModel(nn.Module):
         parts += [block(emb, request) for block in self.blocks.values()]
         return self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # [C]
 
+
 def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> CTRModel:
     """The composed model for a dataset's features (``FeatureSpec``) and a model config."""
     dim = cfg.embedding.dim
