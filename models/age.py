@@ -106,6 +106,11 @@ def _draw(fn, shape: torch.Size, generator: torch.Generator | None, device: torc
     return fn(shape, generator=generator, device=where).to(device)
 
 
+def _row_norm(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[C] the norm of each candidate's vectors over all perturbed embeddings together."""
+    return torch.sqrt(sum((v * v).sum(-1) for v in parts.values()))
+
+
 def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """θ: every parameter of the score that is not an embedding table or the gate."""
     return {n: p for n, p in model.named_parameters() if not n.startswith(NOT_DENSE)}
@@ -201,7 +206,7 @@ class AGEExplorer:
 
     def _direction(self, grads: dict[str, torch.Tensor], sign: torch.Tensor) -> dict[str, torch.Tensor]:
         """sign · g / ‖g‖ per candidate (0 where the gradient is 0), the norm over all perturbed embeddings."""
-        norm = torch.sqrt(sum((g * g).sum(-1) for g in grads.values()))  # [C]
+        norm = _row_norm(grads)
         scale = torch.where(norm > 0, sign / norm.clamp_min(1e-30), torch.zeros_like(norm))
         return {n: g * scale.unsqueeze(-1) for n, g in grads.items()}
 
@@ -223,7 +228,7 @@ class AGEExplorer:
                 _, grads = self._prob_and_grad(emb, base, delta)
                 step = self._direction(grads, sign)
             delta = {n: delta[n] + alpha * step[n] for n in delta}
-            norm = torch.sqrt(sum((d * d).sum(-1) for d in delta.values()))  # [C]
+            norm = _row_norm(delta)
             shrink = torch.where(norm > radius, radius / norm.clamp_min(1e-30), torch.ones_like(norm)).unsqueeze(-1)
             delta = {n: d * shrink for n, d in delta.items()}
         return delta
@@ -252,7 +257,7 @@ class AGEExplorer:
             delta = {n: d * moved.unsqueeze(-1) for n, d in delta.items()}
         else:
             explore, delta = exploit.clone(), zero
-        applied = torch.sqrt(sum((d * d).sum(-1) for d in delta.values()))
+        applied = _row_norm(delta)
         return ExploreScores(exploit=exploit, explore=explore, gate=sigma, uncertainty=delta_y,
                              perturbation=applied, gate_score=gate_score, delta=delta)
 

@@ -72,7 +72,6 @@ from features.synth import (
 from models.age import AGEExplorer
 from models.batch import FeatureSpec, RequestBatch, batch_from_requests
 from models.ctr import CTRModel, build_model
-from pipelines.ablation import model_config_path
 from recsys.config import load_config
 from recsys.errors import ConfigError
 from recsys.io import atomic_output_dir, write_json
@@ -132,13 +131,18 @@ class SimWorld:
         return self.synth.click_model.position * np.log2(1.0 + rank)
 
 
+def config_file(config_dir: Path, folder: str, value: str, *, what: str) -> Path:
+    """``value`` as a YAML path, or the name of ``config_dir/folder/NAME.yaml``; a ConfigError lists the names."""
+    path = Path(value) if value.endswith((".yaml", ".yml")) else config_dir / folder / f"{value}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (config_dir / folder).glob("*.yaml"))
+        raise ConfigError(f"{what} {value!r}: no such preset or file ({folder}: {', '.join(known) or 'none'})")
+    return path
+
+
 def build_sim_world(cfg: ExploreSimConfig, run_cfg: RunConfig, config_dir: Path) -> SimWorld:
     """Generate the world and its users' histories (no files: everything stays in memory)."""
-    path = Path(cfg.world) if cfg.world.endswith((".yaml", ".yml")) else config_dir / "synth" / f"{cfg.world}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (config_dir / "synth").glob("*.yaml"))
-        raise ConfigError(f"world {cfg.world!r}: no such preset or file (presets: {', '.join(known) or 'none'})")
-    synth = load_config(SynthConfig, path, cfg.world_set)
+    synth = load_config(SynthConfig, config_file(config_dir, "synth", cfg.world, what="world"), cfg.world_set)
     span = synth.time.history_days * DAY
     t0 = int(span - cfg.sim_days * DAY)
     warm_lo = int(t0 - cfg.warm_days * DAY)
@@ -240,7 +244,8 @@ class Learner:
         self.table_opt = torch.optim.Adagrad(tables, lr=run_cfg.train.embedding_lr)
 
     def copy(self) -> Learner:
-        return copy.deepcopy(self)
+        """The model and optimizer state copied; the world (store, arrays) shared, not copied."""
+        return copy.deepcopy(self, {id(self.sw): self.sw})
 
     def batch(self, table: pa.Table) -> RequestBatch:
         m = self.model
@@ -286,13 +291,18 @@ class Policy:
         self.rng = np.random.default_rng([seed, 4, salt])
         self.gen = torch.Generator().manual_seed(seed * 1_000_003 + salt)
         self.uncertainty: list[float] = []  # mean |δ_y| of each scored round (exploring policies)
+        self._explorer: AGEExplorer | None = None  # built on the first round's model (trained in place after)
 
     def scores(self, model: CTRModel, batch: RequestBatch, req: Requests, impressions: np.ndarray,
                ) -> tuple[np.ndarray, np.ndarray]:
         """(ranking scores [R, M], the model's CTRs f(h|θ) [R, M])."""
         kind, shape = self.cfg.kind, req.items.shape
         model.eval()
-        explorer = AGEExplorer(model, self.explore) if kind in ("dropout_ts", "dropout_ucb", "age") else None
+        explorer = None
+        if kind in ("dropout_ts", "dropout_ucb", "age"):
+            if self._explorer is None or self._explorer.model is not model:
+                self._explorer = AGEExplorer(model, self.explore)
+            explorer = self._explorer
         imp = torch.from_numpy(impressions.ravel())
         with torch.no_grad():
             emb = model.embeddings(batch)
@@ -419,8 +429,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
 def simulate_explore(cfg: ExploreSimConfig, *, config_dir: Path, out: str | Path | None = None,
                      overwrite: bool = False) -> dict[str, Any]:
     """Run every policy on every seed; write ``result.json`` and ``cumulative_clicks.png`` to ``out``."""
-    run_cfg = load_config(RunConfig, model_config_path(config_dir, cfg.model) if not cfg.model.endswith((".yaml", ".yml"))
-                          else Path(cfg.model), [*cfg.model_set, "model.age.gate=true"])
+    run_cfg = load_config(RunConfig, config_file(config_dir, "models", cfg.model, what="model"),
+                          [*cfg.model_set, "model.age.gate=true"])
     needs_gate = [p.name for p in cfg.policies if p.kind == "age" and cfg.policy_explore(p).gate == "learned"]
     note(f"[explore] {len(cfg.policies)} policies x {cfg.seeds} seeds, {cfg.rounds} rounds x {cfg.users_per_round} users"
          f"{' (learned gate: ' + ', '.join(needs_gate) + ')' if needs_gate else ''}")

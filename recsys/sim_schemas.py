@@ -43,17 +43,16 @@ class PolicyConfig(Schema):
 
 
 def _default_policies() -> list[PolicyConfig]:
-    age = "age"
     return [
         PolicyConfig(name="random", kind="random"),
         PolicyConfig(name="greedy", kind="greedy"),
         PolicyConfig(name="epsilon_greedy", kind="epsilon_greedy"),
         PolicyConfig(name="dropout_ts", kind="dropout_ts"),
         PolicyConfig(name="dropout_ucb", kind="dropout_ucb"),
-        PolicyConfig(name="age_ts", kind=age, explore={"form": "ts"}),
-        PolicyConfig(name="age_ucb", kind=age, explore={"form": "ucb"}),
-        PolicyConfig(name="age_ts_no_gate", kind=age, explore={"form": "ts", "gate": "none"}),
-        PolicyConfig(name="age_ts_fgm", kind=age, explore={"form": "ts", "attack": "fgm"}),
+        PolicyConfig(name="age_ts", kind="age", explore={"form": "ts"}),
+        PolicyConfig(name="age_ucb", kind="age", explore={"form": "ucb"}),
+        PolicyConfig(name="age_ts_no_gate", kind="age", explore={"form": "ts", "gate": "none"}),
+        PolicyConfig(name="age_ts_fgm", kind="age", explore={"form": "ts", "attack": "fgm"}),
     ]
 
 
