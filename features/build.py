@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ def build(
     with timer("read and validate"):
         src = read_source(source, cfg, strict=strict)
     if src.events.height == 0:
-        raise DataError(_why_no_events(src), file=src.path.name if src.path.is_file() else "events.parquet")
+        raise DataError(_why_no_events(src), file=_source_file(src))
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with timer("vocabularies"):
@@ -88,7 +90,7 @@ def build(
             users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
             items.write_parquet(tmp / "items.parquet")
             users.write_parquet(tmp / "users.parquet")
-        with timer("requests"):
+        with timer("requests"), _naming_the_source(src):
             item_cols = [c for c in items.columns if c not in ("item", "item_id")]
             if src.impressions is not None:
                 imp = src.impressions.lazy().with_columns(
@@ -130,10 +132,25 @@ def has_true_prob(src: SourceData) -> bool:
     return src.impressions is not None and "true_prob" in src.impressions.columns
 
 
+def _source_file(src: SourceData) -> str:
+    return src.path.name if src.path.is_file() else "events.parquet"
+
+
+@contextmanager
+def _naming_the_source(src: SourceData) -> Iterator[None]:
+    """A DataError about the data as a whole (too few items to sample from) names the source."""
+    try:
+        yield
+    except DataError as exc:
+        if exc.file is not None:
+            raise
+        raise DataError(exc.message, file=_source_file(src)) from exc
+
+
 def _why_no_events(src: SourceData) -> str:
     read = src.rows_read.get("events", src.rows_read.get("lines", 0))
     if read == 0:
-        return "no valid events to build from: the file has no rows"
+        return f"no valid events to build from: the file has no rows{' after its header' if src.kind == 'alimama' else ''}"
     if src.rejects.height < read:  # a line source whose valid lines all have empty histories
         return f"no valid events to build from: the {read - src.rejects.height:,} valid lines all have an empty history"
     first = src.rejects.sort("line").row(0, named=True)

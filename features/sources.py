@@ -80,7 +80,7 @@ from features.validate import (
     split_rejects,
     with_checks,
 )
-from recsys.errors import DataError, RecsysError
+from recsys.errors import DataError, RecsysError, clip
 from recsys.io import read_json
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIOR_CODE
@@ -151,11 +151,18 @@ def read_source(spec: str, cfg: BuildConfig, *, strict: bool) -> SourceData:
 
 
 def scan_lines(path: Path) -> pl.LazyFrame:
-    """One row per physical line (``line`` 1-based, ``raw`` the text; a blank line is null)."""
+    """One row per physical line (``line`` 1-based, ``raw`` the text; a blank line is null).
+
+    Any byte is survivable: lines end at LF only (a CRLF line loses its CR, a lone CR stays in the
+    line), there is no quoting, a missing final newline ends the last line, and bytes that are not
+    UTF-8 become U+FFFD, so that :func:`features.validate.bad_characters` rejects the line.
+    """
     return pl.scan_csv(
         path,
         has_header=False,
-        separator="\x1f",  # a byte that never occurs: each line is one field
+        # The separator is the line end itself, the only byte that cannot be inside a line: any
+        # other byte can (0x1F once made every loader fail on a "ragged" line).
+        separator="\n",
         quote_char=None,
         schema={"raw": pl.String},
         encoding="utf8-lossy",
@@ -166,7 +173,7 @@ def scan_lines(path: Path) -> pl.LazyFrame:
 
 @feature_step({"line": pl.Int64, "raw": pl.String, **{f"_{n}": pl.String for n in TAOBAO_FIELDS}})
 def split_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
-    parts = pl.col("raw").str.strip_chars_end("\r").str.split(",")
+    parts = pl.col("raw").str.split(",")
     return lf.with_columns(
         _n=parts.list.len(),
         **{f"_{name}": parts.list.get(i, null_on_oob=True).str.strip_chars() for i, name in enumerate(TAOBAO_FIELDS)},
@@ -241,17 +248,39 @@ def _scan(path: Path, name: str) -> pl.LazyFrame:
     try:
         lf = pl.scan_parquet(file)
         schema = lf.collect_schema()
-    except (pl.exceptions.ComputeError, OSError) as exc:
-        raise DataError(f"cannot read Parquet: {exc}", file=str(file)) from None
+    except (pl.exceptions.PolarsError, OSError) as exc:  # the footer or the schema in it is damaged
+        raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=str(file)) from None
     require_columns(schema, SYNTH_COLUMNS[name], file=f"{name}.parquet")
     # Latent truth (true_*) is never a feature; only true_prob travels, as an evaluation label.
-    return lf.select(list(SYNTH_COLUMNS[name])).with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+    lf = lf.select(list(SYNTH_COLUMNS[name])).with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+    # Integer columns of another type (UInt64, Int8, ...) become Int64, which every later step
+    # expects; a value that does not fit is rejected by the first check of _checked, shown as it was.
+    other = [c for c, kind in SYNTH_COLUMNS[name].items() if kind == "int" and schema[c] != pl.Int64]
+    return lf.with_columns(pl.col(c).alias(f"_was_{c}") for c in other).with_columns(
+        pl.col(c).cast(pl.Int64, strict=False) for c in other
+    )
+
+
+def _int64_range(lf: pl.LazyFrame) -> list[Check]:
+    """Checks for the columns that :func:`_scan` cast to Int64: no value lost on the way."""
+    return [
+        Check(pl.col(c).is_not_null() & pl.col(c.removeprefix("_was_")).is_null(), c.removeprefix("_was_"),
+              pl.col(c), "outside the int64 range")
+        for c in lf.collect_schema().names() if c.startswith("_was_")
+    ]
+
+
+def _first_line(exc: BaseException) -> str:
+    return clip(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
 def _checked(lf: pl.LazyFrame, checks: list[Check], file: str, strict: bool) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    df = lf.pipe(with_checks, checks).collect(engine="streaming")
+    try:
+        df = lf.pipe(with_checks, [*_int64_range(lf), *checks]).collect(engine="streaming")
+    except (pl.exceptions.ComputeError, OSError) as exc:  # a readable footer over damaged pages
+        raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=file) from None
     valid, rejects = split_rejects(df, file=file, strict=strict)
-    return valid, rejects, df.height
+    return valid.select(pl.exclude("^_was_.*$")), rejects, df.height
 
 
 def _ids_present(*columns: str) -> list[Check]:
@@ -386,7 +415,7 @@ def string_ids(values: pl.Series, *, field: str, file: str) -> pl.DataFrame:
                "_items": pl.List(pl.String), "_categories": pl.List(pl.String)})
 def split_line(lf: pl.LazyFrame, fmt: LineFormat) -> pl.LazyFrame:
     """Split each line into its fields (``_label`` ... as text) and the two history lists."""
-    parts = pl.col("raw").str.strip_chars_end("\r").str.split(fmt.separator)
+    parts = pl.col("raw").str.split(fmt.separator)
 
     def text(name: str) -> pl.Expr:
         return parts.list.get(fmt.fields.index(name), null_on_oob=True).str.strip_chars()
@@ -412,7 +441,7 @@ def split_line(lf: pl.LazyFrame, fmt: LineFormat) -> pl.LazyFrame:
 def line_checks(fmt: LineFormat) -> list[Check]:
     """In order: blank line, field count, label, user id, target item and category, each history
     list, and history lists of different lengths."""
-    checks = [*line_shape(len(fmt.fields)), binary_label(fmt.label, pl.col("_label"))]
+    checks = [*line_shape(len(fmt.fields), allowed=fmt.list_separator), binary_label(fmt.label, pl.col("_label"))]
     ids = [("_user", fmt.user)] if fmt.user else []
     for column, name in [*ids, ("_item", fmt.item), ("_category", fmt.category)]:
         value = pl.col(column)
@@ -447,6 +476,8 @@ def _id_mapper(valid: pl.DataFrame, fmt: LineFormat, file: str) -> Callable[[str
         t = tables[column]
         if as_list:
             return pl.col(column).list.eval(pl.element().replace_strict(t["text"], t["id"], return_dtype=pl.Int64))
+        if t.height == 0:  # no valid line: polars (2.1) would ignore return_dtype and keep String
+            return pl.lit(None, pl.Int64)
         return pl.col(column).replace_strict(t["text"], t["id"], return_dtype=pl.Int64)
 
     return mapped
@@ -566,6 +597,7 @@ DMR_HEADER = (*(name for name in DMR_LISTS for _ in range(DMR_STEPS)), *DMR_SCAL
 #: (pv/ipv, cart, fav, buy), which is also ours; 1 is 95% of the steps of the public sample.
 DMR_BTAG = {"1": "pv", "2": "cart", "3": "fav", "4": "buy"}
 PRICE_BUCKETS = 10
+DMR_HEADER_BYTES = 65_536  # the header is about 2,900 bytes
 
 
 def _dmr_list(name: str) -> pl.Expr:
@@ -578,7 +610,7 @@ def _dmr_list(name: str) -> pl.Expr:
 def split_dmr(lf: pl.LazyFrame) -> pl.LazyFrame:
     """Split a line into its 17 scalar fields (``_uid`` ... as text), the five 50-step lists
     (``_cont_btag`` ...) and ``_steps``, the 0-based steps whose ``mask`` is 1."""
-    parts = pl.col("raw").str.strip_chars_end("\r").str.split(",").list.eval(pl.element().str.strip_chars())
+    parts = pl.col("raw").str.split(",").list.eval(pl.element().str.strip_chars())
     return lf.with_columns(_fields=parts).with_columns(
         _n=pl.col("_fields").list.len(),
         **{f"_{name}": pl.col("_fields").list.get(i, null_on_oob=True)
@@ -657,15 +689,22 @@ def typed_dmr(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 def check_dmr_header(path: Path) -> None:
     """Raise a DataError naming the file unless its first line is the 267-column DMR header."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        found = [name.strip() for name in f.readline().rstrip("\r\n").split(",")]
+    layout = f"{DMR_STEPS} each of {', '.join(DMR_LISTS)}, then {', '.join(DMR_SCALARS)}"
+    with path.open("rb") as f:  # lines end at LF only, as in scan_lines
+        first = f.readline(DMR_HEADER_BYTES + 1)
+    if len(first) > DMR_HEADER_BYTES:  # a file without line ends must not be read whole here
+        raise DataError(f"line 1 is longer than {DMR_HEADER_BYTES} bytes, expected the header ({layout})",
+                        file=path.name, line=1)
+    # a UTF-8 byte-order mark is not part of the first column: the line reader drops it too
+    text = first.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
+    found = [name.strip() for name in text.split(",")]
     if found == list(DMR_HEADER):
         return
-    layout = f"{DMR_STEPS} each of {', '.join(DMR_LISTS)}, then {', '.join(DMR_SCALARS)}"
     if len(found) != len(DMR_HEADER):
         raise DataError(f"the header has {len(found)} columns, expected {len(DMR_HEADER)}: {layout}", file=path.name, line=1)
     k = next(i for i, (a, b) in enumerate(zip(found, DMR_HEADER, strict=True)) if a != b)
-    raise DataError(f"header column {k + 1} is {found[k]!r}, expected {DMR_HEADER[k]!r} ({layout})", file=path.name, line=1)
+    raise DataError(f"header column {k + 1} is {clip(found[k])!r}, expected {DMR_HEADER[k]!r} ({layout})",
+                    file=path.name, line=1)
 
 
 def price_deciles(price: pl.Expr) -> pl.Expr:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from recsys.config import Schema
+from recsys.config import Schema, explain_first
 from recsys.model_schemas import ExploreConfig
 
 PolicyKind = Literal["random", "greedy", "epsilon_greedy", "dropout_ts", "dropout_ucb", "age", "oracle"]
@@ -91,6 +91,6 @@ class ExploreSimConfig(Schema):
         for p in self.policies:
             try:
                 self.policy_explore(p)
-            except ValueError as exc:
-                raise ValueError(f"policies[{p.name}].explore: {exc}") from None
+            except ValidationError as exc:
+                raise ValueError(f"policies[{p.name}].explore: {explain_first(ExploreConfig, exc)}") from None
         return self

@@ -5,11 +5,15 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from recsys.config import load_config, parse_override
+from recsys.config import _section_model, load_config, parse_override
 from recsys.errors import ConfigError
+from recsys.model_schemas import RunConfig
 from recsys.schemas import BuildConfig, SynthConfig
-from tests.conftest import ROOT
+from recsys.sim_schemas import ExploreSimConfig
+from tests.conftest import ROOT, run_cli
 
 
 def write(tmp_path, text: str):
@@ -180,3 +184,65 @@ def test_configs_are_frozen():
     cfg = SynthConfig()
     with pytest.raises(Exception, match="frozen"):
         cfg.num_users = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite numbers: refused at load, wherever a float is (a NaN learning rate trains nothing)
+
+
+def float_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every float field of ``model``, nested sections included."""
+    keys = []
+    for name, info in model.model_fields.items():
+        section = _section_model(info.annotation)
+        if section is not None:
+            keys += float_keys(section, f"{prefix}{name}.")
+        elif "float" in str(info.annotation):
+            keys.append(prefix + name)
+    return keys
+
+
+SCHEMAS = [SynthConfig, BuildConfig, RunConfig, ExploreSimConfig]
+FLOAT_KEYS = [(schema, key) for schema in SCHEMAS for key in float_keys(schema)]
+
+
+def test_every_schema_has_float_fields_to_check():
+    assert {s.__name__ for s, _ in FLOAT_KEYS} == {s.__name__ for s in SCHEMAS}
+    assert ("RunConfig", "train.lr") in {(s.__name__, k) for s, k in FLOAT_KEYS}
+
+
+@pytest.mark.parametrize(("schema", "key"), FLOAT_KEYS, ids=[f"{s.__name__}.{k}" for s, k in FLOAT_KEYS])
+@pytest.mark.parametrize(("text", "shown"), [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")])
+def test_a_non_finite_number_is_refused_naming_the_key(schema, key, text, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, overrides=[f"{key}={text}"])
+    assert str(err.value) == f"config error in --set {key}={text}: {key}: input should be a finite number, got {shown} (float)"
+
+
+@pytest.mark.parametrize("text", [".nan", "1.0e+400", "-.Inf"])
+def test_a_non_finite_number_in_a_file_is_refused(tmp_path, text):
+    path = write(tmp_path, f"model:\n  head:\n    dropout: 0.1\ntrain:\n  lr: {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, path)
+    assert str(err.value) == (
+        f"config error in {path}: train.lr: input should be a finite number, got {float(yaml.safe_load(text))!r} (float)")
+
+
+def test_a_non_finite_number_inside_a_list_of_sections_is_refused(tmp_path):
+    path = write(tmp_path, "policies:\n  - {name: e, kind: epsilon_greedy, epsilon: .nan}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(ExploreSimConfig, path)
+    assert str(err.value) == f"config error in {path}: policies.0.epsilon: input should be a finite number, got nan (float)"
+    path = write(tmp_path, "policies:\n  - {name: a, kind: age, explore: {lam: .inf}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(ExploreSimConfig, path)
+    assert str(err.value) == (
+        f"config error in {path}: policies[a].explore: lam: input should be a finite number, got inf (float)")
+
+
+def test_train_with_an_infinite_learning_rate_exits_2_before_any_work(tmp_path):
+    result = run_cli("train", "--config", str(ROOT / "configs" / "models" / "din.yaml"), "--data",
+                     str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--set", "train.lr=.inf")
+    assert (result.returncode, result.stderr) == (
+        2, "recsys: error: config error in --set train.lr=.inf: train.lr: input should be a finite number, got inf (float)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

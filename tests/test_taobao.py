@@ -122,7 +122,7 @@ def test_invalid_utf8_is_a_rejected_row_not_a_crash(tmp_path):
     path.write_bytes(("\n".join(GOOD) + "\n").encode() + b"\xff\xfe,100,10,pv,1511800000\n")
     report = build(f"taobao:{path}", tmp_path / "out", BuildConfig())
     assert report["rows_rejected"] == 1
-    assert report["rejects_by_reason"] == {"not a non-negative integer": 1}
+    assert report["rejects_by_reason"] == {"invalid UTF-8 (or the replacement character U+FFFD) at character 1": 1}
 
 
 def test_a_file_of_only_bad_rows_is_an_error(tmp_path):
