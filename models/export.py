@@ -62,7 +62,7 @@ from features.history import HistoryStore
 from features.vocab import Vocab
 from models.batch import FeatureSpec
 from models.ctr import CTRModel, build_model
-from recsys import __version__
+from recsys import __version__, run_state
 from recsys.config import dump_config, load_config
 from recsys.errors import ConfigError, DataError, RecsysError
 from recsys.io import atomic_output_dir, check_output_dir, read_json, sha256_file, write_json
@@ -115,7 +115,8 @@ class Export:
 
 
 def save_export(
-    run_dir: str | Path, out: str | Path, *, include_history: bool = True, overwrite: bool = False
+    run_dir: str | Path, out: str | Path, *, include_history: bool = True, overwrite: bool = False,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Export the latest checkpoint of the training run ``run_dir`` into the directory ``out``.
 
@@ -125,12 +126,14 @@ def save_export(
         include_history: ship the data's history store (serving then finds a user's behaviours
             itself); without it every request must bring its own history.
         overwrite: replace a non-empty ``out``.
+        allow_partial: export an unfinished run's latest epoch checkpoint (recsys/run_state.py).
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
 
     Raises:
-        RecsysError: an unreadable run or data directory, or weights that do not fit the config.
+        RecsysError: an unreadable run or data directory, an unfinished run (without
+            ``allow_partial``), or weights that do not fit the config or are not finite.
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
     """
     check_output_dir(out, overwrite=overwrite)
@@ -140,6 +143,8 @@ def save_export(
     for key in ("data", "spec", "checkpoint"):
         if key not in run:
             raise DataError(f"missing key {key!r}", file=str(run_dir / "run.json"))
+    run_state.require_finished(run, epochs=cfg.train.epochs, run=str(run_dir), allow_partial=allow_partial,
+                               command="export")
     if not isinstance(run["checkpoint"], str):
         raise DataError("the run has no checkpoint yet (did training finish an epoch?)",
                         file=str(run_dir / "run.json"), field="checkpoint", value=run["checkpoint"])
@@ -345,7 +350,8 @@ def load_weights(model: nn.Module, path: Path, *, what: str) -> None:
 
     Raises:
         DataError: missing file, not loadable with ``weights_only=True``, not a ``{name: tensor}``
-        mapping, or names/shapes that differ from the model ``what`` describes.
+        mapping, names/shapes that differ from the model ``what`` describes, or a tensor holding
+        NaN or inf.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -372,6 +378,10 @@ def load_weights(model: nn.Module, path: Path, *, what: str) -> None:
         problems.append(f"{len(shapes)} with another shape (e.g. {shapes[0]})")
     if problems:
         raise DataError(f"weights do not fit the model of {what}: tensors " + "; ".join(problems), file=str(path))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run: scores would be NaN, which no caller can use
+        raise DataError(f"weights are not finite: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); the run "
+                        "diverged: retrain with a lower train.lr or train.embedding_lr", file=str(path))
     model.load_state_dict(state)
 
 

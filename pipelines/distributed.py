@@ -13,6 +13,7 @@ What runs where (measured in ../shared/STACK.md and by tests/test_train.py on CP
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,20 +85,136 @@ def full_state_dict(dmp: DistributedModelParallel) -> dict[str, torch.Tensor] | 
     """
     import warnings
 
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     rank = dist.get_rank()
     out: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():  # torchrec 1.8 still hands out ShardedTensor ("use DTensor"); it works
         warnings.simplefilter("ignore", FutureWarning)
         for key, value in dmp.state_dict().items():
-            key = key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")
-            if isinstance(value, ShardedTensor):
-                full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
-                value.gather(dst=0, out=full)
-                value = full
-            elif hasattr(value, "full_tensor"):  # DTensor (e.g. column-wise in newer torchrec)
-                value = value.full_tensor()
+            full = _gather(value, rank)
             if rank == 0:
-                out[key] = value.detach().cpu().clone()
+                out[key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")] = full
     return out if rank == 0 else None
+
+
+def _gather(value: object, rank: int) -> torch.Tensor | None:
+    """A state tensor, whole, on rank 0 (None elsewhere). Collective for sharded tensors."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(value, ShardedTensor):
+        full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+        value.gather(dst=0, out=full)
+        return full
+    if hasattr(value, "full_tensor"):  # DTensor
+        value = value.full_tensor()
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"a state dict holds a {type(value).__name__}, expected tensors")
+    return value.detach().cpu().clone() if rank == 0 else None
+
+
+def full_optimizer_state(optimizer: CombinedOptimizer) -> dict[str, dict[str, torch.Tensor]] | None:
+    """``{param: {state key: whole tensor}}`` of the fused (embedding) and dense optimizers on rank 0
+    (None elsewhere): what a checkpoint needs to resume training exactly. Every rank must call it.
+
+    Unlike the model's state dict, a rank's fused optimizer lists only the tables it holds, so
+    sharded tensors cannot be gathered table by table (the ranks would disagree on which); each
+    rank sends its local shards with their offsets instead, and rank 0 puts them together. The
+    dense optimizer's state is the same on every rank: rank 0's is kept.
+    """
+    import warnings
+
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank = dist.get_rank()
+    local: list[tuple[str, str, list[int] | None, list[int] | None, torch.Tensor]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        state = optimizer.state_dict()["state"]
+        for param in sorted(state):
+            for key in sorted(state[param]):
+                value = state[param][key]
+                if isinstance(value, ShardedTensor):
+                    local += [(param, key, list(value.size()), list(shard.metadata.shard_offsets),
+                               shard.tensor.detach().cpu().clone()) for shard in value.local_shards()]
+                elif isinstance(value, torch.Tensor) and not hasattr(value, "full_tensor"):
+                    local.append((param, key, None, None, value.detach().cpu().clone()))
+                else:
+                    raise ValueError(f"optimizer state {param}/{key} is a {type(value).__name__}: checkpoints "
+                                     "support sharded tensors (table-, row-, column-wise) and plain tensors")
+    parts: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if rank != 0:
+        return None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for part in parts:
+        for param, key, size, offsets, tensor in part:
+            entries = out.setdefault(param, {})
+            if size is None:
+                entries.setdefault(key, tensor)
+                continue
+            full = entries.setdefault(key, torch.zeros(size, dtype=tensor.dtype))
+            full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = tensor
+    return out
+
+
+def _copy_into(target: object, full: torch.Tensor, name: str) -> None:
+    """Copy the whole tensor ``full`` into ``target``: a plain tensor, or this rank's shards of a
+    sharded one (their offsets say which part)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(target, ShardedTensor):
+        if list(target.size()) != list(full.shape):
+            raise ValueError(f"{name}: checkpoint shape {list(full.shape)}, model {list(target.size())}")
+        for shard in target.local_shards():
+            region = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes,
+                                                               strict=True))
+            shard.tensor.detach().copy_(full[region])
+        return
+    if isinstance(target, torch.Tensor) and not hasattr(target, "full_tensor"):
+        if target.shape != full.shape:
+            raise ValueError(f"{name}: checkpoint shape {list(full.shape)}, model {list(target.shape)}")
+        target.detach().copy_(full)
+        return
+    raise ValueError(f"{name}: cannot restore a {type(target).__name__} (resume supports table-wise, row-wise "
+                     "and column-wise sharding of ShardedTensor tables and plain tensors)")
+
+
+def load_full_state(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+                    weights: dict[str, torch.Tensor], optimizer_state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put whole weights and optimizer state (as :func:`full_state_dict` and
+    :func:`full_optimizer_state` wrote them) into a sharded model and its optimizer, in place.
+
+    Every rank calls it with the same whole tensors and copies its own shards. The dense
+    optimizer (Adam) creates its state lazily; it is created first by a step with zero gradients,
+    which moves no weight, then overwritten.
+
+    Raises:
+        ValueError: names or shapes that do not match the model.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        live = {k.removeprefix("_dmp_wrapped_module.").removeprefix("module."): v for k, v in dmp.state_dict().items()}
+        if set(live) != set(weights):
+            missing, extra = sorted(set(live) - set(weights)), sorted(set(weights) - set(live))
+            raise ValueError(f"checkpoint weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, full in weights.items():
+                _copy_into(live[name], full, name)
+        if optimizer_state and any(not opt.state for _, opt in optimizer.optimizers):
+            for _, opt in optimizer.optimizers:
+                if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
+                    opt.init_state()
+                    opt.zero_grad(set_to_none=True)
+        state = optimizer.state_dict()["state"]  # this rank's tables and the dense parameters
+        missing = sorted(set(state) - set(optimizer_state))
+        if missing:
+            raise ValueError(f"checkpoint optimizer state does not match: missing {missing[:3]}")
+        with torch.no_grad():
+            for param in state:
+                entries = optimizer_state[param]
+                if set(entries) != set(state[param]):
+                    raise ValueError(f"optimizer state of {param}: checkpoint has {sorted(entries)}, "
+                                     f"the optimizer {sorted(state[param])}")
+                for key, full in entries.items():
+                    _copy_into(state[param][key], full, f"{param}/{key}")

@@ -1,10 +1,16 @@
 """The run directory written by ``recsys train`` and read by eval, export and ablation::
 
     RUN/config.yaml                  the resolved RunConfig
-    RUN/run.json                     data dir, feature spec, history length, workers, latest checkpoint
+    RUN/run.json                     data dir, feature spec, history length, workers, latest
+                                     checkpoint, and the run's state (below)
     RUN/metrics.jsonl                one JSON line per epoch (train loss, examples/s, valid metrics)
     RUN/checkpoints/epoch-NNN.pt     the unsharded state dict (plain tensors; loaded weights_only)
+    RUN/checkpoints/resume.pt        the latest resumable state: weights, optimizer state, data
+                                     position, RNG (plain tensors and numbers; loaded weights_only)
     RUN/eval/SPLIT.json|.png|-scores.parquet   written by ``recsys eval``
+
+The run's state (``run.json`` ``status``: running, finished, interrupted, failed) is described in
+recsys/run_state.py.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from features.history import HistoryStore
 from models.batch import FeatureSpec
 from models.ctr import CTRModel, build_model
 from models.export import load_weights
+from recsys import run_state
 from recsys.config import load_config
 from recsys.errors import DataError
 from recsys.io import read_json, write_json
@@ -96,6 +103,25 @@ class Run:
         load_weights(model, self.checkpoint(), what=f"{self.path / 'config.yaml'}")
         return model.eval()
 
+    @property
+    def status(self) -> str:
+        """finished, running, interrupted or failed (recsys/run_state.py)."""
+        return run_state.status_of(self.info)
+
+    def describe_state(self) -> str:
+        """One line: the state, how far it got, and why it stopped."""
+        return run_state.describe(self.info, epochs=self.config.train.epochs)
+
+    def require_finished(self, *, allow_partial: bool, command: str) -> None:
+        """Refuse an unfinished run (:func:`recsys.run_state.require_finished`)."""
+        run_state.require_finished(self.info, epochs=self.config.train.epochs, run=str(self.path),
+                                   allow_partial=allow_partial, command=command)
+
     def update_info(self, **changes: Any) -> None:
-        self.info.update(changes)
-        write_json(self.path / "run.json", self.info)
+        """Merge ``changes`` into run.json as it is on disk now (another process may have written it)."""
+        path = self.path / "run.json"
+        current = read_json(path, what="run info") if path.is_file() else dict(self.info)
+        current.update(changes)
+        self.info.clear()
+        self.info.update(current)
+        write_json(path, self.info)

@@ -7,6 +7,22 @@ Messages name what was wrong and where: the config path or the file, line, field
 
 from __future__ import annotations
 
+#: The most characters of user text (a value, a line, a key) that a message shows: a 6 MB line
+#: must not become a 6 MB message. Longer text is cut and marked "... (cut: N characters in all)".
+SHOWN_CHARS = 300
+
+
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text``, cut to ``limit`` characters with a marker that gives its length when longer.
+
+    Example:
+        >>> clip("1" * 400)[-40:]
+        '11111111... (cut: 400 characters in all)'
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... (cut: {len(text)} characters in all)"
+
 
 class RecsysError(Exception):
     """Base class for errors caused by input (config, data, arguments), not by a bug."""
@@ -56,3 +72,15 @@ class DataError(RecsysError, ValueError):
 
 class OutputExistsError(RecsysError):
     """The output location already holds data and overwriting was not asked for."""
+
+
+class Interrupted(Exception):
+    """Work stopped by a signal (Ctrl-C, SIGTERM) after saving what can be resumed.
+
+    Not a :class:`RecsysError`: the input was fine. The command line prints the message and exits
+    with 128 + the signal's number (130 for Ctrl-C).
+    """
+
+    def __init__(self, message: str, *, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum

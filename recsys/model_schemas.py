@@ -344,6 +344,20 @@ class TrainConfig(Schema):
     )
     log_every: int = Field(20, ge=1, description="progress line every this many steps")
     eval_every_epoch: bool = Field(True, description="valid-split metrics in metrics.jsonl after each epoch")
+    checkpoint_every: int = Field(
+        0, ge=0, description="also save a resumable checkpoint every this many steps within an epoch (0: at epoch "
+        "ends only); in process only: Ray Data's order is not reproducible, so a Ray run resumes at an epoch end",
+    )
+    history_dropout: float = Field(
+        0.05, ge=0, lt=1, description="share of training requests whose history is emptied each epoch, chosen by a "
+        "hash of (seed, epoch, request_id), so that the model learns what to predict for a user without history "
+        "(features.requests.drop_histories; docs/TRAINING.md, cold start)",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per worker (default: the machine's cores / workers); 1 makes "
+        "a CPU run bit-reproducible: with more, fbgemm's embedding backward can sum in an order that depends on "
+        "thread timing, which changes the last bits of the weights (docs/TRAINING.md, resuming)",
+    )
 
 
 class RunConfig(Schema):

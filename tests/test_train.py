@@ -81,7 +81,7 @@ def test_train_eval_and_ablation_commands(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "trained din" in r.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-001.pt", "epoch-002.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-001.pt", "epoch-002.pt", "resume.pt"]
     assert load_config(RunConfig, run / "config.yaml").model.din.max_len == 20  # the resolved config is saved
 
     r = run_cli("eval", "--run", str(run), "--split", "test", "--json")
@@ -113,6 +113,14 @@ def test_train_eval_and_ablation_commands(tiny_data, tmp_path):
     assert [row["model"] for row in rows] == ["din"]
     assert set(rows[0]) >= {"auc", "gauc", "logloss", "oracle_auc", "parameters", "examples_per_s"}
     assert rows[0]["parameters"] > 0
+    assert rows[0]["run"] == str((tmp_path / "abl" / "din").resolve())
+
+    # An earlier ablation is not replaced (nor its rows emptied) without --overwrite.
+    before = (tmp_path / "abl" / "rows.jsonl").read_text()
+    r = run_cli("ablation", "--data", str(tiny_data), "--models", "din", "--out", str(tmp_path / "abl"),
+                "--set", "train.epochs=1", "--set", "model.din.max_len=20")
+    assert r.returncode == 2 and "is not empty; pass --overwrite to replace it" in r.stderr, r.stderr
+    assert (tmp_path / "abl" / "rows.jsonl").read_text() == before
 
 
 def test_command_errors_are_one_line(tiny_data, tmp_path):
