@@ -8,163 +8,294 @@ Endpoints::
                                      "price_bucket"?: int}, ...],
                      "history"?: [{"item_id": int, "category_id": int,
                                    "behavior": "pv"|"cart"|"fav"|"buy", "timestamp": int}, ...]}
-                    -> {"scores": [float, ...], "model": NAME}   (candidate order)
+                    -> {"scores": [float, ...], "model": NAME, "cold": bool,
+                        "unknown_user": bool, "no_history": bool, "unknown_items": int}
 
-Input is validated at the door (strict types, unknown fields refused): a malformed request gets a
-4xx with ``{"error": "..."}``, one line naming the field path and the value, e.g.
-``candidates[1].item_id: expected an integer, got "abc"``. Unknown ids are not errors: they score
-as the out-of-vocabulary row.
+Input is validated at the door (strict types, unknown fields refused, the limits of
+:class:`~serving.limits.Limits`): a refused request gets a 4xx with ``{"error": "..."}``, one line
+naming the field path (or the limit) and the value, e.g.
+``candidates[1].item_id: expected an integer, got "abc"`` (:mod:`serving.decode`). Unknown ids are
+not errors: they score as the out-of-vocabulary row, and the answer says so (``cold``).
+
+Threading. The event loop only routes, checks headers and reads bodies. Each score request then
+takes one of ``limits.max_in_flight`` slots (waiting at most ``limits.max_queue_seconds``, else
+503 with ``Retry-After``) before its body is read, so at most that many bodies are in memory;
+decoding and scoring run in a thread of a pool of the same size. pydantic's JSON validator holds
+the GIL from start to end (150-200 ms for a maximal 6 MB request), which would stall the event
+loop, so a body over :data:`DECODE_IN_THREAD_BYTES` is decoded in a decoder process (a pool of
+``max_in_flight``, started on first use) that sends back the history as columns; smaller bodies,
+a few milliseconds of validation, are decoded in the thread.
 
 Example:
-    >>> field_path(("body", "candidates", 1, "item_id"))
-    'candidates[1].item_id'
-    >>> describe_errors([{"type": "int_type", "loc": ("body", "user_id"), "msg": "", "input": "7"}])
-    'user_id: expected an integer, got "7"'
+    >>> from serving.limits import Limits
+    >>> sorted(_request_schema(Limits(max_candidates=5), now=0)[0]["properties"])
+    ['candidates', 'history', 'timestamp', 'user_id']
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
+import multiprocessing
+import os
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from recsys.errors import RecsysError
-from serving.scorer import Scorer
+from serving.decode import SCORE_REQUEST, decode_score_request, exit_with, show
+from serving.limits import FLAGS, Limits, check_port
+from serving.scorer import NonFiniteScoreError, Scorer
 
-#: Default most candidates one request may carry (``create_app(max_candidates=...)``).
-MAX_CANDIDATES = 1000
+log = logging.getLogger("recsys.serving")
 
-Id = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-
-
-class _Strict(BaseModel):
-    # strict: "5" or 5.0 is not an integer id; forbid: a misspelt optional field is not ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class Candidate(_Strict):
-    item_id: Id
-    category_id: Id | None = None
-    brand_id: Id | None = None
-    price_bucket: Id | None = None
-
-
-class Event(_Strict):
-    item_id: Id
-    category_id: Id
-    behavior: Literal["pv", "cart", "fav", "buy"]
-    timestamp: Id
-
-
-class ScoreRequest(_Strict):
-    user_id: Id
-    timestamp: Id | None = None
-    candidates: list[Candidate] = Field(min_length=1)
-    history: list[Event] | None = None
+#: Bodies up to this size are decoded in the request's thread (a few ms of GIL); larger ones in a
+#: decoder process. 256 KiB is about 2,800 history events: under 10 ms of validation.
+DECODE_IN_THREAD_BYTES = 256 * 2**10
 
 
 class ScoreResponse(BaseModel):
     scores: list[float]
     model: str
+    cold: bool = Field(description="unknown_user or no_history or unknown_items > 0")
+    unknown_user: bool = Field(description="the user id is in no vocabulary")
+    no_history: bool = Field(description="no history event before the request's timestamp")
+    unknown_items: int = Field(description="candidates whose item id is in no vocabulary (scored as row 0)")
 
 
-def create_app(scorer: Scorer, *, max_candidates: int = MAX_CANDIDATES) -> FastAPI:
-    """The FastAPI app serving ``scorer`` (see the module docstring for the endpoints)."""
-    if max_candidates < 1:
-        raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
-    app = FastAPI(title="recsys scoring", version=str(scorer.export.manifest.get("versions", {}).get("recsys")))
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    error: str = Field(description="one line naming the field path or the limit, and the value")
+
+
+class _Decoders:
+    """The decoder processes: a process pool from a fork server that imports only
+    :mod:`serving.decode` (not torch, not this process's threads), replaced if a process dies."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.lock = threading.Lock()
+        self.pool: ProcessPoolExecutor | None = None
+
+    def decode(self, body: bytes, limits: Limits, now: float) -> tuple[int, Any]:
+        with self.lock:
+            if self.pool is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(["serving.decode"])
+                self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                                initializer=exit_with, initargs=(os.getpid(),))
+            pool = self.pool
+        try:
+            return pool.submit(decode_score_request, body, limits, now=now).result()
+        except BrokenProcessPool:
+            with self.lock:
+                if self.pool is pool:
+                    self.pool = None  # the next request starts a new pool
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the decoder processes and wait for them: uvicorn ends a SIGTERM by raising the
+        signal again, so nothing after the server's shutdown (atexit) would get to run."""
+        with self.lock:
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Refused(Exception):
+    """A request answered with an error before it reaches the worker threads."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
+    """The FastAPI app serving ``scorer`` (see the module docstring for the endpoints).
+
+    Args:
+        scorer: the loaded export.
+        limits: per-request limits and concurrency (default :class:`~serving.limits.Limits()`).
+    """
+    limits = Limits() if limits is None else limits
+    threads = ThreadPoolExecutor(max_workers=limits.max_in_flight, thread_name_prefix="recsys-score")
+    decoders = _Decoders(limits.max_in_flight)
+    slots = asyncio.Semaphore(limits.max_in_flight)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        threads.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(decoders.shutdown)
+
+    # redirect_slashes off: `/v1/score/` is a JSON 404, not a 307 with no body (found by fuzzing)
+    app = FastAPI(title="recsys scoring", lifespan=lifespan, redirect_slashes=False,
+                  version=str(scorer.export.manifest.get("versions", {}).get("recsys")))
+    app.state.decoders = decoders  # for tests and operators: the decoder processes
     health = {"status": "ok", "model": scorer.name, "export": scorer.export.weights_sha256}
+    request_schema, schema_defs = _request_schema(limits, now=time.time())
+    error = {"model": ErrorBody}
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
-        return JSONResponse({"error": describe_errors(errors)}, status_code=status)
+    @app.exception_handler(_Refused)
+    async def _refused(request: Request, exc: _Refused) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"},
+        return JSONResponse({"error": f"{request.method} {_raw_path(request)}: {exc.detail}"},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # starlette then logs the traceback
+        return JSONResponse({"error": f"{request.method} {_raw_path(request)}: internal error ({type(exc).__name__}), "
+                                      "logged by the server"}, status_code=500)
+
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return health
 
-    @app.post("/v1/score", response_model=ScoreResponse)
-    def score(body: ScoreRequest) -> Any:
-        if len(body.candidates) > max_candidates:
-            return JSONResponse(
-                {"error": f"candidates: at most {max_candidates} per request, got {len(body.candidates)}"},
-                status_code=422)
-        request = body.model_dump()
+    def work(body: bytes) -> tuple[int, bytes]:
+        """Decode, check and score one request body (in a worker thread)."""
+        now = time.time()
         try:
-            scores = scorer.score_batch([request])[0]
-        except RecsysError as exc:  # the pydantic layer should have caught it; still a client error
-            return JSONResponse({"error": str(exc).removeprefix("requests[0].")}, status_code=422)
-        return {"scores": scores, "model": scorer.name}
+            if len(body) > DECODE_IN_THREAD_BYTES:
+                status, request = decoders.decode(body, limits, now)
+            else:
+                status, request = decode_score_request(body, limits, now=now)
+        except BrokenProcessPool:
+            log.error("a decoder process died while decoding a %d-byte body; starting new ones", len(body))
+            return 500, _dumps({"error": "body: a decoder process died while decoding it (logged by the server); retry"})
+        if status != 200:
+            return status, _dumps({"error": request})
+        try:
+            scored = scorer.score_many([request])[0]
+        except NonFiniteScoreError as exc:
+            log.error("%s", exc)
+            return 500, _dumps({"error": str(exc)})
+        except RecsysError as exc:  # e.g. history required by an export without a history store
+            return 422, _dumps({"error": str(exc).removeprefix("requests[0].")})
+        return 200, _dumps({"scores": scored.scores, "model": scorer.name, "cold": scored.cold,
+                            "unknown_user": scored.unknown_user, "no_history": scored.no_history,
+                            "unknown_items": scored.unknown_items})
 
+    @app.post(
+        "/v1/score", response_model=ScoreResponse,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
+        responses={400: error, 413: error, 415: error, 422: error, 500: error, 503: error},
+    )
+    async def score(request: Request) -> Response:
+        _check_content_type(request.headers.get("content-type"))
+        _check_content_length(request.headers.get("content-length"), limits)
+        if not await _acquire(slots, limits.max_queue_seconds):
+            raise _Refused(503, f"busy: all {limits.max_in_flight} score slots taken ({FLAGS['max_in_flight']}), none "
+                                f"came free within {limits.max_queue_seconds:g} s ({FLAGS['max_queue_seconds']}); "
+                                "retry later", headers={"Retry-After": "1"})
+        try:
+            body = await _read_body(request, limits.max_body_bytes)
+            status, content = await asyncio.get_running_loop().run_in_executor(threads, work, body)
+        finally:
+            slots.release()
+        return Response(content, status_code=status, media_type="application/json")
+
+    openapi = app.openapi
+
+    def openapi_with_request_schemas() -> dict[str, Any]:
+        spec = openapi()
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(schema_defs)
+        return spec
+
+    app.openapi = openapi_with_request_schemas
     return app
 
 
-def field_path(loc: Sequence[str | int]) -> str:
-    """A pydantic error location as the request's field path (``candidates[1].item_id``)."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
+def _request_schema(limits: Limits, *, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The OpenAPI schema of a score request (and its component definitions), with the limits.
+
+    A timestamp's maximum is the latest accepted when the app was built: the real bound moves
+    with the clock, so whatever the schema allows is accepted.
+    """
+    schema = SCORE_REQUEST.json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    stamp = {"type": "integer", "minimum": limits.min_timestamp, "maximum": int(now) + int(limits.max_future_seconds),
+             "description": f"unix seconds, at least {limits.min_timestamp} and at most "
+                            f"{int(limits.max_future_seconds)} s after the server's clock"}
+    props = schema["properties"]
+    props["timestamp"]["anyOf"][0] = {**stamp, "description": "the cut-off (unix seconds); default: now. " + stamp["description"]}
+    props["candidates"]["maxItems"] = limits.max_candidates
+    history = next(v for v in props["history"]["anyOf"] if v.get("type") == "array")
+    history["maxItems"] = limits.max_history_events
+    defs["Event"]["properties"]["timestamp"] = stamp
+    return schema, defs
 
 
-def describe_errors(errors: Sequence[dict[str, Any]], limit: int = 3) -> str:
-    """Pydantic/FastAPI validation errors as one line: ``path: what was expected, got value``."""
-    lines = [_describe(e) for e in errors[:limit]]
-    if len(errors) > limit:
-        lines.append(f"and {len(errors) - limit} more")
-    return "; ".join(lines)
+def _raw_path(request: Request) -> str:
+    # as sent, percent-escapes kept: the decoded path can hold a newline ("/%0a")
+    return request.scope.get("raw_path", b"?").decode("latin-1")
 
 
-def _describe(e: dict[str, Any]) -> str:
-    kind, ctx, loc = e.get("type", ""), e.get("ctx") or {}, tuple(e.get("loc", ()))
-    if kind == "json_invalid":
-        return f"body: invalid JSON: {ctx.get('error', 'cannot parse')} at character {loc[-1] if loc else 0}"
-    path = field_path(loc)
-    if kind == "missing":
-        return f"{path}: required field is missing"
-    if kind == "extra_forbidden":
-        return f"{path}: unknown field (value {_show(e.get('input'))})"
-    got = f", got {_show(e.get('input'))}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"{path}: expected an integer{got}"
-    if kind in ("greater_than_equal", "less_than_equal"):
-        return f"{path}: expected a 64-bit integer{got}"
-    if kind == "literal_error":
-        return f"{path}: expected {ctx.get('expected', 'one of the allowed values')}{got}"
-    if kind == "too_short" and e.get("input") == []:
-        return f"{path}: must not be empty"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        hint = " (send Content-Type: application/json)" if path == "body" and isinstance(e.get("input"), bytes) else ""
-        return f"{path}: expected a JSON object{hint}{got}"
-    if kind == "list_type":
-        return f"{path}: expected a list{got}"
-    return f"{path}: {e.get('msg', kind)}{got}"
+def _check_content_type(value: str | None) -> None:
+    # No Content-Type is read as JSON (as FastAPI does); a form or text body is a client mistake.
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise _Refused(415, f"Content-Type: expected application/json, got {show(value)}")
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+def _check_content_length(value: str | None, limits: Limits) -> None:
+    if value is None:
+        return
+    length = int(value)  # uvicorn has already refused a malformed one (400)
+    if length > limits.max_body_bytes:
+        # Refused before a byte of the body is read; the connection is closed so the unread body
+        # is never parsed as a next request.
+        raise _Refused(413, f"body: {length} bytes exceeds the limit of {limits.max_body_bytes} "
+                            f"({FLAGS['max_body_bytes']})", headers={"Connection": "close"})
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as more than ``limit`` bytes arrived (chunked bodies too)."""
+    body = bytearray()
     try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _Refused(413, f"body: over the limit of {limit} bytes ({FLAGS['max_body_bytes']}), "
+                                    f"cut off after {len(body)} bytes", headers={"Connection": "close"})
+    except ClientDisconnect:
+        raise _Refused(400, "body: the client disconnected before sending all of it") from None
+    return bytes(body)
+
+
+async def _acquire(slots: asyncio.Semaphore, timeout: float) -> bool:
+    """Take a slot, waiting at most ``timeout`` seconds; False when none came free."""
+    if not slots.locked():
+        await slots.acquire()  # free: returns at once
+        return True
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _dumps(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,16 +316,22 @@ class _Server(uvicorn.Server):
 
 
 def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
-          max_candidates: int = MAX_CANDIDATES) -> None:
+          limits: Limits | None = None) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
 
     Raises:
-        RecsysError: the export fails verification, or ``host:port`` cannot be listened on.
+        RecsysError: the port is outside 0..65535, the export fails verification, or
+            ``host:port`` cannot be listened on.
     """
+    check_port(port)
     scorer = Scorer.load(export_path)
-    app = create_app(scorer, max_candidates=max_candidates)
+    app = create_app(scorer, limits=limits)
+    # The export's objects live as long as the process: keep them out of the collector's full
+    # passes, which a large request's many small objects trigger (each pass holds the GIL).
+    gc.collect()
+    gc.freeze()
     sock = _listen(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
@@ -204,6 +341,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
 
 def _listen(host: str, port: int) -> socket.socket:
     """A bound, listening TCP socket (so a bad address is a one-line error before serving)."""
+    check_port(port)
     sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]

@@ -11,14 +11,22 @@ A request is one user at one time with candidates (raw ids, as the outside world
 * A candidate's missing attributes (``category_id``, ``brand_id``, ``price_bucket``) come from
   ``items.parquet`` by item index; the user's profile from ``users.parquet`` by user index.
   An attribute the model has no feature for (``brand_id`` on Taobao data) is ignored.
-* History: the request's own events when it brings them (``history``, even ``[]``), else the
-  user's events in the shipped history store; either way only events strictly before
-  ``timestamp``, oldest first, the last ``history_len`` of them. A model with SIM hard search
+* History: the request's own events when it brings them (``history``, even ``[]``: event dicts,
+  or :class:`serving.decode.Events` columns), else the user's events in the shipped history
+  store; either way only events strictly before ``timestamp``, oldest first, the last
+  ``history_len`` of them. A model with SIM hard search
   also gets each candidate's K most recent same-category behaviours from the whole history
   before ``timestamp``, through the shipped category index.
 
 Every request of a :meth:`Scorer.score_batch` call goes through ``models.batch.make_batch`` and
 the model once; the id mapping is vectorised (sorted raw ids + ``np.searchsorted``, built once).
+:meth:`Scorer.score_many` also says which requests are cold (:class:`Scored`): an unknown user, no
+history event before the cut-off, candidates whose item id no vocabulary knows.
+
+An export shipped without its history store (``recsys export --no-history``) cannot score a
+request that brings no ``history``: that is a :class:`~recsys.errors.DataError`, not an empty
+history. A model whose output is not finite (diverged weights) raises :class:`NonFiniteScoreError`
+instead of answering NaN.
 
 Example:
     >>> import polars as pl
@@ -45,10 +53,35 @@ from models.batch import HISTORY_FIELDS, Searched, hard_search, make_batch
 from models.export import FEATURE_VOCAB, Export, load_export
 from recsys.errors import DataError
 from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
+from serving.decode import Events
 
 #: Candidate attribute (raw id, request field) -> model feature.
 CANDIDATE_ATTRIBUTES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+class NonFiniteScoreError(RuntimeError):
+    """The model gave a NaN or infinite logit: the export is broken, not the request."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One request's click probabilities and how much of it the model has seen before.
+
+    ``cold`` is true when any part of the request is new to the model: the user id is in no
+    vocabulary (``unknown_user``), no history event precedes the cut-off (``no_history``: the
+    user has none, or the timestamp is before the first), or some candidate item ids are unknown
+    (``unknown_items``: how many; they score as the out-of-vocabulary row).
+    """
+
+    scores: list[float]
+    unknown_user: bool
+    no_history: bool
+    unknown_items: int
+
+    @property
+    def cold(self) -> bool:
+        return self.unknown_user or self.no_history or self.unknown_items > 0
 
 
 @dataclass(frozen=True)
@@ -113,16 +146,27 @@ class Scorer:
                 of the stored history (``behavior`` one of pv, cart, fav, buy).
 
         Raises:
-            DataError: a field that is missing or not an integer, or an unknown behaviour name.
+            DataError: a field that is missing or not an integer, an unknown behaviour name, or no
+                ``history`` for an export without a history store.
+            NonFiniteScoreError: the model's output is NaN or infinite (broken weights).
         """
         request = {"user_id": user_id, "candidates": candidates, "timestamp": timestamp, "history": history}
         return self.score_batch([request])[0]
 
-    @torch.no_grad()
     def score_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[list[float]]:
         """:meth:`score` for several requests (mappings with the same keys) in one model call."""
+        return [s.scores for s in self.score_many(requests)]
+
+    @torch.no_grad()
+    def score_many(self, requests: Sequence[Mapping[str, Any]]) -> list[Scored]:
+        """:meth:`score_batch`, with each request's coldness (:class:`Scored`)."""
         if not requests:
             return []
+        if self.export.history is None:
+            for i, r in enumerate(requests):
+                if r.get("history") is None:
+                    raise DataError(f"requests[{i}].history: required: this export ships no history store "
+                                    "(exported with --no-history)")
         now = int(time.time())
         b = len(requests)
         user_raw = np.array([_int(r.get("user_id"), f"requests[{i}].user_id") for i, r in enumerate(requests)],
@@ -144,9 +188,22 @@ class Scorer:
         profile = {f: users if f == "user" else self.export.users[f][users] for f in self.spec.profile}
         batch = make_batch(self.spec, history=history, request_time=ts, candidates=candidates,
                            num_candidates=num, profile=profile, search=search)
-        probs = torch.sigmoid(self.export.model(batch)).double().numpy()  # [C]
+        logits = self.export.model(batch)  # [C]
+        if not bool(torch.isfinite(logits).all()):
+            self._non_finite(logits)
+        probs = torch.sigmoid(logits).double().numpy()  # [C]
         offsets = np.concatenate([[0], np.cumsum(num)])
-        return [probs[offsets[i]:offsets[i + 1]].tolist() for i in range(b)]
+        unknown = np.add.reduceat(candidates["item"] == OOV_INDEX, offsets[:-1])  # [B] (every request has candidates)
+        return [Scored(scores=probs[offsets[i]:offsets[i + 1]].tolist(), unknown_user=bool(users[i] == OOV_INDEX),
+                       no_history=bool(hist_len[i] == 0), unknown_items=int(unknown[i])) for i in range(b)]
+
+    def _non_finite(self, logits: torch.Tensor) -> None:
+        bad = ~torch.isfinite(logits)
+        first = logits[bad][0].item()
+        raise NonFiniteScoreError(
+            f"export {self.export.path}: the model gave {int(bad.sum())} non-finite scores of {logits.numel()} "
+            f"(first: {first}); its weights are broken (weights.pt sha256 {self.export.weights_sha256[:12]}...): "
+            "re-export a healthy run")
 
     def _candidates(self, requests: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Feature -> [C] indices of every candidate, and [B] candidates per request."""
@@ -217,28 +274,39 @@ class Scorer:
         return {f: Jagged(np.concatenate([np.asarray(parts[i][f], dtype=np.int64) for i in range(len(requests))]),
                           offsets) for f in HISTORY_FIELDS}, total
 
-    def _given_history(self, events: Sequence[Mapping[str, Any]], cutoff: int, where: str) -> dict[str, np.ndarray]:
-        """A request's own events: encoded, strictly before ``cutoff``, by time."""
-        if not isinstance(events, Sequence) or isinstance(events, str | bytes):
-            raise DataError(f"{where}: expected a list of events, got {events!r}")
-        cols: dict[str, list[int]] = {"item": [], "category": [], "behavior": [], "timestamp": []}
-        for k, e in enumerate(events):
-            w = f"{where}[{k}]"
-            if not isinstance(e, Mapping):
-                raise DataError(f"{w}: expected an event object, got {e!r}")
-            behavior = e.get("behavior")
-            if behavior not in BEHAVIOR_CODE:
-                raise DataError(f"{w}.behavior: expected one of {', '.join(BEHAVIORS)}, got {behavior!r}")
-            cols["item"].append(_int(e.get("item_id"), f"{w}.item_id"))
-            cols["category"].append(_int(e.get("category_id"), f"{w}.category_id"))
-            cols["behavior"].append(BEHAVIOR_CODE[behavior])
-            cols["timestamp"].append(_int(e.get("timestamp"), f"{w}.timestamp"))
-        a = {f: np.array(v, dtype=np.int64) for f, v in cols.items()}
+    def _given_history(self, events: Sequence[Mapping[str, Any]] | Events, cutoff: int,
+                       where: str) -> dict[str, np.ndarray]:
+        """A request's own events (dicts, or columns from ``serving.decode``): encoded, strictly
+        before ``cutoff``, by time."""
+        if isinstance(events, Events):
+            a = {"item": events.item_id, "category": events.category_id, "behavior": events.behavior,
+                 "timestamp": events.timestamp}
+        else:
+            a = _event_columns(events, where)
         keep = np.flatnonzero(a["timestamp"] < cutoff)
         keep = keep[np.argsort(a["timestamp"][keep], kind="stable")]  # by time; ties keep request order
         return {"item": self.ids["item_id"].encode(a["item"][keep]),
                 "category": self.ids["category_id"].encode(a["category"][keep]),
                 "behavior": a["behavior"][keep], "timestamp": a["timestamp"][keep]}
+
+
+def _event_columns(events: Sequence[Mapping[str, Any]], where: str) -> dict[str, np.ndarray]:
+    """Event dicts as [H] int64 columns, each value checked (a DataError names the field)."""
+    if not isinstance(events, Sequence) or isinstance(events, str | bytes):
+        raise DataError(f"{where}: expected a list of events, got {events!r}")
+    cols: dict[str, list[int]] = {"item": [], "category": [], "behavior": [], "timestamp": []}
+    for k, e in enumerate(events):
+        w = f"{where}[{k}]"
+        if not isinstance(e, Mapping):
+            raise DataError(f"{w}: expected an event object, got {e!r}")
+        behavior = e.get("behavior")
+        if behavior not in BEHAVIOR_CODE:
+            raise DataError(f"{w}.behavior: expected one of {', '.join(BEHAVIORS)}, got {behavior!r}")
+        cols["item"].append(_int(e.get("item_id"), f"{w}.item_id"))
+        cols["category"].append(_int(e.get("category_id"), f"{w}.category_id"))
+        cols["behavior"].append(BEHAVIOR_CODE[behavior])
+        cols["timestamp"].append(_int(e.get("timestamp"), f"{w}.timestamp"))
+    return {f: np.array(v, dtype=np.int64) for f, v in cols.items()}
 
 
 def _recent(history: dict[str, Jagged], n: int | None) -> dict[str, Jagged]:

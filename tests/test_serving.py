@@ -1,7 +1,11 @@
-"""The HTTP service for real: `serve` in a subprocess on a free localhost port, requests by urllib."""
+"""The HTTP service for real: `serve` in a subprocess on a free localhost port, requests by urllib.
+
+The helpers here (:func:`running`, :func:`get`, :func:`post`) serve the other serving tests too.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import selectors
 import subprocess
@@ -9,7 +13,9 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,6 +27,7 @@ from models.export import save_export
 from models.scoring import score_requests
 from recsys.errors import RecsysError
 from serving.http import _listen, create_app
+from serving.limits import Limits
 from serving.scorer import Scorer
 from tests.conftest import ROOT
 from tests.runs import UNKNOWN_ID, make_run, raw_history, raw_requests
@@ -35,16 +42,22 @@ def served(tmp_path_factory, tiny_data):
     run = make_run(tmp, tiny_data)
     export = tmp / "export"
     save_export(run[0], export)
-    log = open(tmp / "server.log", "w+")  # closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-c", f"from serving.http import serve; serve({str(export)!r}, port=0)"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
-    )
+    command = [sys.executable, "-u", "-c", f"from serving.http import serve; serve({str(export)!r}, port=0)"]
+    with server_process(command, tmp / "server.log") as (base, banner):
+        yield base, export, run, banner
+
+
+@contextmanager
+def server_process(command, log_path):
+    """Runs ``command`` (a server that prints its "serving ... on URL" banner) until the block ends;
+    yields (base url, banner) once /healthz answers. Its stderr goes to ``log_path``."""
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        banner = _read_banner(proc, tmp / "server.log")
+        banner = _read_banner(proc, log_path)
         base = banner.rsplit(" on ", 1)[1]
         _wait_healthy(base, proc)
-        yield base, export, run, banner
+        yield base, banner
     finally:
         proc.terminate()
         try:
@@ -82,6 +95,24 @@ def _wait_healthy(base, proc):
     pytest.fail("server never answered /healthz")
 
 
+@contextmanager
+def running(app):
+    """``app`` served by a real uvicorn in a thread of this process; yields the base URL."""
+    sock = _listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def get(url):
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
@@ -91,13 +122,17 @@ def get(url):
 
 
 def post(url, body, content_type="application/json"):
+    """(status, decoded JSON answer); ``content_type=None`` sends no Content-Type header at all."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        # http.client, not urllib: urllib adds a form Content-Type to every body it sends
+        conn.request("POST", parts.path, body=data, headers={} if content_type is None else {"Content-Type": content_type})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
 
 
 def test_healthz_names_the_model_and_the_weights(served):
@@ -132,11 +167,13 @@ def test_unknown_ids_are_scored_not_refused(served, tiny_data):
     request = raw_requests(tiny_data, pq.read_table(tiny_data / "requests" / "test.parquet"))[0]
     cands = [{"item_id": UNKNOWN_ID}, *request["candidates"][:3], {"item_id": UNKNOWN_ID + 1, "category_id": 7}]
     status, body = post(base + "/v1/score", {**request, "candidates": cands})
-    assert status == 200 and len(body["scores"]) == 5 and all(0 < s < 1 for s in body["scores"])
+    assert status == 200 and len(body["scores"]) == 5 and all(0 <= s <= 1 for s in body["scores"])
+    assert (body["cold"], body["unknown_items"]) == (True, 2)  # the two unknown items
     local = Scorer.load(export).score(request["user_id"], cands, timestamp=request["timestamp"])
     np.testing.assert_allclose(body["scores"], local, rtol=0, atol=1e-6)
     status, body = post(base + "/v1/score", {"user_id": UNKNOWN_ID, "candidates": cands})  # new user, now
     assert status == 200 and len(body["scores"]) == 5
+    assert (body["cold"], body["unknown_user"], body["no_history"]) == (True, True, True)
 
 
 def _many(n):
@@ -145,7 +182,7 @@ def _many(n):
 
 def _with_history(**event):
     return {"user_id": 1, "candidates": [{"item_id": 1}],
-            "history": [{"item_id": 1, "category_id": 2, "behavior": "pv", "timestamp": 3, **event}]}
+            "history": [{"item_id": 1, "category_id": 2, "behavior": "pv", "timestamp": 1_700_000_000, **event}]}
 
 
 MALFORMED = [
@@ -159,12 +196,18 @@ MALFORMED = [
     ({"user_id": 1, "candidates": {"item_id": 1}}, 422, 'candidates: expected a list, got {"item_id": 1}'),
     ({"candidates": [{"item_id": 1}]}, 422, "user_id: required field is missing"),
     ({"user_id": 1, "candidates": [{"item_id": 1, "colour": 3}]}, 422, "candidates[0].colour: unknown field (value 3)"),
-    (_many(1001), 422, "candidates: at most 1000 per request, got 1001"),
+    (_many(1001), 422, "candidates: at most 1000 per request (--max-candidates), got 1001"),
     (_with_history(behavior="click"), 422,
      "history[0].behavior: expected 'pv', 'cart', 'fav' or 'buy', got \"click\""),
     (_with_history(timestamp="yesterday"), 422, 'history[0].timestamp: expected an integer, got "yesterday"'),
     ([1, 2], 422, "body: expected a JSON object, got [1, 2]"),
-    (b'{"user_id": 1, "candidates": [', 400, "body: invalid JSON: Expecting value at character 30"),
+    (b'{"user_id": 1, "candidates": [', 400, "body: invalid JSON: EOF while parsing a list at line 1 column 30"),
+    (b"", 400, "body: invalid JSON: EOF while parsing a value at line 1 column 0"),
+    (b'{"user_id": 1, "candidates": [{"item_id": NaN}]}', 422, "candidates[0].item_id: expected an integer, got nan"),
+    (b'{"user_id": 1e400, "candidates": [{"item_id": 1}]}', 422, "user_id: expected an integer, got inf"),
+    (b'{"user_id": "\xff", "candidates": [{"item_id": 1}]}', 400,
+     "body: invalid JSON: invalid unicode code point at line 1 column 14"),
+    (b"[" * 10_000, 400, "body: invalid JSON: recursion limit exceeded at line 1 column 202"),
 ]
 
 
@@ -178,29 +221,27 @@ def test_other_http_errors_are_json_too(served):
     base = served[0]
     assert get(base + "/v1/nothing") == (404, {"error": "GET /v1/nothing: Not Found"})
     assert get(base + "/v1/score") == (405, {"error": "GET /v1/score: Method Not Allowed"})
-    status, body = post(base + "/v1/score", b'{"user_id": 1}', content_type="text/plain")
-    assert status == 422 and body["error"].startswith("body: expected a JSON object (send Content-Type: application/json)")
+    ok = {"user_id": 1, "candidates": [{"item_id": 1}]}
+    # what `curl -d` sends without -H 'Content-Type: application/json'
+    assert post(base + "/v1/score", json.dumps(ok).encode(), content_type="application/x-www-form-urlencoded") == (
+        415, {"error": 'Content-Type: expected application/json, got "application/x-www-form-urlencoded"'})
+    assert post(base + "/v1/score", b'{"user_id": 1}', content_type="text/plain") == (
+        415, {"error": 'Content-Type: expected application/json, got "text/plain"'})
+    # no Content-Type at all is read as JSON; a charset or a +json type is JSON too
+    assert post(base + "/v1/score", ok, content_type=None)[0] == 200
+    assert post(base + "/v1/score", ok, content_type="application/json; charset=utf-8")[0] == 200
+    assert post(base + "/v1/score", ok, content_type="application/vnd.recsys+json")[0] == 200
 
 
 def test_the_candidate_limit_is_configurable(served):
     """create_app's limit, over real HTTP with uvicorn in a thread of this process."""
     scorer = Scorer.load(served[1])
-    with pytest.raises(ValueError, match="max_candidates must be >= 1, got 0"):
-        create_app(scorer, max_candidates=0)
-    sock = _listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(scorer, max_candidates=3), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/score"
-        assert post(base, _many(3))[0] == 200
-        assert post(base, _many(4)) == (422, {"error": "candidates: at most 3 per request, got 4"})
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with pytest.raises(ValueError, match=r"^max_candidates must be >= 1, got 0 \(--max-candidates\)$"):
+        create_app(scorer, limits=Limits(max_candidates=0))
+    with running(create_app(scorer, limits=Limits(max_candidates=3))) as base:
+        assert post(base + "/v1/score", _many(3))[0] == 200
+        assert post(base + "/v1/score", _many(4)) == (
+            422, {"error": "candidates: at most 3 per request (--max-candidates), got 4"})
 
 
 def test_serve_refuses_an_unverifiable_export_and_a_busy_port(served, tmp_path):

@@ -1,0 +1,241 @@
+"""A score request's body -> the request the scorer reads, or the one-line reason it is refused.
+
+This module imports only pydantic, numpy and the standard library: the HTTP layer runs
+:func:`decode_score_request` in decoder processes for large bodies (see ``serving/http.py``), and
+those start from this module alone (no torch, no FastAPI).
+
+The schema is strict (``"5"`` or ``5.0`` is not an integer id) and closed (a misspelt optional
+field is an error, not ignored). It is written as TypedDicts, not pydantic models: the validator
+then builds plain dicts, five times faster than model instances and in half the memory. A request's
+own history leaves as columns (:class:`Events`), so the scorer never loops over events in Python.
+
+Example:
+    >>> status, request = decode_score_request(
+    ...     b'{"user_id": 7, "candidates": [{"item_id": 5}], "history": [{"item_id": 5, '
+    ...     b'"category_id": 3, "behavior": "cart", "timestamp": 1700000000}]}', Limits(), now=1.8e9)
+    >>> status, request["history"].behavior.tolist(), request["history"].timestamp.tolist()
+    (200, [1], [1700000000])
+    >>> decode_score_request(b'{"user_id": "7", "candidates": []}', Limits(), now=1.8e9)
+    (422, 'user_id: expected an integer, got "7"; candidates: must not be empty')
+    >>> field_path(("body", "candidates", 1, "item_id"))
+    'candidates[1].item_id'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, NotRequired
+
+import numpy as np
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+
+from recsys.types import BEHAVIOR_CODE
+from serving.limits import FLAGS, Limits, timestamp_problem
+
+Id = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+@with_config(_STRICT)
+class Candidate(TypedDict):
+    item_id: Id
+    category_id: NotRequired[Id | None]
+    brand_id: NotRequired[Id | None]
+    price_bucket: NotRequired[Id | None]
+
+
+@with_config(_STRICT)
+class Event(TypedDict):
+    item_id: Id
+    category_id: Id
+    behavior: Literal["pv", "cart", "fav", "buy"]
+    timestamp: Id
+
+
+@with_config(_STRICT)
+class ScoreRequest(TypedDict):
+    user_id: Id
+    timestamp: NotRequired[Id | None]
+    candidates: Annotated[list[Candidate], Field(min_length=1)]
+    history: NotRequired[list[Event] | None]
+
+
+SCORE_REQUEST = TypeAdapter(ScoreRequest)
+
+
+@dataclass(frozen=True)
+class Events:
+    """A request's own history as columns of raw ids, in request order: [H] int64 each
+    (``behavior`` as codes of ``recsys.types.BEHAVIORS``)."""
+
+    item_id: np.ndarray
+    category_id: np.ndarray
+    behavior: np.ndarray
+    timestamp: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+    @classmethod
+    def from_validated(cls, events: Sequence[Event]) -> Events:
+        """Columns of events the schema has already validated (no per-value checks here)."""
+        n = len(events)
+
+        def column(values: Any) -> np.ndarray:
+            return np.fromiter(values, dtype=np.int64, count=n)
+
+        return cls(item_id=column(e["item_id"] for e in events), category_id=column(e["category_id"] for e in events),
+                   behavior=column(BEHAVIOR_CODE[e["behavior"]] for e in events),
+                   timestamp=column(e["timestamp"] for e in events))
+
+
+def exit_with(server_pid: int, every: float = 1.0) -> None:
+    """In a decoder process: exit once the server ``server_pid`` is gone. A decoder waits on a
+    queue whose writing end it holds too, so a server killed with SIGKILL would otherwise leave
+    it (and the fork server it came from) running forever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # the pid was reused by someone else's process: ours is gone
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-server", daemon=True).start()
+
+
+def decode_score_request(body: bytes, limits: Limits, *, now: float) -> tuple[int, Any]:
+    """``(200, request)`` for a valid body, else ``(status, one-line reason)``: 400 for a body
+    that is not JSON, 422 for one that breaks the schema or ``limits``.
+
+    ``request`` is the validated dict with ``history`` as :class:`Events` (or None).
+    """
+    try:
+        request = SCORE_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        return (400 if any(e.get("type") == "json_invalid" for e in errors) else 422), describe_errors(errors)
+    problem = request_problem(request, limits, now=now)
+    if problem is not None:
+        return 422, problem
+    if request.get("history") is not None:
+        request["history"] = Events.from_validated(request["history"])
+        problem = _history_time_problem(request["history"].timestamp, limits, now=now)
+        if problem is not None:
+            return 422, problem
+    return 200, request
+
+
+def request_problem(request: ScoreRequest, limits: Limits, *, now: float) -> str | None:
+    """Why a validated request breaks ``limits`` (counts, its own timestamp), or None.
+
+    Example:
+        >>> request_problem({"user_id": 1, "candidates": [{"item_id": 1}] * 3}, Limits(max_candidates=2), now=0)
+        'candidates: at most 2 per request (--max-candidates), got 3'
+    """
+    n = len(request["candidates"])
+    if n > limits.max_candidates:
+        return f"candidates: at most {limits.max_candidates} per request ({FLAGS['max_candidates']}), got {n}"
+    history = request.get("history")
+    if history is not None and len(history) > limits.max_history_events:
+        return (f"history: at most {limits.max_history_events} events per request "
+                f"({FLAGS['max_history_events']}), got {len(history)}")
+    if request.get("timestamp") is not None:
+        return timestamp_problem("timestamp", request["timestamp"], limits, now=now)
+    return None
+
+
+def _history_time_problem(stamps: np.ndarray, limits: Limits, *, now: float) -> str | None:
+    latest = int(now) + int(limits.max_future_seconds)
+    bad = np.flatnonzero((stamps < limits.min_timestamp) | (stamps > latest))  # [H] -> first offenders
+    if not len(bad):
+        return None
+    k = int(bad[0])
+    return timestamp_problem(f"history[{k}].timestamp", int(stamps[k]), limits, now=now)
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    r"""A pydantic error location as the request's field path (``candidates[1].item_id``).
+
+    A key that is not a plain name (an unknown field can be any string) is shown JSON-quoted in
+    brackets and cut, so that a message stays one printable line (found by fuzzing: a key with a
+    newline made a two-line error).
+
+    Example:
+        >>> field_path(("candidates", 0, "colour\nred"))
+        'candidates[0]["colour\\nred"]'
+    """
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{show(part, limit=40)}]"
+    return out or "body"
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def describe_errors(errors: Sequence[dict[str, Any]], limit: int = 3) -> str:
+    """Pydantic validation errors as one line: ``path: what was expected, got value``.
+
+    Example:
+        >>> describe_errors([{"type": "int_type", "loc": ("user_id",), "msg": "", "input": "7"}])
+        'user_id: expected an integer, got "7"'
+    """
+    lines = [_describe(e) for e in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"and {len(errors) - limit} more")
+    return "; ".join(lines)
+
+
+def _describe(e: dict[str, Any]) -> str:
+    kind, ctx, loc = e.get("type", ""), e.get("ctx") or {}, tuple(e.get("loc", ()))
+    if kind == "json_invalid":
+        return f"body: invalid JSON: {ctx.get('error', 'cannot parse')}"
+    path = field_path(loc)
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    if kind == "extra_forbidden":
+        return f"{path}: unknown field (value {show(e.get('input'))})"
+    got = f", got {show(e.get('input'))}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{path}: expected an integer{got}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return f"{path}: expected a 64-bit integer{got}"
+    if kind == "literal_error":
+        return f"{path}: expected {ctx.get('expected', 'one of the allowed values')}{got}"
+    if kind == "too_short" and e.get("input") == []:
+        return f"{path}: must not be empty"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: expected a JSON object{got}"
+    if kind == "list_type":
+        return f"{path}: expected a list{got}"
+    return f"{path}: {e.get('msg', kind)}{got}"
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON for a message, cut to ``limit`` characters."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf: JSON has no spelling for them
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
