@@ -158,6 +158,63 @@ def _sample_negatives(
     return out
 
 
+def _unit_hash(request_id: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """[n] a uniform number in [0, 1) per request, a pure function of (seed, epoch, request_id).
+
+    SplitMix64's finaliser over a mix of the three: no generator state, so every Ray worker, a
+    resumed run and a fresh one draw the same numbers for the same request.
+    """
+    salt = np.uint64((seed * 0xD1B54A32D192ED03 + epoch * 0x8CB92BA72F3D8DD7) % (1 << 64))  # Python ints: no overflow
+    x = np.asarray(request_id, dtype=np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + salt
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def drop_histories(table: pa.Table, share: float, *, seed: int, epoch: int) -> pa.Table:
+    """Empty the history (``hist_len`` = 0) of a share of the requests, for cold-start training.
+
+    Request r is dropped in an epoch when a hash of (seed, epoch, request_id) falls below ``share``:
+    about ``share`` of the requests each epoch, a different set every epoch, and the same set
+    whatever the batching, the worker or a resume. Everything that reads a request's history
+    (the recent window, SIM's search, whole histories) goes through ``hist_len``, so the model
+    sees the request exactly as it would see a user without history.
+
+    Args:
+        table: request rows with ``request_id`` and ``hist_len`` (features/requests.py).
+        share: in [0, 1); 0 returns ``table`` itself.
+        seed, epoch: with ``request_id``, what decides the draw (non-negative integers).
+
+    Returns:
+        The table with ``hist_len`` set to 0 in the dropped rows (its type kept).
+
+    Raises:
+        ValueError: share outside [0, 1), a negative seed or epoch, or a table without the columns.
+
+    Example:
+        >>> t = pa.table({"request_id": np.arange(10_000), "hist_len": np.full(10_000, 7, np.int32)})
+        >>> dropped = drop_histories(t, 0.1, seed=0, epoch=1).column("hist_len").to_numpy()
+        >>> int((dropped == 0).sum()), int((dropped == 7).sum())
+        (1046, 8954)
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"history dropout share must be in [0, 1), got {share}")
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        if value < 0:
+            raise ValueError(f"history dropout {name} must be >= 0, got {value}")
+    missing = [c for c in ("request_id", "hist_len") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"history dropout needs request columns {missing}, the table has {table.column_names}")
+    if share == 0.0 or table.num_rows == 0:
+        return table
+    drop = _unit_hash(table.column("request_id").to_numpy(), seed, epoch) < share
+    i = table.column_names.index("hist_len")
+    hist_len = table.column(i)
+    kept = np.where(drop, 0, hist_len.to_numpy()).astype(hist_len.type.to_pandas_dtype())
+    return table.set_column(i, table.field(i), pa.array(kept, hist_len.type))
+
+
 def split_by_time(requests: pl.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """Split requests by cut-off time: train < valid_from <= valid < test_from <= test."""
     ts = requests["timestamp"]

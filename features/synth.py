@@ -14,6 +14,10 @@ The world is built to make each technique of the library measurable against a ce
   events are in that category, the rest anywhere. Sessions never overlap and spread over the
   whole span with uniform spacings, so a long-term interest of a heavy user is often visible only
   far back in the history (the manifest measures how often: ``visibility``).
+* **New users** (``new_user_share``) join at a uniform time in the impression window; their
+  sessions spread over the rest of the span only and their event count is scaled to it, so their
+  requests see short histories (cold start). The manifest's ``new_users`` compares them with the
+  others; ``users.true_new_user`` marks them (latent truth, never a feature).
 * **Impressions**: an event in the last ``impression_days`` is followed, with ``request_rate``, by a
   request one second later with M candidates (from the current focus, the long-term categories,
   the segment's taste, popular items and new items), shown at a random permutation of positions
@@ -244,6 +248,7 @@ class Population:
     n: int
     seg: np.ndarray  # [n]
     age: np.ndarray  # [n]
+    is_new: np.ndarray  # [n] bool: joined during the impression window (activity.new_user_share)
     k_u: np.ndarray  # [n] long-term interests of each user
     lt_cat: np.ndarray  # [n, K] long-term categories (the first k_u valid)
     lt_aff: np.ndarray  # [n, K] their affinities in [0, 1] (0 beyond k_u)
@@ -283,6 +288,16 @@ def simulate_population(cfg: SynthConfig, world: World, shard: int, rng: np.rand
     heavy = rng.random(n) < act.heavy_share  # power users: log-uniform up to max_events
     n_ev = np.where(heavy, act.max_events * 10 ** -rng.random(n), n_ev)
     n_ev = np.clip(np.rint(n_ev), act.min_events, act.max_events).astype(np.int64)
+    # New users join at a uniform time in the impression window and act at their usual daily rate
+    # from then on, so their requests see short histories (cold start). Without new users nothing
+    # is drawn here, so such a config gives the same bytes as before new users existed.
+    is_new = np.zeros(n, dtype=bool)
+    join = np.zeros(n)  # [n] seconds from the start before which the user has no event
+    if act.new_user_share > 0:
+        is_new = rng.random(n) < act.new_user_share
+        window = (cfg.time.history_days - cfg.time.impression_days) * DAY
+        join = np.where(is_new, rng.uniform(window, span, n), 0.0)
+        n_ev = np.where(is_new, np.maximum(1, np.rint(n_ev * (span - join) / span)), n_ev).astype(np.int64)
 
     # Long-term interests [n, K]: K categories without replacement from the segment taste
     # (Gumbel top-k), the first k_u of them kept, Dirichlet weights, affinity = weight / max.
@@ -316,12 +331,13 @@ def simulate_population(cfg: SynthConfig, world: World, shard: int, rng: np.rand
 
     # Non-overlapping sessions spread over the span: uniform spacings of the idle time.
     busy = np.bincount(sess_user, weights=sess_dur, minlength=n)  # [n]
-    idle = span - 1.0 - busy
+    idle = span - 1.0 - join - busy  # join is 0 for established users: the same values as without it
+    idle = np.where(is_new, np.maximum(idle, 0.0), idle)
     spacing = rng.exponential(1.0, n_sess)
     spacing_cum = _segment_cumsum(spacing, user_sess_first, sess_user)
     spacing_total = np.bincount(sess_user, weights=spacing, minlength=n) + rng.exponential(1.0, n)
     dur_before = _segment_cumsum(sess_dur, user_sess_first, sess_user) - sess_dur
-    sess_start = idle[sess_user] * spacing_cum / spacing_total[sess_user] + dur_before
+    sess_start = join[sess_user] + idle[sess_user] * spacing_cum / spacing_total[sess_user] + dur_before
     ev_time = np.floor(sess_start[sess_of] + intra).astype(np.int64)  # [N] seconds from start
 
     # Session focus: a long-term category, or the drifting short-term one.
@@ -340,7 +356,7 @@ def simulate_population(cfg: SynthConfig, world: World, shard: int, rng: np.rand
     ev_item = _sample_items(world, ev_cat, ev_time, rng)
     ev_beh = _sample_behaviors(cfg, world.item_quality[ev_item], rng)
 
-    return Population(u0=u0, n=n, seg=seg, age=age, k_u=k_u, lt_cat=lt_cat, lt_aff=lt_aff, has=has,
+    return Population(u0=u0, n=n, seg=seg, age=age, is_new=is_new, k_u=k_u, lt_cat=lt_cat, lt_aff=lt_aff, has=has,
                       user_first=user_first, ev_user=ev_user, ev_time=ev_time, ev_cat=ev_cat, ev_item=ev_item,
                       ev_beh=ev_beh, sess_of=sess_of, sess_user=sess_user, sess_start=sess_start, focus=focus)
 
@@ -386,7 +402,8 @@ def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id:
     all_user, all_time, all_item, all_beh = all_user[order], all_time[order], all_item[order], all_beh[order]
 
     stats = _shard_stats(cfg, terms, logit, prob, clicked, all_user, all_time, world.item_category[all_item],
-                         r_user, r_time, world.item_category[cand_item])
+                         r_user, r_time, world.item_category[cand_item], pop.is_new[r_user])
+    stats["new_users"] = int(pop.is_new.sum())
 
     # ---- tables (raw ids)
     start = int(cfg.time.start.timestamp())
@@ -396,6 +413,7 @@ def generate_shard(cfg: SynthConfig, world: World, shard: int, first_request_id:
         "user_id": user_raw,
         "segment": seg.astype(np.int32),
         "age_bucket": age.astype(np.int32),
+        "true_new_user": pop.is_new,
         "true_long_term_categories": pa.ListArray.from_arrays(
             lt_list_offsets, raw_ids(lt_cat[has], _ID_MULT["category"])),
         "true_long_term_affinity": pa.ListArray.from_arrays(
@@ -545,9 +563,11 @@ def _shard_stats(
     r_user: np.ndarray,
     r_time: np.ndarray,
     cand_cat: np.ndarray,
+    r_new: np.ndarray,
 ) -> dict[str, Any]:
     """Per-shard sums for the manifest: AUC histograms (full and per removed term), visibility
-    counts, clicks, the sum of true probabilities and the longest history."""
+    counts, clicks, the sum of true probabilities, the longest history, and per request whether
+    its user is new, its clicks and its history length (events before the request)."""
     weights = {t: getattr(cfg.click_model, t) for t in TERMS}
     hists = {"full": _logit_hist(logit, clicked)}
     for i, t in enumerate(TERMS):
@@ -580,6 +600,9 @@ def _shard_stats(
         "impressions": int(clicked.size),
         "prob_sum": float(prob.sum()),
         "max_history": int(np.bincount(ev_user).max()) if len(ev_user) else 0,
+        "request_new": r_new,
+        "request_clicks": clicked.sum(axis=1).astype(np.int32),
+        "request_history": (end - user_lo).astype(np.int32),
     }
 
 
@@ -624,6 +647,8 @@ def generate(cfg: SynthConfig, out: str | Path, *, preset: str | None = None, ov
         vis = np.zeros((2, 3, 2), dtype=np.int64)
         prob_sum = 0.0
         max_history = 0
+        new_users = 0
+        per_request: dict[str, list[np.ndarray]] = {"request_new": [], "request_clicks": [], "request_history": []}
         try:
             for shard in bar(range(n_shards), total=n_shards, desc="synth", unit="shard"):
                 part = generate_shard(cfg, world, shard, first_request_id=totals["requests"])
@@ -641,10 +666,14 @@ def generate(cfg: SynthConfig, out: str | Path, *, preset: str | None = None, ov
                     hists[key] = hists[key] + h if key in hists else h
                 vis += part.stats["visibility"]
                 max_history = max(max_history, part.stats["max_history"])
+                new_users += part.stats["new_users"]
+                for key, values in per_request.items():
+                    values.append(part.stats[key])
         finally:
             for w in writers.values():
                 w.close()
         manifest = _manifest(cfg, world, preset, totals, hists, vis, prob_sum, max_history)
+        manifest["new_users"] = _new_user_summary(cfg, new_users, **{k: np.concatenate(v) for k, v in per_request.items()})
         manifest["files"] = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.parquet"))
         }
@@ -669,6 +698,26 @@ def _write_items(cfg: SynthConfig, world: World, path: Path, start: int) -> None
         "true_quality": world.item_quality.astype(np.float32),
     })
     pq.write_table(table, path, compression="zstd")
+
+
+def _new_user_summary(
+    cfg: SynthConfig, users: int, *, request_new: np.ndarray, request_clicks: np.ndarray, request_history: np.ndarray,
+) -> dict[str, Any]:
+    """The manifest's ``new_users``: how many, their requests' CTR and history lengths, against the others'."""
+    m = cfg.impressions.candidates
+
+    def group(mask: np.ndarray) -> dict[str, Any]:
+        n = int(mask.sum())
+        hist = request_history[mask]
+        return {"requests": n, "impressions": n * m, "clicks": int(request_clicks[mask].sum()),
+                "ctr": round(float(request_clicks[mask].sum()) / max(n * m, 1), 5),
+                "history_at_request": {"median": float(np.median(hist)) if n else None,
+                                       "p90": round(float(np.quantile(hist, 0.9)), 1) if n else None,
+                                       "max": int(hist.max()) if n else None}}
+
+    return {"share": cfg.activity.new_user_share, "users": users,
+            "note": "new users join at a uniform time in the impression window (users.parquet: true_new_user)",
+            "new": group(request_new), "established": group(~request_new)}
 
 
 def _manifest(

@@ -230,6 +230,8 @@ class SIMBlock(nn.Module):
             keys = torch.cat([h["item"], h["category"], h["behavior"], h["gap"]], -1)  # [L_total, 4D]
             sel = self._soft_search(emb, query, request)  # [C, K'] rows of the history, -1 = none
         mask = sel >= 0
+        if not len(keys):  # no request of the batch has a behaviour (users without history): gather from a zero row
+            keys = keys.new_zeros(1, keys.shape[-1])
         z = keys[sel.clamp(min=0)] * mask[..., None]  # [C, K', 4D]
         return self.esu(z, mask, query)
 

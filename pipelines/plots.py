@@ -22,10 +22,12 @@ def plot_eval(
 
     The reliability panel is log-log: CTRs sit around a few percent, where linear axes squeeze
     every bin into one corner. Bins with no click cannot be drawn on a log axis and are left out.
+    When the labels have one class the ROC curve is undefined: the ROC panel is drawn empty and
+    says why, and the reliability panel is drawn as usual.
 
     Args:
         path: the PNG to write; parent folders are created.
-        labels: [N] 0/1 clicks, both classes present.
+        labels: [N] 0/1 clicks (one class is allowed).
         probs: [N] predicted click probabilities.
         true_prob: [N] true click probabilities, if known; drawn as the "oracle" ROC curve.
         title: the figure title.
@@ -34,7 +36,7 @@ def plot_eval(
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: when the lengths differ or labels lack a class.
+        ValueError: when the lengths differ or there are no examples.
 
     Example:
         >>> import tempfile
@@ -57,9 +59,14 @@ def plot_eval(
     curves = [("model", probs)]
     if true_prob is not None:
         curves.append(("oracle", np.asarray(true_prob, dtype=np.float64).ravel()))
-    for name, scores in curves:
-        fpr, tpr = roc_curve(labels, scores)
-        roc_ax.plot(fpr, tpr, label=f"{name} (AUC {auc(labels, scores):.4f})")
+    positives = int(labels.astype(bool).sum())
+    if 0 < positives < labels.size:
+        for name, scores in curves:
+            fpr, tpr = roc_curve(labels, scores)
+            roc_ax.plot(fpr, tpr, label=f"{name} (AUC {auc(labels, scores):.4f})")
+    else:
+        roc_ax.text(0.5, 0.55, f"no ROC curve: one class\n({positives:,} clicks in {labels.size:,} impressions)",
+                    ha="center", va="center", transform=roc_ax.transAxes)
     roc_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="random")
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC",
                xlim=(0, 1), ylim=(0, 1), aspect="equal")
@@ -74,6 +81,9 @@ def plot_eval(
     cal_ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), aspect="equal",
                xlabel="mean predicted CTR", ylabel="observed CTR",
                title=f"calibration ({int(count.sum())} examples)")
+    if not points.size:
+        cal_ax.text(0.5, 0.5, f"no bin has a click: nothing to place on log axes\n(mean prediction {probs.mean():.4f})",
+                    ha="center", va="center", transform=cal_ax.transAxes)
     cal_ax.legend(loc="upper left", fontsize="small")
 
     if title:

@@ -247,6 +247,31 @@ def calibration_bins(
     return pred_sum[keep] / count[keep], click_sum[keep] / count[keep], count[keep]
 
 
+def rate_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial rate (95% for the default z); None for no trials.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible for rare events (a CTR of
+    a few percent over a few hundred impressions) and for zero successes.
+
+    Raises:
+        ValueError: unless 0 <= successes <= trials and z > 0.
+
+    Example:
+        >>> [round(x, 4) for x in rate_interval(20, 600)]
+        [0.0217, 0.0509]
+    """
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes ({successes}) must be within [0, trials ({trials})]")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z}")
+    if trials == 0:
+        return None
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def _check_probs(name: str, values: np.ndarray) -> None:
     """Raise unless every value is a finite probability; name the first offender."""
     bad = ~np.isfinite(values)
@@ -277,8 +302,12 @@ def evaluate(
             the best AUC any model could reach on these labels.
 
     Returns:
-        ``examples, positives, ctr, auc, gauc, gauc_users, gauc_users_skipped, logloss,
-        calibration, oracle_auc``; undefined values (NaN) and a missing oracle are None.
+        ``examples, positives, ctr, mean_prob, auc, gauc, gauc_users, gauc_users_skipped, logloss,
+        calibration, oracle_auc, notes``. A metric that is undefined on these labels is None and
+        ``notes`` (a list of sentences, empty when every metric is defined) says why: AUC, GAUC and
+        the oracle AUC need both classes (GAUC within at least one user), calibration needs a
+        click. logloss and ``mean_prob`` (the mean prediction) are always defined. A missing
+        oracle is None without a note.
 
     Raises:
         ValueError: when the arrays differ in length, are empty, labels are not 0/1, or
@@ -286,8 +315,13 @@ def evaluate(
 
     Example:
         >>> report = evaluate(np.array([0, 1, 0, 1]), np.array([0.2, 0.7, 0.4, 0.3]), np.array([1, 1, 2, 2]))
-        >>> report["auc"], report["gauc"], report["gauc_users"], report["oracle_auc"]
-        (0.75, 0.5, 2, None)
+        >>> report["auc"], report["gauc"], report["gauc_users"], report["oracle_auc"], report["notes"]
+        (0.75, 0.5, 2, None, [])
+        >>> one_class = evaluate(np.array([0, 0]), np.array([0.2, 0.1]), np.array([1, 2]))
+        >>> one_class["auc"], one_class["calibration"], round(one_class["mean_prob"], 4)
+        (None, None, 0.15)
+        >>> one_class["notes"][0]
+        'auc and gauc are undefined: the labels have one class (0 clicks in 2 impressions)'
     """
     labels = np.asarray(labels).ravel()
     probs = np.asarray(probs).ravel()
@@ -313,10 +347,19 @@ def evaluate(
 
     group_auc = gauc(labels, probs, groups)
     positives = int(labels.astype(bool).sum())
+    notes = []
+    if positives in (0, labels.size):
+        ranked = "auc, gauc and oracle_auc" if true_prob is not None else "auc and gauc"
+        notes.append(f"{ranked} are undefined: the labels have one class ({positives} clicks in {labels.size} impressions)")
+    elif group_auc.groups_used == 0:
+        notes.append(f"gauc is undefined: none of the {group_auc.groups_skipped} users has both a click and a non-click")
+    if positives == 0:
+        notes.append("calibration (mean prediction / observed CTR) is undefined: no clicks; mean_prob is the mean prediction")
     return {
         "examples": int(labels.size),
         "positives": positives,
         "ctr": positives / labels.size,
+        "mean_prob": float(probs.mean()),
         "auc": _json_float(auc(labels, probs)),
         "gauc": _json_float(group_auc.value),
         "gauc_users": group_auc.groups_used,
@@ -324,4 +367,5 @@ def evaluate(
         "logloss": _json_float(logloss(labels, probs)),
         "calibration": _json_float(calibration(labels, probs)),
         "oracle_auc": None if true_prob is None else _json_float(auc(labels, true_prob)),
+        "notes": notes,
     }

@@ -57,6 +57,11 @@ class ActivityConfig(Schema):
     mean_session_events: float = Field(25.0, ge=1, description="mean events per session (geometric)")
     mean_event_gap_seconds: float = Field(45.0, gt=0, description="mean gap between events in a session")
     heavy_share: float = Field(0.0, ge=0, le=1, description="share of power users with log-uniform counts in [max_events/10, max_events]")
+    new_user_share: float = Field(
+        0.05, ge=0, lt=1, description="share of new users: each joins at a uniform time in the impression window, "
+        "and its event count is scaled to the part of the span it is active (at least 1, min_events does not "
+        "apply), so its requests have short histories; 0 draws nothing (the world of a config without new users)",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ActivityConfig:

@@ -166,19 +166,78 @@ def test_evaluate_report_is_json_safe():
     probs = np.array([0.2, 0.7, 0.4, 0.3, 0.1, 0.1])
     groups = np.array([1, 1, 2, 2, 3, 3])
     report = evaluate(labels, probs, groups, true_prob=probs)
-    assert set(report) == {"examples", "positives", "ctr", "auc", "gauc", "gauc_users",
-                           "gauc_users_skipped", "logloss", "calibration", "oracle_auc"}
+    assert set(report) == {"examples", "positives", "ctr", "mean_prob", "auc", "gauc", "gauc_users",
+                           "gauc_users_skipped", "logloss", "calibration", "oracle_auc", "notes"}
     assert report["examples"] == 6 and report["positives"] == 2
     assert report["ctr"] == pytest.approx(1 / 3)
     assert report["auc"] == pytest.approx(auc(labels, probs)) == report["oracle_auc"]
     assert (report["gauc"], report["gauc_users"], report["gauc_users_skipped"]) == (0.5, 2, 1)  # groups 1 and 2: AUC 1 and 0
     assert report["calibration"] == pytest.approx(np.mean(probs) / (1 / 3))
+    assert report["mean_prob"] == pytest.approx(np.mean(probs)) and report["notes"] == []
     assert json.loads(json.dumps(report, allow_nan=False)) == report
-    assert all(type(v) in (int, float) for v in report.values())
-    # All one class: every undefined metric is None, not NaN.
-    empty = evaluate(np.zeros(3), np.full(3, 0.1), np.array([1, 2, 3]))
-    assert (empty["auc"], empty["gauc"], empty["calibration"], empty["oracle_auc"]) == (None, None, None, None)
-    json.dumps(empty, allow_nan=False)
+    assert all(type(v) in (int, float) for k, v in report.items() if k != "notes")
+
+
+# --------------------------------------------------------------------------------------------
+# A split with one class (the shipped Alimama sample's test split has no click)
+
+
+def test_evaluate_one_class_gives_nulls_with_notes_and_keeps_logloss():
+    no_click = evaluate(np.zeros(3), np.array([0.1, 0.2, 0.3]), np.array([1, 2, 3]), true_prob=np.full(3, 0.05))
+    assert (no_click["auc"], no_click["gauc"], no_click["calibration"], no_click["oracle_auc"]) == (None,) * 4
+    assert no_click["logloss"] == pytest.approx(-np.mean(np.log1p(-np.array([0.1, 0.2, 0.3]))))
+    assert no_click["mean_prob"] == pytest.approx(0.2) and no_click["ctr"] == 0.0
+    assert no_click["notes"] == [
+        "auc, gauc and oracle_auc are undefined: the labels have one class (0 clicks in 3 impressions)",
+        "calibration (mean prediction / observed CTR) is undefined: no clicks; mean_prob is the mean prediction",
+    ]
+    json.dumps(no_click, allow_nan=False)
+    # all clicks: calibration is defined (mean prediction / 1), the ranking metrics are not
+    all_clicks = evaluate(np.ones(2), np.array([0.5, 0.7]), np.array([1, 1]))
+    assert (all_clicks["auc"], all_clicks["gauc"]) == (None, None)
+    assert all_clicks["calibration"] == pytest.approx(0.6)
+    assert all_clicks["notes"] == ["auc and gauc are undefined: the labels have one class (2 clicks in 2 impressions)"]
+    # both classes, but never within one user: only GAUC is undefined
+    apart = evaluate(np.array([1, 0, 0]), np.array([0.3, 0.2, 0.1]), np.array([1, 2, 2]))
+    assert apart["auc"] == 1.0 and apart["gauc"] is None
+    assert apart["notes"] == ["gauc is undefined: none of the 2 users has both a click and a non-click"]
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_plot_eval_draws_a_split_with_one_class(tmp_path, label):
+    rng = np.random.default_rng(2)
+    probs = rng.uniform(0.01, 0.2, 50)
+    out = plot_eval(tmp_path / "one.png", np.full(50, label), probs, true_prob=probs, title="one class")
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and int.from_bytes(data[16:20], "big") == 1000
+
+
+def test_eval_and_ablation_print_a_dash_for_an_undefined_metric():
+    from pipelines.ablation import format_table
+    from pipelines.evaluate import format_eval
+
+    report = evaluate(np.zeros(4), np.full(4, 0.25), np.array([1, 1, 2, 2]))
+    text = format_eval({"model": "din", "split": "test", "checkpoint": "c.pt", "png": "p.png", **report})
+    assert "  auc          -\n" in text and "  calibration  -\n" in text and "  logloss      0.2877\n" in text
+    assert "  note: auc and gauc are undefined: the labels have one class (0 clicks in 4 impressions)" in text
+    row = {"model": "din", "auc": None, "gauc": None, "logloss": 0.2877, "oracle_auc": None, "parameters": 10,
+           "examples_per_s": 5.0}
+    assert format_table([row]).splitlines()[1].split() == ["din", "-", "-", "0.2877", "-", "10", "5.0000"]
+
+
+def test_rate_interval():
+    from recsys.metrics import rate_interval
+
+    lo, hi = rate_interval(20, 600)
+    assert lo < 20 / 600 < hi and (lo, hi) == pytest.approx((0.02168, 0.05092), abs=1e-5)  # by hand
+    assert rate_interval(0, 50)[0] == 0.0 and 0 < rate_interval(0, 50)[1] < 0.08
+    assert rate_interval(0, 0) is None
+    for args, message in (((5, 4), "successes (5) must be within [0, trials (4)]"),
+                          ((-1, 4), "successes (-1) must be within [0, trials (4)]"),
+                          ((1, 4, 0.0), "z must be > 0, got 0.0")):
+        with pytest.raises(ValueError) as info:
+            rate_interval(*args)
+        assert str(info.value) == message
 
 
 @pytest.mark.parametrize(

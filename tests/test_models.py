@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -102,6 +103,49 @@ def test_batch_from_built_requests(tiny_data):
         assert b.sequence["hist_item"].values()[hist_len[0] - 1].item() == store.user_events(u, n)["item"][-1]
     assert "user" in spec.profile and b.profile["user"].values().tolist() == table.column("user").to_numpy().tolist()
     assert len(b.extra["request_id"]) == len(b.labels)
+
+
+@pytest.mark.parametrize("name", ["din", "ksa", "sim_hard", "sim_soft", "sim_ksa", "can", "cartesian", "full"])
+def test_every_model_scores_and_trains_on_a_batch_without_any_history(tiny_data, name):
+    """Cold start: unknown users, and history dropout, give batches whose histories are all empty.
+    SIM's search once indexed an empty behaviour table there (IndexError)."""
+    import json
+
+    from features.category_index import CategoryIndex
+    from features.requests import drop_histories
+    from tests.conftest import ROOT
+
+    cfg = load_config(RunConfig, ROOT / "configs" / "models" / f"{name}.yaml")
+    spec = FeatureSpec.from_dataset(json.loads((tiny_data / "dataset.json").read_text()),
+                                    time_gap_buckets=cfg.model.embedding.time_gap_buckets, use_user_id=False)
+    store = HistoryStore.open(tiny_data / "history" / "history.arrow")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, spec)
+    index = CategoryIndex.beside(tiny_data / "history" / "history.arrow", store,
+                                 num_categories=spec.sizes["category"]) if model.search_k else None
+    table = pq.read_table(tiny_data / "requests" / "train.parquet").slice(0, 6).sort_by("user")
+
+    def batch(t):
+        return batch_from_requests(spec, t, store, max_history=model.history_len, search_k=model.search_k, index=index)
+
+    empty = table.set_column(table.column_names.index("hist_len"), "hist_len",
+                             pa.array(np.zeros(6, np.int32)))
+    logits = model(batch(empty))
+    aux = model.aux_loss(batch(empty).labels)
+    assert torch.isfinite(logits).all() and (aux is None or torch.isfinite(aux))
+    logits.sum().backward()
+    # a request without history scores the same alone as beside requests with history
+    mixed = drop_histories(table, 0.5, seed=0, epoch=1)
+    dropped = np.flatnonzero(mixed.column("hist_len").to_numpy() == 0)
+    assert 0 < len(dropped) < 6
+    model.eval()
+    with torch.no_grad():
+        together = model(batch(mixed))
+        counts = mixed.column("item").combine_chunks().value_lengths().to_numpy()
+        start = np.r_[0, np.cumsum(counts)]
+        for r in dropped:
+            alone = model(batch(mixed.slice(int(r), 1)))
+            assert torch.allclose(alone, together[start[r]:start[r + 1]], atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

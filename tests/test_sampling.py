@@ -101,3 +101,84 @@ def test_one_known_item_cannot_give_negatives(tmp_path):
     with pytest.raises(DataError, match="need at least two known items to sample negatives, the data has 1"):
         build(f"taobao:{path}", tmp_path / "d", BuildConfig())
     assert not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# History dropout: training requests that look like users without history (cold start)
+
+
+def _requests(n: int, first_id: int = 0):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(5)
+    return pa.table({"request_id": np.arange(first_id, first_id + n, dtype=np.int64),
+                     "user": rng.integers(0, 50, n).astype(np.int32),
+                     "hist_len": rng.integers(1, 500, n).astype(np.int32)})
+
+
+def test_history_dropout_empties_about_the_share_and_nothing_else():
+    from features.requests import drop_histories
+
+    table = _requests(40_000)
+    out = drop_histories(table, 0.05, seed=3, epoch=1)
+    before, after = table.column("hist_len").to_numpy(), out.column("hist_len").to_numpy()
+    dropped = after == 0
+    # binomial: 2,000 expected, standard deviation 44
+    assert abs(int(dropped.sum()) - 2_000) < 4 * 44
+    assert (after[~dropped] == before[~dropped]).all()
+    assert out.schema == table.schema and out.column("user").equals(table.column("user"))
+    assert drop_histories(table, 0.0, seed=3, epoch=1) is table
+
+
+def test_history_dropout_is_a_function_of_seed_epoch_and_request_only():
+    from features.requests import drop_histories
+
+    table = _requests(20_000)
+
+    def dropped(t, **kw):
+        ids = t.column("request_id").to_numpy()
+        return set(ids[drop_histories(t, 0.1, **kw).column("hist_len").to_numpy() == 0].tolist())
+
+    base = dropped(table, seed=0, epoch=1)
+    assert base == dropped(table, seed=0, epoch=1)
+    # batching, order and the other columns do not matter: what a Ray worker or a resumed run sees
+    shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
+    batches = [shuffled.slice(i, 128) for i in range(0, shuffled.num_rows, 128)]
+    assert set().union(*(dropped(b, seed=0, epoch=1) for b in batches)) == base
+    assert dropped(table.set_column(2, "hist_len", table.column("hist_len")), seed=0, epoch=1) == base
+    # another epoch or seed draws another set, about as independent as chance
+    for other in (dropped(table, seed=0, epoch=2), dropped(table, seed=1, epoch=1)):
+        assert abs(len(other & base) - 0.1 * len(base)) < 4 * np.sqrt(0.1 * 0.9 * len(base))
+
+
+@pytest.mark.parametrize(
+    ("share", "seed", "epoch", "columns", "message"),
+    [
+        (1.0, 0, 1, None, "history dropout share must be in [0, 1), got 1.0"),
+        (-0.1, 0, 1, None, "history dropout share must be in [0, 1), got -0.1"),
+        (0.1, -1, 1, None, "history dropout seed must be >= 0, got -1"),
+        (0.1, 0, -2, None, "history dropout epoch must be >= 0, got -2"),
+        (0.1, 0, 1, ["request_id", "user"],
+         "history dropout needs request columns ['hist_len'], the table has ['request_id', 'user']"),
+    ],
+)
+def test_history_dropout_errors(share, seed, epoch, columns, message):
+    from features.requests import drop_histories
+
+    table = _requests(10)
+    if columns is not None:
+        table = table.select(columns)
+    with pytest.raises(ValueError) as info:
+        drop_histories(table, share, seed=seed, epoch=epoch)
+    assert str(info.value) == message
+
+
+def test_history_dropout_share_is_validated_in_the_run_config():
+    from recsys.errors import ConfigError
+    from recsys.model_schemas import RunConfig
+
+    assert load_config(RunConfig, overrides=["train.history_dropout=0.2"]).train.history_dropout == 0.2
+    with pytest.raises(ConfigError) as info:
+        load_config(RunConfig, overrides=["train.history_dropout=1"])
+    assert str(info.value) == ("config error in --set train.history_dropout=1: "
+                               "train.history_dropout: input should be less than 1, got 1 (int)")

@@ -89,7 +89,7 @@ def test_files_and_columns(small):
     assert small["impressions"].columns == [
         "request_id", "user_id", "timestamp", "item_id", "position", "clicked", "true_prob"]
     assert {"item_id", "category_id", "brand_id", "price_bucket", "available_from", "true_quality"} <= set(small["items"].columns)
-    assert {"user_id", "segment", "age_bucket", "true_long_term_categories"} <= set(small["users"].columns)
+    assert {"user_id", "segment", "age_bucket", "true_long_term_categories", "true_new_user"} <= set(small["users"].columns)
 
 
 def test_manifest_documents_counts_function_and_effects(small):
@@ -166,6 +166,76 @@ def test_true_prob_is_a_probability_and_clicks_follow_it(small):
     # calibrated by construction: observed rate within 4 standard errors of the mean probability
     n, clicks = len(p), imp["clicked"].sum()
     assert abs(clicks / n - p.mean()) < 4 * math.sqrt(p.mean() * (1 - p.mean()) / n)
+
+
+# --------------------------------------------------------------------------------------------
+# New users (cold start)
+
+
+def _first_events(events: pl.DataFrame) -> pl.DataFrame:
+    return events.group_by("user_id").agg(first=pl.col("timestamp").min())
+
+
+def test_new_users_join_in_the_impression_window_with_short_histories(small):
+    m = small["manifest"]
+    users = small["users"].join(_first_events(small["events"]), on="user_id")
+    new = users.filter(pl.col("true_new_user"))
+    # binomial(2000, 0.05): 100 expected, standard deviation 9.7
+    assert new.height == m["new_users"]["users"] and abs(new.height - 100) < 4 * 9.7
+    assert m["new_users"]["share"] == 0.05
+    assert (new["first"] >= m["time"]["impressions_from"]).all()
+    assert (users.filter(~pl.col("true_new_user"))["first"] < m["time"]["impressions_from"]).mean() > 0.98
+
+    # their requests, from the files: histories are short, and the manifest's figures are these
+    imp = small["impressions"].join(small["users"].select("user_id", "true_new_user"), on="user_id")
+    req = imp.group_by("request_id").agg(pl.col("user_id").first(), pl.col("timestamp").first(),
+                                         pl.col("true_new_user").first(), clicks=pl.col("clicked").sum())
+    history = small["events"].join(req.select("request_id", "user_id", r_time="timestamp"), on="user_id")
+    history = history.filter(pl.col("timestamp") < pl.col("r_time")).group_by("request_id").len("hist")
+    req = req.join(history, on="request_id", how="left").with_columns(pl.col("hist").fill_null(0))
+    for flag, key in ((True, "new"), (False, "established")):
+        part = req.filter(pl.col("true_new_user") == flag)
+        summary = m["new_users"][key]
+        assert summary["requests"] == part.height and summary["clicks"] == part["clicks"].sum()
+        assert summary["history_at_request"]["median"] == part["hist"].median()
+    assert m["new_users"]["new"]["requests"] > 100
+    assert m["new_users"]["new"]["history_at_request"]["median"] < 30 < 300 < m["new_users"]["established"]["history_at_request"]["median"]
+    # the same click model: their CTR is not told apart from the others' (a cold-start model can
+    # only fall back on what users without history click, and here that is everyone's rate)
+    new_rate, old_rate = (m["new_users"][k] for k in ("new", "established"))
+    assert abs(z_stat(new_rate["clicks"], new_rate["impressions"], old_rate["clicks"], old_rate["impressions"])) < 3
+
+
+def test_without_new_users_nothing_changes_for_the_others(tmp_path):
+    # share 0 draws nothing: the world is the one generated before new users existed. A share > 0
+    # changes the users' draws, but never adds or removes users.
+    none = generate(tiny_config("activity.new_user_share=0"), tmp_path / "none")
+    some = generate(tiny_config("activity.new_user_share=0.5"), tmp_path / "some")
+    users = pl.read_parquet(tmp_path / "none" / "users.parquet")
+    assert not users["true_new_user"].any() and none["new_users"]["users"] == 0
+    assert none["new_users"]["new"] == {"requests": 0, "impressions": 0, "clicks": 0, "ctr": 0.0,
+                                        "history_at_request": {"median": None, "p90": None, "max": None}}
+    assert none["counts"]["users"] == some["counts"]["users"] == 120
+    assert 40 < some["new_users"]["users"] < 80
+    assert some["counts"]["events"] < none["counts"]["events"]  # new users have a few weeks of events, not 196 days
+
+
+def test_new_user_share_is_validated():
+    from recsys.config import load_config
+    from recsys.errors import ConfigError
+    from recsys.schemas import SynthConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(SynthConfig, overrides=["activity.new_user_share=1"])
+    assert str(info.value) == ("config error in --set activity.new_user_share=1: "
+                               "activity.new_user_share: input should be less than 1, got 1 (int)")
+
+
+def test_the_new_user_flag_never_reaches_the_built_data(tiny_data):
+    dataset = json.loads((tiny_data / "dataset.json").read_text())
+    assert "true_new_user" not in dataset["features"]
+    for split in ("train", "valid", "test"):
+        assert not any("new" in c for c in pl.read_parquet_schema(tiny_data / "requests" / f"{split}.parquet"))
 
 
 # --------------------------------------------------------------------------------------------
