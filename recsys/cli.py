@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from recsys import __version__
 from recsys.config import load_config
-from recsys.errors import RecsysError
+from recsys.errors import Interrupted, RecsysError
 from recsys.progress import set_quiet
 
 EXIT_INPUT_ERROR = 2
@@ -104,13 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model (configs/models/NAME.yaml) on `recsys data build` output. The same per-worker\n"
         "loop runs in this process (--workers 0) or on N Ray Train workers (gloo, torchrec sharding).\n"
         "RAY_ADDRESS connects to an existing cluster; otherwise a local one is started.\n"
-        "Writes RUN/config.yaml, RUN/run.json, RUN/metrics.jsonl and a checkpoint per epoch.",
-        epilog="example: recsys train --config configs/models/din.yaml --data out/demo/data --out out/runs/din",
+        "Writes RUN/config.yaml, RUN/run.json, RUN/metrics.jsonl and a checkpoint per epoch.\n\n"
+        "Ctrl-C (or SIGTERM) stops after the current step and saves a resumable checkpoint; a second\n"
+        "Ctrl-C stops at once. `--resume RUN` continues a stopped, killed or failed run from its last\n"
+        "checkpoint (in process: to the same weights as a run never stopped). With --overwrite an\n"
+        "existing run stays whole until the new one has finished.",
+        epilog="examples:\n  recsys train --config configs/models/din.yaml --data out/demo/data --out out/runs/din\n"
+        "  recsys train --resume out/runs/din",
     )
-    train.add_argument("--config", type=Path, required=True, help="model config (YAML, RunConfig schema)")
-    train.add_argument("--data", type=Path, required=True, help="a directory written by `recsys data build`")
-    train.add_argument("--out", type=Path, required=True, help="run directory to create")
-    train.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2); 0 = in this process")
+    train.add_argument("--config", type=Path, help="model config (YAML, RunConfig schema)")
+    train.add_argument("--data", type=Path, help="a directory written by `recsys data build`")
+    train.add_argument("--out", type=Path, help="run directory to create")
+    train.add_argument("--resume", type=Path, metavar="RUN", help="continue the unfinished run RUN (instead of --config/--data/--out)")
+    train.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2, or the run's own with --resume); 0 = in this process")
     _add_common(train)
     train.set_defaults(handler=_cmd_train)
 
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", type=Path, required=True, help="a directory written by `recsys train`")
     evaluate.add_argument("--split", choices=["train", "valid", "test"], default="valid", help="default valid")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--allow-partial", action="store_true", help="evaluate an unfinished run's latest epoch checkpoint")
     evaluate.set_defaults(handler=_cmd_eval)
 
     ablation = groups.add_parser(
@@ -135,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ablation.add_argument("--data", type=Path, required=True, help="a directory written by `recsys data build`")
     ablation.add_argument("--models", required=True, help="comma-separated model names (configs/models/NAME.yaml)")
-    ablation.add_argument("--out", type=Path, default=Path("out/ablation"), help="where the runs go (default out/ablation; replaced)")
+    ablation.add_argument("--out", type=Path, default=Path("out/ablation"), help="where the runs and rows.jsonl go (default out/ablation)")
+    ablation.add_argument("--overwrite", action="store_true", help="replace an earlier ablation in --out (kept whole until this one is done)")
+    ablation.add_argument("--resume", action="store_true", help="continue a stopped ablation of --out (same --models)")
     ablation.add_argument("--workers", type=int, default=0, help="Ray Train workers per run (default 0: in process)")
     ablation.add_argument("--split", choices=["valid", "test"], default="test", help="default test")
     ablation.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -151,16 +160,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="export directory to create")
     export.add_argument("--no-history", action="store_true", help="do not ship the history store (requests must carry histories)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--allow-partial", action="store_true", help="export an unfinished run's latest epoch checkpoint")
     export.set_defaults(handler=_cmd_export)
 
+    from serving.limits import Limits  # no torch, no FastAPI: --help stays fast
+
+    limits = Limits()
     serve = groups.add_parser(
         "serve", help="the HTTP scorer: POST /v1/score, GET /healthz",
-        description="Serve an export over HTTP. The export is verified (checksums) before it is loaded.",
-        epilog="example: curl -s localhost:8000/v1/score -d '{\"user_id\": 1, \"candidates\": [{\"item_id\": 5}]}'",
+        description="Serve an export over HTTP. The export is verified (checksums) before it is loaded.\n"
+        "A request over a limit is refused (413/422) with the flag named; docs/SERVING.md explains the defaults.",
+        formatter_class=fmt,
+        epilog="example: curl -s localhost:8000/v1/score -H 'Content-Type: application/json' "
+        "-d '{\"user_id\": 1, \"candidates\": [{\"item_id\": 5}]}'",
     )
     serve.add_argument("--export", type=Path, required=True, help="a directory written by `recsys export`")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--port", type=int, default=8000, help="0..65535; 0 picks a free port (printed); default 8000")
+    serve.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, metavar="N",
+                       help=f"larger bodies get 413 (by Content-Length, before reading); default {limits.max_body_bytes} (8 MiB)")
+    serve.add_argument("--max-candidates", type=int, default=limits.max_candidates, metavar="N",
+                       help=f"candidates per request; default {limits.max_candidates}")
+    serve.add_argument("--max-history-events", type=int, default=limits.max_history_events, metavar="N",
+                       help=f"history events per request; default {limits.max_history_events} (SIM's lifelong length)")
+    serve.add_argument("--max-events-per-batch", type=int, default=limits.max_events_per_batch, metavar="N",
+                       help=f"events per POST /v1/events batch (endpoint not served yet); default {limits.max_events_per_batch}")
+    serve.add_argument("--max-in-flight", type=int, default=limits.max_in_flight, metavar="N",
+                       help=f"score requests read, decoded and scored at once (bounds memory); default {limits.max_in_flight}")
+    serve.add_argument("--max-queue-seconds", type=float, default=limits.max_queue_seconds, metavar="S",
+                       help=f"how long a request waits for a free slot before 503; default {limits.max_queue_seconds:g}")
+    serve.add_argument("--min-timestamp", type=int, default=limits.min_timestamp, metavar="T",
+                       help=f"earliest accepted timestamp (unix seconds); default {limits.min_timestamp} (2000-01-01T00:00:00Z)")
+    serve.add_argument("--max-future-seconds", type=int, default=limits.max_future_seconds, metavar="S",
+                       help=f"latest accepted timestamp, after the server's clock; default {limits.max_future_seconds} (a day)")
     serve.set_defaults(handler=_cmd_serve)
 
     demo = groups.add_parser(
@@ -363,13 +395,26 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.train import train
+    if args.workers is not None and args.workers < 0:
+        raise RecsysError(f"--workers must be >= 0, got {args.workers}")
+    if args.resume is not None:
+        given = [f for f, v in (("--config", args.config), ("--data", args.data), ("--out", args.out),
+                                ("--set", args.overrides), ("--overwrite", args.overwrite)) if v]
+        if given:
+            raise RecsysError(f"--resume continues a run with its own config and data: drop {', '.join(given)}")
+    else:
+        missing = [f for f, v in (("--config", args.config), ("--data", args.data), ("--out", args.out)) if v is None]
+        if missing:
+            raise RecsysError(f"train needs {', '.join(missing)} (or --resume RUN)")
+    from pipelines.train import resume, train
     from recsys.model_schemas import RunConfig
 
-    if args.workers < 0:
-        raise RecsysError(f"--workers must be >= 0, got {args.workers}")
+    if args.resume is not None:
+        run = resume(args.resume, workers=args.workers)
+        print(f"trained {run.config.name}: {run.path} (checkpoint {run.info['checkpoint']}); next: recsys eval --run {run.path}")
+        return 0
     cfg = load_config(RunConfig, args.config, args.overrides)
-    run = train(cfg, args.data, args.out, workers=args.workers, overwrite=args.overwrite)
+    run = train(cfg, args.data, args.out, workers=2 if args.workers is None else args.workers, overwrite=args.overwrite)
     print(f"trained {cfg.name}: {run.path} (checkpoint {run.info['checkpoint']}); next: recsys eval --run {run.path}")
     return 0
 
@@ -377,7 +422,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_run, format_eval
 
-    result = evaluate_run(args.run, args.split)
+    result = evaluate_run(args.run, args.split, allow_partial=args.allow_partial)
     print(json.dumps(result, indent=2) if args.json else format_eval(result))
     return 0
 
@@ -388,8 +433,10 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise RecsysError("--models needs at least one model name, e.g. --models din")
+    if args.overwrite and args.resume:
+        raise RecsysError("--overwrite and --resume exclude each other: one replaces the earlier ablation, the other continues it")
     rows = run_ablation(args.data, models, config_dir=config_dir(), out=args.out, workers=args.workers,
-                        split=args.split, overrides=args.overrides)
+                        split=args.split, overrides=args.overrides, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
@@ -397,15 +444,23 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from models.export import save_export
 
-    manifest = save_export(args.run, args.out, include_history=not args.no_history, overwrite=args.overwrite)
+    manifest = save_export(args.run, args.out, include_history=not args.no_history, overwrite=args.overwrite,
+                           allow_partial=args.allow_partial)
     print(f"exported {args.run} to {args.out} ({len(manifest['files'])} files, checksummed in manifest.json)")
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.limits import Limits, check_port
+
+    check_port(args.port, "--port")  # before the export loads: a bad flag fails at once
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.field_names()})
+    except ValueError as exc:
+        raise RecsysError(str(exc)) from None
     from serving.http import serve
 
-    serve(args.export, host=args.host, port=args.port)
+    serve(args.export, host=args.host, port=args.port, limits=limits)
     return 0
 
 
@@ -567,19 +622,42 @@ def _hush_dependencies() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
 
 
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``recsys ... | head``): stop quietly, as ``cat`` does.
+
+    Python would otherwise raise again when it flushes stdout at exit; pointing stdout at
+    /dev/null stops that. 141 = 128 + SIGPIPE, what a shell reports for a writer killed by a
+    closed pipe.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # `recsys --help | head -1`
+        return _closed_pipe()
     set_quiet(args.quiet)
     if not args.debug:
         _hush_dependencies()
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except RecsysError as exc:
         if args.debug:
             raise
         print(f"recsys: error: {exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except Interrupted as exc:
+        print(f"recsys: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("recsys: interrupted", file=sys.stderr)
         return 130
