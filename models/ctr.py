@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
@@ -77,7 +78,20 @@ class CTRModel(nn.Module):
     def history_len(self) -> int | None:
         """Most recent events a batch must carry: the longest any enabled block reads (0 with no block;
         a block that reads the whole history will make it None)."""
-        lens = [b.max_len for b in self.blocks.values()]
+        return self.history_len_without(())
+
+    def history_len_without(self, names: Collection[str]) -> int | None:
+        """:attr:`history_len` when the blocks ``names`` are not run (their outputs come from
+        ``score(given=...)``): serving reads a KSA block from per-user states, so the batch then
+        carries only what the other blocks read.
+
+        Raises:
+            ValueError: a name that is no block of this model.
+        """
+        unknown = sorted(set(names) - set(self.blocks))
+        if unknown:
+            raise ValueError(f"names: {unknown} are not blocks of this model (blocks: {list(self.blocks)})")
+        lens = [b.max_len for name, b in self.blocks.items() if name not in names]
         if any(n is None for n in lens):
             return None
         return max(lens) if lens else 0
@@ -111,12 +125,39 @@ class CTRModel(nn.Module):
             self._gate_logits = self.gate(emb) if self.training else None
         return emb
 
-    def score(self, emb: Embedded) -> torch.Tensor:
-        """logits [C] from embeddings: the blocks and the head (the dense part, AGE's θ)."""
+    def score(self, emb: Embedded, given: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """logits [C] from embeddings: the blocks and the head (the dense part, AGE's θ).
+
+        Args:
+            emb: the embedded batch. It needs only the last
+                ``history_len_without(given)`` events of each history when ``given`` is set.
+            given: block name -> that block's output ``[C, out_dim]``, computed elsewhere (serving
+                reads the KSA block from per-user states, serving/ksa_cache.py); such a block is not run.
+
+        Raises:
+            ValueError: a name in ``given`` that is no block, an output of the wrong shape, or a block
+                whose encode another block reads (its ``record`` flag is on: SIM mode 'ksa').
+        """
         request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
+        if given:
+            self._check_given(given, len(request))
+        else:
+            given = {}
         parts = [emb.profile[request], *emb.candidate.values()]  # [C, P*D], F x [C, D]
-        parts += [block(emb, request) for block in self.blocks.values()]
+        parts += [given[name] if name in given else block(emb, request) for name, block in self.blocks.items()]
         return self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # [C]
+
+    def _check_given(self, given: Mapping[str, torch.Tensor], candidates: int) -> None:
+        for name, out in given.items():
+            if name not in self.blocks:
+                raise ValueError(f"given: {name!r} is not a block of this model (blocks: {list(self.blocks)})")
+            block = self.blocks[name]
+            if tuple(out.shape) != (candidates, block.out_dim):
+                raise ValueError(f"given[{name!r}]: expected shape [{candidates}, {block.out_dim}] ([C, out_dim]), "
+                                 f"got {list(out.shape)}")
+            if getattr(block, "record", False):  # SIM's ksa search reads this block's encode of the batch
+                raise ValueError(f"given[{name!r}]: this block must run: another block reads its encode "
+                                 "(its record flag is on: SIM mode 'ksa')")
 
 
 def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> CTRModel:
