@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     limits = Limits()
     serve = groups.add_parser(
-        "serve", help="the HTTP scorer: POST /v1/score, GET /healthz",
+        "serve", help="the HTTP scorer: POST /v1/score, POST /v1/events, GET /healthz",
         description="Serve an export over HTTP. The export is verified (checksums) before it is loaded.\n"
         "A request over a limit is refused (413/422) with the flag named; docs/SERVING.md explains the defaults.",
         formatter_class=fmt,
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-history-events", type=int, default=limits.max_history_events, metavar="N",
                        help=f"history events per request; default {limits.max_history_events} (SIM's lifelong length)")
     serve.add_argument("--max-events-per-batch", type=int, default=limits.max_events_per_batch, metavar="N",
-                       help=f"events per POST /v1/events batch (endpoint not served yet); default {limits.max_events_per_batch}")
+                       help=f"events (and impressions) per POST /v1/events batch; default {limits.max_events_per_batch}")
     serve.add_argument("--max-in-flight", type=int, default=limits.max_in_flight, metavar="N",
                        help=f"score requests read, decoded and scored at once (bounds memory); default {limits.max_in_flight}")
     serve.add_argument("--max-queue-seconds", type=float, default=limits.max_queue_seconds, metavar="S",
@@ -193,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"earliest accepted timestamp (unix seconds); default {limits.min_timestamp} (2000-01-01T00:00:00Z)")
     serve.add_argument("--max-future-seconds", type=int, default=limits.max_future_seconds, metavar="S",
                        help=f"latest accepted timestamp, after the server's clock; default {limits.max_future_seconds} (a day)")
+    state = serve.add_argument_group("live state (docs/SERVING.md, \"State\")")
+    state.add_argument("--state", metavar="WHERE", default=None,
+                       help="where POST /v1/events logs events and scoring reads them: a SQLite file or directory, or "
+                       "redis://HOST:PORT/DB[?prefix=NAME] (a server with appendonly yes, appendfsync always); "
+                       "default EXPORT.state/state.sqlite beside the export (none for a --no-history export)")
+    state.add_argument("--no-state", action="store_true",
+                       help="serve the export's histories as shipped: no POST /v1/events, nothing written")
+    state.add_argument("--ksa-cache-mb", type=float, default=256, metavar="MB",
+                       help="memory for per-user KSA states (models with a KSA block), least recently used evicted; "
+                       "0: encode each request's whole history; default 256")
     serve.set_defaults(handler=_cmd_serve)
 
     demo = groups.add_parser(
@@ -326,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     bage.add_argument("--repeats", type=int, default=20, metavar="R", help="timed scorings of each, after 1 warm-up (p50; default 20)")
     bage.add_argument("--json", action="store_true", help="print one JSON object (rows: plain_ms, age_ts_ms, ts_ratio, ...)")
     bage.set_defaults(handler=_cmd_bench_age)
+    bserve = bench_cmds.add_parser(
+        "serve", help="stateful serving: scoring from cached KSA states vs re-encoding, durable appends",
+        description="Scoring a user with --history events and --candidates candidates through the serving path\n"
+        "(full.yaml, one epoch on a tiny world, exported), from the cached KSA state against re-encoding the whole\n"
+        "history, in the same run; one-event appends (durable) with SQLite and, with --redis, Redis; the cached\n"
+        "state's bytes. Quote the ratios. See docs/BENCHMARKS.md.",
+        epilog="example: recsys bench serve --redis redis://127.0.0.1:6390/0",
+        formatter_class=fmt,
+    )
+    bserve.add_argument("--history", type=int, default=10_000, metavar="N", help="the user's events (default 10000)")
+    bserve.add_argument("--candidates", type=int, default=100, metavar="M", help="candidates per request (default 100)")
+    bserve.add_argument("--repeats", type=int, default=50, metavar="R", help="timed scorings of each (default 50)")
+    bserve.add_argument("--appends", type=int, default=200, metavar="A", help="timed one-event appends (default 200)")
+    bserve.add_argument("--redis", metavar="URL", default=None,
+                        help="also time a Redis store (a server with appendonly yes, appendfsync always)")
+    bserve.add_argument("--export", type=Path, default=None,
+                        help="an export to time (default: full.yaml, one epoch on a tiny world, made in --workdir)")
+    bserve.add_argument("--workdir", type=Path, default=None, help="keep the world, run and export here (reused)")
+    bserve.add_argument("--json", action="store_true", help="print one JSON object")
+    bserve.set_defaults(handler=_cmd_bench_serve)
     return parser
 
 
@@ -458,9 +489,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits = Limits(**{name: getattr(args, name) for name in Limits.field_names()})
     except ValueError as exc:
         raise RecsysError(str(exc)) from None
-    from serving.http import serve
+    if args.no_state and args.state is not None:
+        raise RecsysError("--state and --no-state: give one of them")
+    if not (math.isfinite(args.ksa_cache_mb) and args.ksa_cache_mb >= 0):
+        raise RecsysError(f"--ksa-cache-mb must be a finite number >= 0, got {args.ksa_cache_mb}")
+    from serving.http import AUTO_STATE, serve
 
-    serve(args.export, host=args.host, port=args.port, limits=limits)
+    state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
+    serve(args.export, host=args.host, port=args.port, limits=limits, state=state,
+          ksa_cache_bytes=int(args.ksa_cache_mb * 2**20))
     return 0
 
 
@@ -548,6 +585,23 @@ def _cmd_bench_age(args: argparse.Namespace) -> int:
     return _run_bench(args, {"--candidates": args.candidates, "--history": args.history, "--repeats": args.repeats},
                       lambda: bench_age(models, candidates=args.candidates, history=args.history, repeats=args.repeats),
                       format_bench_age)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipelines.bench_serve import bench_export
+    from serving.bench import bench_serve, format_bench_serve
+
+    def run() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="recsys-bench-serve-") as tmp:
+            root = args.workdir or Path(tmp)
+            export = args.export or bench_export(root)
+            return bench_serve(export, history=args.history, candidates=args.candidates, repeats=args.repeats,
+                               appends=args.appends, sqlite_path=Path(tmp) / "state.sqlite", redis_url=args.redis)
+
+    return _run_bench(args, {"--history": args.history, "--candidates": args.candidates, "--repeats": args.repeats,
+                             "--appends": args.appends}, run, format_bench_serve)
 
 
 def _cmd_simulate_explore(args: argparse.Namespace) -> int:

@@ -70,6 +70,81 @@ class ScoreRequest(TypedDict):
 
 SCORE_REQUEST = TypeAdapter(ScoreRequest)
 
+#: A client event id: what makes a retried batch a no-op (printable, at most 128 characters).
+EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+
+
+@with_config(_STRICT)
+class LoggedEvent(TypedDict):
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    behavior: Literal["pv", "cart", "fav", "buy"]
+    timestamp: Id
+    event_id: NotRequired[EventId | None]
+
+
+@with_config(_STRICT)
+class EventsRequest(TypedDict):
+    events: Annotated[list[LoggedEvent], Field(min_length=1)]
+    impressions: NotRequired[list[Id] | None]
+
+
+EVENTS_REQUEST = TypeAdapter(EventsRequest)
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """A ``POST /v1/events`` body as columns: [N] int64 raw ids, behaviour codes, timestamps, the
+    optional event ids, and [I] item ids of impressions."""
+
+    user_id: np.ndarray
+    item_id: np.ndarray
+    category_id: np.ndarray
+    behavior: np.ndarray
+    timestamp: np.ndarray
+    event_id: list[str | None]
+    impressions: np.ndarray
+
+
+def decode_events_request(body: bytes, limits: Limits, *, now: float) -> tuple[int, Any]:
+    """``(200, EventColumns)`` for a valid ``POST /v1/events`` body, else ``(status, reason)``: the
+    whole batch is refused when one event is wrong (nothing of it is stored).
+
+    Example:
+        >>> status, cols = decode_events_request(b'{"events": [{"user_id": 1, "item_id": 5, "category_id": 3, '
+        ...     b'"behavior": "buy", "timestamp": 1700000000, "event_id": "a-1"}]}', Limits(), now=1.8e9)
+        >>> status, cols.behavior.tolist(), cols.event_id
+        (200, [3], ['a-1'])
+        >>> decode_events_request(b'{"events": [{"user_id": 1, "item_id": 5, "category_id": 3, '
+        ...     b'"behavior": "buy", "timestamp": 1700000000000}]}', Limits(), now=1.8e9)[1][:60]
+        'events[0].timestamp: 1700000000000 is after 1800086400 (2027'
+    """
+    try:
+        request = EVENTS_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        return (400 if any(e.get("type") == "json_invalid" for e in errors) else 422), describe_errors(errors)
+    events = request["events"]
+    if len(events) > limits.max_events_per_batch:
+        return 422, (f"events: at most {limits.max_events_per_batch} per batch ({FLAGS['max_events_per_batch']}), "
+                     f"got {len(events)}")
+    impressions = request.get("impressions") or []
+    if len(impressions) > limits.max_events_per_batch:
+        return 422, (f"impressions: at most {limits.max_events_per_batch} per batch "
+                     f"({FLAGS['max_events_per_batch']}), got {len(impressions)}")
+    n = len(events)
+
+    def column(key: str) -> np.ndarray:
+        return np.fromiter((e[key] for e in events), dtype=np.int64, count=n)
+
+    cols = EventColumns(user_id=column("user_id"), item_id=column("item_id"), category_id=column("category_id"),
+                        behavior=np.fromiter((BEHAVIOR_CODE[e["behavior"]] for e in events), dtype=np.int64, count=n),
+                        timestamp=column("timestamp"), event_id=[e.get("event_id") for e in events],
+                        impressions=np.array(impressions, dtype=np.int64))
+    problem = _history_time_problem(cols.timestamp, limits, now=now, field="events")
+    return (422, problem) if problem is not None else (200, cols)
+
 
 @dataclass(frozen=True)
 class Events:
@@ -156,13 +231,13 @@ def request_problem(request: ScoreRequest, limits: Limits, *, now: float) -> str
     return None
 
 
-def _history_time_problem(stamps: np.ndarray, limits: Limits, *, now: float) -> str | None:
+def _history_time_problem(stamps: np.ndarray, limits: Limits, *, now: float, field: str = "history") -> str | None:
     latest = int(now) + int(limits.max_future_seconds)
     bad = np.flatnonzero((stamps < limits.min_timestamp) | (stamps > latest))  # [H] -> first offenders
     if not len(bad):
         return None
     k = int(bad[0])
-    return timestamp_problem(f"history[{k}].timestamp", int(stamps[k]), limits, now=now)
+    return timestamp_problem(f"{field}[{k}].timestamp", int(stamps[k]), limits, now=now)
 
 
 def field_path(loc: Sequence[str | int]) -> str:

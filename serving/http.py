@@ -41,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -57,10 +58,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from models.export import load_export
 from recsys.errors import RecsysError
-from serving.decode import SCORE_REQUEST, decode_score_request, exit_with, show
+from serving.decode import (
+    EVENTS_REQUEST,
+    SCORE_REQUEST,
+    decode_events_request,
+    decode_score_request,
+    exit_with,
+    show,
+)
 from serving.limits import FLAGS, Limits, check_port
-from serving.scorer import NonFiniteScoreError, Scorer
+from serving.scorer import DEFAULT_KSA_CACHE_BYTES, NonFiniteScoreError, Scorer
+from serving.store import BatchError, EventBatch, StoreError, open_store
 
 log = logging.getLogger("recsys.serving")
 
@@ -76,6 +86,13 @@ class ScoreResponse(BaseModel):
     unknown_user: bool = Field(description="the user id is in no vocabulary")
     no_history: bool = Field(description="no history event before the request's timestamp")
     unknown_items: int = Field(description="candidates whose item id is in no vocabulary (scored as row 0)")
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events newly logged (durable: fsync'd before this answer)")
+    duplicates: int = Field(description="events skipped: their event_id was already logged (a retried batch)")
+    last_seq: int = Field(description="the log's sequence number of the batch's last event")
+    impressions: int = Field(description="impressions counted")
 
 
 class ErrorBody(BaseModel):
@@ -149,6 +166,9 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
     app.state.decoders = decoders  # for tests and operators: the decoder processes
     health = {"status": "ok", "model": scorer.name, "export": scorer.export.weights_sha256}
     request_schema, schema_defs = _request_schema(limits, now=time.time())
+    live = scorer.live
+    events_schema, events_defs = _events_schema(limits, now=time.time())
+    schema_defs.update(events_defs)
     error = {"model": ErrorBody}
 
     @app.exception_handler(_Refused)
@@ -193,24 +213,57 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
                             "unknown_user": scored.unknown_user, "no_history": scored.no_history,
                             "unknown_items": scored.unknown_items})
 
+    def ingest(body: bytes) -> tuple[int, bytes]:
+        """Decode, check and durably log one batch of events (in a worker thread)."""
+        status, cols = decode_events_request(body, limits, now=time.time())
+        if status != 200:
+            return status, _dumps({"error": cols})
+        batch = EventBatch(user_id=cols.user_id, item_id=cols.item_id, category_id=cols.category_id,
+                           behavior=cols.behavior, timestamp=cols.timestamp, event_id=cols.event_id)
+        try:
+            appended = live.append(batch)
+            if len(cols.impressions):
+                live.store.add_impressions(cols.impressions)
+        except BatchError as exc:  # what the decoder let through and the store refuses: nothing was stored
+            return 422, _dumps({"error": str(exc)})
+        except StoreError as exc:  # the store is down or refuses: nothing was acknowledged
+            log.error("%s", exc)
+            return 503, _dumps({"error": f"state store: {exc}; the batch was not acknowledged: retry it"})
+        return 200, _dumps({"accepted": appended.accepted, "duplicates": appended.duplicates,
+                            "last_seq": int(appended.seqs.max()), "impressions": int(len(cols.impressions))})
+
+    async def _in_a_slot(request: Request, handler, what: str) -> Response:
+        """Check the headers, take a slot, read the body and run ``handler(body)`` in a worker thread."""
+        _check_content_type(request.headers.get("content-type"))
+        _check_content_length(request.headers.get("content-length"), limits)
+        if not await _acquire(slots, limits.max_queue_seconds):
+            raise _Refused(503, f"busy: all {limits.max_in_flight} {what} slots taken ({FLAGS['max_in_flight']}), none "
+                                f"came free within {limits.max_queue_seconds:g} s ({FLAGS['max_queue_seconds']}); "
+                                "retry later", headers={"Retry-After": "1"})
+        try:
+            body = await _read_body(request, limits.max_body_bytes)
+            status, content = await asyncio.get_running_loop().run_in_executor(threads, handler, body)
+        finally:
+            slots.release()
+        return Response(content, status_code=status, media_type="application/json")
+
+    if live is not None:
+        @app.post(
+            "/v1/events", response_model=EventsResponse,
+            openapi_extra={"requestBody": {"required": True,
+                                           "content": {"application/json": {"schema": events_schema}}}},
+            responses={400: error, 413: error, 415: error, 422: error, 500: error, 503: error},
+        )
+        async def events(request: Request) -> Response:
+            return await _in_a_slot(request, ingest, "request")
+
     @app.post(
         "/v1/score", response_model=ScoreResponse,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
         responses={400: error, 413: error, 415: error, 422: error, 500: error, 503: error},
     )
     async def score(request: Request) -> Response:
-        _check_content_type(request.headers.get("content-type"))
-        _check_content_length(request.headers.get("content-length"), limits)
-        if not await _acquire(slots, limits.max_queue_seconds):
-            raise _Refused(503, f"busy: all {limits.max_in_flight} score slots taken ({FLAGS['max_in_flight']}), none "
-                                f"came free within {limits.max_queue_seconds:g} s ({FLAGS['max_queue_seconds']}); "
-                                "retry later", headers={"Retry-After": "1"})
-        try:
-            body = await _read_body(request, limits.max_body_bytes)
-            status, content = await asyncio.get_running_loop().run_in_executor(threads, work, body)
-        finally:
-            slots.release()
-        return Response(content, status_code=status, media_type="application/json")
+        return await _in_a_slot(request, work, "score")
 
     openapi = app.openapi
 
@@ -240,6 +293,20 @@ def _request_schema(limits: Limits, *, now: float) -> tuple[dict[str, Any], dict
     history = next(v for v in props["history"]["anyOf"] if v.get("type") == "array")
     history["maxItems"] = limits.max_history_events
     defs["Event"]["properties"]["timestamp"] = stamp
+    return schema, defs
+
+
+def _events_schema(limits: Limits, *, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The OpenAPI schema of a ``POST /v1/events`` body (and its definitions), with the limits."""
+    schema = EVENTS_REQUEST.json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    schema["properties"]["events"]["maxItems"] = limits.max_events_per_batch
+    impressions = next(v for v in schema["properties"]["impressions"]["anyOf"] if v.get("type") == "array")
+    impressions["maxItems"] = limits.max_events_per_batch
+    defs["LoggedEvent"]["properties"]["timestamp"] = {
+        "type": "integer", "minimum": limits.min_timestamp, "maximum": int(now) + int(limits.max_future_seconds),
+        "description": f"unix seconds, at least {limits.min_timestamp} and at most {int(limits.max_future_seconds)} s "
+                       "after the server's clock"}
     return schema, defs
 
 
@@ -315,18 +382,47 @@ class _Server(uvicorn.Server):
             print(self.banner, flush=True)
 
 
+#: ``serve(state=AUTO_STATE)``: :func:`default_state` for an export with histories, else no state.
+AUTO_STATE = "auto"
+
+
+def default_state(export_path: str | Path) -> Path:
+    """Where ``recsys serve`` keeps its embedded state store by default: ``EXPORT.state/state.sqlite``,
+    beside the export (an export directory stays as verified)."""
+    path = Path(export_path)
+    return path.with_name(path.name + ".state") / "state.sqlite"
+
+
 def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
-          limits: Limits | None = None) -> None:
+          limits: Limits | None = None, state: str | Path | None = None,
+          ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
 
+    Args:
+        state: the state store (:func:`serving.store.open_store`: a SQLite path or
+            ``redis://...``): ``POST /v1/events`` logs events there and scoring reads them. None:
+            no state, the export's histories as shipped (no ``/v1/events``). :data:`AUTO_STATE`:
+            :func:`default_state`, or none for an export shipped without histories.
+        ksa_cache_bytes: memory for per-user KSA states (a model with a KSA block; 0: none, every
+            request encodes its user's whole history).
+
     Raises:
-        RecsysError: the port is outside 0..65535, the export fails verification, or
-            ``host:port`` cannot be listened on.
+        RecsysError: the port is outside 0..65535, the export fails verification, the state store
+            cannot be opened, or ``host:port`` cannot be listened on.
     """
     check_port(port)
-    scorer = Scorer.load(export_path)
+    export = load_export(export_path)
+    if state == AUTO_STATE:  # the embedded store beside the export, when it ships histories to extend
+        state = default_state(export_path) if export.history is not None else None
+    if state is None:
+        scorer = Scorer(export, ksa_cache_bytes=ksa_cache_bytes)
+    else:
+        store = open_store(state)
+        scorer = Scorer.live_from(export, store, ksa_cache_bytes=ksa_cache_bytes)
+        print(f"state: {store.url} ({store.last_seq():,} events logged); POST /v1/events appends", file=sys.stderr,
+              flush=True)
     app = create_app(scorer, limits=limits)
     # The export's objects live as long as the process: keep them out of the collector's full
     # passes, which a large request's many small objects trigger (each pass holds the GIL).

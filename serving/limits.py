@@ -11,8 +11,8 @@ Defaults, and why:
   (``{"item_id": 1233753741, "category_id": 17, "behavior": "pv", "timestamp": 1783850000}, ``),
   so a maximal history is about 5 MB; 1,000 candidates add under 0.1 MB.
 * ``max_candidates`` 1,000: a ranking stage scores hundreds; more is a retrieval job.
-* ``max_events_per_batch`` 10,000: for ``POST /v1/events`` (not served yet: the setting exists so
-  that the endpoint lands with its limit); one batch is then about 1 MB.
+* ``max_events_per_batch`` 10,000: events (and impressions) per ``POST /v1/events`` batch; one
+  batch is then about 1 MB.
 * ``max_in_flight`` 4 score requests read, decoded and scored at once, each waiting at most
   ``max_queue_seconds`` 5 s for a slot before a 503: memory stays under about
   4 x (8 MiB body + ~25 MB decoded) whatever the number of clients.

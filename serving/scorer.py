@@ -38,7 +38,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,15 @@ from models.export import FEATURE_VOCAB, Export, load_export
 from recsys.errors import DataError
 from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
 from serving.decode import Events
+from serving.ksa_cache import KSACache
+from serving.live import LiveHistory, UserLive, search_batch
+from serving.store import StateStore
 
 #: Candidate attribute (raw id, request field) -> model feature.
 CANDIDATE_ATTRIBUTES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 _INT64 = (-(2**63), 2**63 - 1)
+#: Memory for per-user KSA states (``recsys serve --ksa-cache-mb``, 256).
+DEFAULT_KSA_CACHE_BYTES = 256 * 2**20
 
 
 class NonFiniteScoreError(RuntimeError):
@@ -109,8 +114,22 @@ class IdMap:
 class Scorer:
     """Click probabilities for raw-id requests, from a loaded :class:`~models.export.Export`."""
 
-    def __init__(self, export: Export) -> None:
+    def __init__(self, export: Export, *, live: LiveHistory | None = None,
+                 ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES) -> None:
+        if live is not None and export.history is None:
+            raise DataError(f"export {export.path}: exported with --no-history, so it has no histories for the events "
+                            "appended through the API to extend; serve it without a state store")
         self.export = export
+        self.live = live
+        # A KSA block reads per-user states (serving/ksa_cache.py) instead of encoding whole histories,
+        # unless SIM's KSA-guided search needs the block's encode of the batch.
+        ksa = export.model.blocks["ksa"] if "ksa" in export.model.blocks else None
+        self.ksa = (KSACache(export.model, budget_bytes=ksa_cache_bytes, model_id=export.weights_sha256)
+                    if ksa is not None and not ksa.record and ksa_cache_bytes else None)
+        if self.ksa is not None and live is not None:
+            live.on_change(self.ksa.invalidate)  # a late event moved the events after it
+        # the batch then carries only what the other blocks read
+        self.batch_history_len = export.model.history_len_without({"ksa"}) if self.ksa is not None else export.history_len
         self.spec = export.spec
         self.history_len = export.history_len
         self.search_k = export.model.search_k  # SIM hard search: K behaviours per candidate
@@ -120,9 +139,25 @@ class Scorer:
                            if feature in self.spec.candidate}
 
     @classmethod
-    def load(cls, path: str | Path) -> Scorer:
-        """Verify and load the export at ``path`` (:func:`models.export.load_export`)."""
-        return cls(load_export(path))
+    def load(cls, path: str | Path, *, state: StateStore | None = None,
+             ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES) -> Scorer:
+        """Verify and load the export at ``path`` (:func:`models.export.load_export`); with a
+        ``state`` store, score from the live histories (the export's plus the store's events)."""
+        export = load_export(path)
+        if state is None:
+            return cls(export, ksa_cache_bytes=ksa_cache_bytes)
+        return cls.live_from(export, state, ksa_cache_bytes=ksa_cache_bytes)
+
+    @classmethod
+    def live_from(cls, export: Export, store: StateStore, *,
+                  ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES) -> Scorer:
+        """A scorer of ``export`` whose users' histories include the events logged in ``store``."""
+        ids = {name: IdMap.from_vocab(v) for name, v in export.vocabularies.items()}
+        index = export.category_index
+        live = LiveHistory(store, history=export.history, users=ids["user_id"].encode, items=ids["item_id"].encode,
+                           categories=ids["category_id"].encode,
+                           per_category=index.per_category if index is not None else None)
+        return cls(export, live=live, ksa_cache_bytes=ksa_cache_bytes)
 
     @property
     def name(self) -> str:
@@ -175,20 +210,38 @@ class Scorer:
                        for i, r in enumerate(requests)], dtype=np.int64)
         users = self.ids["user_id"].encode(user_raw)  # [B]
         candidates, num = self._candidates(requests)
+        # Users with events appended through the API read their live view (export + log)
+        lives = [self.live.user(int(user_raw[i])) if self.live is not None and r.get("history") is None else None
+                 for i, r in enumerate(requests)]
         # SIM hard search reads the shipped index, or (requests that bring their own history) an index
         # of the whole histories, which are then gathered too
         local = self.search_k is not None and (self.export.category_index is None
                                                or any(r.get("history") is not None for r in requests))
-        history, hist_len = self._history(requests, users, ts, None if local else self.history_len)
+        snapshots: dict[int, Mapping[str, np.ndarray]] = {}  # request -> its live user's events, as read
+        cached = self.ksa is not None and all(r.get("history") is None for r in requests)
+        full = local or cached  # the cache reads each request's whole history
+        history, hist_len = self._history(requests, users, ts, None if full else self.history_len, lives, snapshots)
         search = None
-        if self.search_k is not None:
+        if self.search_k is not None and not local and any(x is not None for x in lives):
+            search = self._search_live(users, lives, snapshots, hist_len, candidates["category"], num)
+        elif self.search_k is not None:
             search = self._search(users, history if local else None, hist_len, candidates["category"], num)
-        if local:
-            history = _recent(history, self.history_len)
+        whole = history
+        if full:
+            history = _recent(history, self.batch_history_len if cached else self.history_len)
         profile = {f: users if f == "user" else self.export.users[f][users] for f in self.spec.profile}
         batch = make_batch(self.spec, history=history, request_time=ts, candidates=candidates,
                            num_candidates=num, profile=profile, search=search)
-        logits = self.export.model(batch)  # [C]
+        model = self.export.model
+        if cached:
+            emb = model.embed(batch)
+            query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
+            offsets = whole["item"].offsets
+            histories = [{f: j.values[offsets[r]:offsets[r + 1]] for f, j in whole.items()} for r in range(b)]
+            ksa = self.ksa.readout(user_raw.tolist(), histories, query, np.r_[0, np.cumsum(num)], ts)  # [C, d]
+            logits = model.score(emb, given={"ksa": ksa})  # [C]
+        else:
+            logits = model(batch)  # [C]
         if not bool(torch.isfinite(logits).all()):
             self._non_finite(logits)
         probs = torch.sigmoid(logits).double().numpy()  # [C]
@@ -249,14 +302,46 @@ class Scorer:
                            users=np.arange(len(users)), hist_len=hist_len, cand_category=cand_category,
                            num_candidates=num, k=self.search_k)
 
+    def _search_live(self, users: np.ndarray, lives: Sequence[UserLive | None],
+                     snapshots: Mapping[int, Mapping[str, np.ndarray]], hist_len: np.ndarray,
+                     cand_category: np.ndarray, num: np.ndarray) -> Searched:
+        """SIM hard search of a batch with live users: theirs through their category lists over the
+        merged history, the others' through the export's index."""
+        k, store, index = self.search_k, self.export.history, self.export.category_index
+
+        def of_live(b: int) -> Callable[[np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]:
+            return lambda categories: self.live.search(lives[b], snapshots[b], categories, cutoff=int(hist_len[b]), k=k)
+
+        def of_export(user: int, cutoff: int) -> Callable[[np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]:
+            def search(categories: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                g = len(categories)
+                pos, offsets = index.lookup(np.full(g, user), np.full(g, cutoff), categories, k=k)
+                rows = store.offsets[user] + pos
+                return {f: np.asarray(getattr(store, f)[rows], dtype=np.int64) for f in HISTORY_FIELDS}, offsets
+            return search
+
+        per_request = [of_live(b) if live is not None else of_export(int(users[b]), int(hist_len[b]))
+                       for b, live in enumerate(lives)]
+        return search_batch(per_request=per_request, cand_category=cand_category, num_candidates=num,
+                            num_categories=index.num_categories)
+
     def _history(self, requests: Sequence[Mapping[str, Any]], users: np.ndarray, ts: np.ndarray,
-                 limit: int | None) -> tuple[dict[str, Jagged], np.ndarray]:
+                 limit: int | None, lives: Sequence[UserLive | None],
+                 snapshots: dict[int, Mapping[str, np.ndarray]]) -> tuple[dict[str, Jagged], np.ndarray]:
         """The last ``limit`` (None: all) events before each cut-off, jagged over the batch, and [B]
-        how many events each request has before its cut-off."""
+        how many events each request has before its cut-off. A live user's events as read are put
+        in ``snapshots`` (its search must read the same version)."""
         store = self.export.history
-        stored = [i for i, r in enumerate(requests) if r.get("history") is None and store is not None]
         parts: dict[int, dict[str, np.ndarray]] = {}
         total = np.zeros(len(requests), dtype=np.int64)
+        for i, live in enumerate(lives):
+            if live is not None:
+                with live.lock:
+                    events, n = live.events, live.before(int(ts[i]))
+                snapshots[i] = events
+                total[i] = n
+                parts[i] = {f: v[max(n - limit, 0) if limit is not None else 0:n] for f, v in events.items()}
+        stored = [i for i, r in enumerate(requests) if r.get("history") is None and store is not None and i not in parts]
         if stored:
             lengths = store.cutoff_lengths(users[stored], ts[stored])
             total[stored] = lengths

@@ -38,6 +38,7 @@ from serving.decode import field_path
 from serving.http import DECODE_IN_THREAD_BYTES, create_app
 from serving.limits import Limits
 from serving.scorer import Scorer
+from serving.store import open_store
 from tests.runs import make_run
 from tests.test_serving import running
 
@@ -45,8 +46,10 @@ REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions" / "http"
 #: Small limits, so that fuzzing reaches them; the body limit is above the size decoded in a
 #: decoder process, so that path is fuzzed too.
 FUZZ_LIMITS = Limits(max_body_bytes=4 * DECODE_IN_THREAD_BYTES, max_candidates=40, max_history_events=300)
-FIELDS = ("user_id", "timestamp", "candidates", "history", "item_id", "category_id", "brand_id", "price_bucket",
-          "behavior")
+FIELDS = ("user_id", "timestamp", "candidates", "history", "events", "impressions", "item_id", "category_id",
+          "brand_id", "price_bucket", "behavior", "event_id")
+#: The endpoints that read a JSON body, and the top-level fields their errors may start with.
+BODY_ROUTES = {"/v1/score": ("user_id", "timestamp", "candidates", "history"), "/v1/events": ("events", "impressions")}
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 MAX_ERROR = 600
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck))
@@ -115,26 +118,30 @@ def check_answer(request: RawRequest, status: int, headers: dict[str, str], cont
     assert status < 500, f"{status}: {content[:300]!r}"
     assert headers.get("content-type") == "application/json", headers
     answer = json.loads(content)
-    score = request.method == "POST" and request.path == "/v1/score"
+    api = request.method == "POST" and request.path in BODY_ROUTES
     try:
-        sent = json.loads(request.body) if score else None
+        sent = json.loads(request.body) if api else None
     except (ValueError, RecursionError):
         sent = None
     if status >= 400:
         assert isinstance(answer, dict) and list(answer) == ["error"] and isinstance(answer["error"], str), answer
         message = answer["error"]
         assert "\n" not in message and len(message) <= MAX_ERROR, message[:MAX_ERROR]
-        if not score:
+        if not api:
             assert re.match(rf"({'|'.join(METHODS)}) \S*: ", message), message
             return
-        named = {"body", "Content-Type", *FIELDS[:4]}
+        named = {"body", "Content-Type", *BODY_ROUTES[request.path]}
         paths = field_paths(sent)
         if paths is not None:
             assert any(message.startswith(f"{p}: ") for p in named | paths), f"the error names no field of the body: {message}"
         else:  # too big to list every path: the shape of one, from a top-level field
             tops = "|".join(re.escape(k) for k in named | {field_path((k,)) for k in (sent if isinstance(sent, dict) else ())})
             assert re.match(rf"({tops})(\[\d+\]|\.\w+|\[\"[^\"]*\"\])*: ", message), f"the error names no field: {message}"
-    elif score:
+    elif api and request.path == "/v1/events":
+        assert status == 200 and set(answer) == {"accepted", "duplicates", "last_seq", "impressions"}, answer
+        assert answer["accepted"] + answer["duplicates"] == len(sent["events"]), answer
+        assert answer["impressions"] == len(sent.get("impressions") or []), answer
+    elif api:
         assert status == 200 and set(answer) == {"scores", "model", "cold", "unknown_user", "no_history",
                                                  "unknown_items"}, answer
         assert len(answer["scores"]) == len(sent["candidates"]) and all(0 <= s <= 1 for s in answer["scores"])
@@ -214,15 +221,36 @@ content_types = st.one_of(
 )
 
 
+def _valid_events(n: int = 2, ids: bool = True) -> dict[str, Any]:
+    return {"events": [{"user_id": 7 + i % 2, "item_id": 5 + i, "category_id": 3, "behavior": "pv", "timestamp": 1_700_000_000 + i,
+                        **({"event_id": f"fuzz-{i}"} if ids else {})} for i in range(n)],
+            "impressions": [5, 6]}
+
+
+@st.composite
+def mutated_events(draw: st.DrawFn) -> bytes:
+    """A valid events batch with one value, anywhere, replaced by an odd number or any JSON value."""
+    body = _valid_events(draw(st.integers(1, 3)), draw(st.booleans()))
+    paths: list[tuple[Any, Any]] = [(body, k) for k in body] + [(body["impressions"], 0)]
+    for e in body["events"]:
+        paths += [(e, k) for k in e] + [(e, "event_id")]
+    parent, key = draw(st.sampled_from(paths))
+    marker = "\x00MARK\x00"
+    parent[key] = marker if draw(st.booleans()) else draw(json_values)
+    return json.dumps(body).replace(json.dumps(marker), draw(odd_numbers)).encode()
+
+
 def garbage_requests() -> st.SearchStrategy[RawRequest]:
     score = st.builds(RawRequest, st.just("POST"), st.just("/v1/score"), content_types, garbage_bodies())
+    events = st.builds(RawRequest, st.just("POST"), st.just("/v1/events"), content_types,
+                       st.one_of(garbage_bodies(), mutated_events(), mutated_events()))
     elsewhere = st.builds(
         RawRequest, st.sampled_from(METHODS),
         st.sampled_from(["/v1/score", "/v1/score/", "/healthz", "/v1/SCORE", "/", "/v1/events", "/openapi.json", "/%0a",
                          "/v1/%00score", "/v1/score%3F"])
         | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30).map(lambda p: "/" + p),
         content_types, st.binary(max_size=100))
-    return st.one_of(score, score, score, elsewhere)
+    return st.one_of(score, score, score, events, events, elsewhere)
 
 
 def save_regression(request: RawRequest, root: Path = REGRESSIONS) -> Path:
@@ -242,8 +270,9 @@ def save_regression(request: RawRequest, root: Path = REGRESSIONS) -> Path:
 def fuzz_server(tmp_path_factory, tiny_data):
     tmp = tmp_path_factory.mktemp("fuzz_http")
     save_export(make_run(tmp, tiny_data)[0], tmp / "export")
-    with running(create_app(Scorer.load(tmp / "export"), limits=FUZZ_LIMITS)) as base:
-        yield base
+    with open_store(tmp / "state.sqlite") as store:  # a live scorer: POST /v1/events is fuzzed too
+        with running(create_app(Scorer.load(tmp / "export", state=store), limits=FUZZ_LIMITS)) as base:
+            yield base
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,174 @@
+"""Live per-user state: events appended to the store change later scores exactly as a store built
+with them would (serving/live.py, serving/scorer.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from features.category_index import CategoryIndex
+from features.history import HistoryStore, write_history
+from models.export import Export, load_export, save_export
+from serving.live import LiveHistory, category_lists, search_lists
+from serving.scorer import Scorer
+from serving.store import EventBatch, open_store
+from tests.runs import make_run, raw_requests
+
+SIM = ("model.sim.enabled=true", "model.sim.mode=hard", "model.sim.k=8", "model.sim.heads=2", "model.sim.head_dim=8")
+#: sim_hard keeps every position of a category (an exact index at any cut-off); sim_capped keeps the
+#: newest 12 per category, as SIM's UBT does, which is exact for requests after the events.
+MODELS = {"din": (), "sim_hard": (*SIM, "model.sim.per_category=100000"), "sim_capped": (*SIM, "model.sim.per_category=12")}
+
+
+@pytest.fixture(scope="module")
+def export(request, tmp_path_factory, tiny_data) -> Export:
+    """The export of an untrained model of MODELS[name] (tests pick names with indirect parametrisation)."""
+    tmp = tmp_path_factory.mktemp(f"live_{request.param}")
+    run = make_run(tmp, tiny_data, *MODELS[request.param])
+    save_export(run[0], tmp / "export")
+    return load_export(tmp / "export")
+
+
+def raw_of(export: Export, vocab: str) -> np.ndarray:
+    """index -> raw id of one vocabulary (row 0, the OOV row, maps to -1)."""
+    table = export.vocabularies[vocab].table
+    out = np.full(len(table), -1, dtype=np.int64)
+    known = table.slice(1)
+    out[known["index"].to_numpy()] = known["raw"].to_numpy()
+    return out
+
+
+def split_at(export: Export, cut: int, tmp: Path) -> tuple[Export, EventBatch]:
+    """The export with only the events before ``cut`` in its history store (and category index),
+    and the events from ``cut`` on as a batch of raw ids, in the store's order (by user, then time)."""
+    store = export.history
+    user = np.repeat(np.arange(store.num_users), np.diff(store.offsets))
+    ts = np.asarray(store.timestamp)
+    keep, late = np.flatnonzero(ts < cut), np.flatnonzero(ts >= cut)
+    path = tmp / "history.arrow"
+    write_history(path, num_users=store.num_users, user=user[keep], item=store.item[keep], category=store.category[keep],
+                  behavior=store.behavior[keep], timestamp=ts[keep], presorted=True)
+    early = HistoryStore.open(path)
+    index = None
+    if export.category_index is not None:
+        index = CategoryIndex.build(early, num_categories=export.category_index.num_categories)
+        index.per_category = export.category_index.per_category
+    users, items, cats = raw_of(export, "user_id"), raw_of(export, "item_id"), raw_of(export, "category_id")
+    batch = EventBatch(user_id=users[user[late]], item_id=items[store.item[late]], category_id=cats[store.category[late]],
+                       behavior=np.asarray(store.behavior[late], dtype=np.int64), timestamp=ts[late],
+                       event_id=[f"e{i}" for i in late.tolist()])
+    return dataclasses.replace(export, history=early, category_index=index), batch
+
+
+def live_scorer(export: Export, state: Path) -> tuple[Scorer, LiveHistory]:
+    ids = Scorer(export).ids
+    live = LiveHistory(open_store(state), history=export.history, users=ids["user_id"].encode,
+                       items=ids["item_id"].encode, categories=ids["category_id"].encode,
+                       per_category=export.category_index.per_category if export.category_index is not None else None)
+    return Scorer(export, live=live), live
+
+
+@pytest.mark.parametrize("export", ["din", "sim_hard"], indirect=True)
+def test_appended_events_score_as_a_store_built_with_them(export, tiny_data, tmp_path):
+    """The parity contract: export cut at time T + the later events through the store == the full
+    export, for every test request (with a capped category index: see the replay test)."""
+    requests = pq.read_table(tiny_data / "requests" / "test.parquet")
+    cut = int(np.quantile(np.asarray(export.history.timestamp), 0.9))  # the last 10% of behaviours arrive live
+    early, late = split_at(export, cut, tmp_path)
+    assert 0 < len(late) < export.history.num_events
+    scorer, live = live_scorer(early, tmp_path / "state")
+    raw = raw_requests(tiny_data, requests)
+    before = scorer.score_batch(raw)
+    for start in range(0, len(late), 500):  # batches, as clients send them
+        rows = np.arange(start, min(start + 500, len(late)))
+        live.append(_take(late, rows))
+    want = Scorer(export).score_many(raw)
+    got = scorer.score_many(raw)
+    np.testing.assert_allclose([s for r in got for s in r.scores], [s for r in want for s in r.scores], rtol=0, atol=1e-6)
+    assert [r.no_history for r in got] == [r.no_history for r in want]
+    # the late events matter: some scores moved when they arrived
+    assert not np.allclose(np.concatenate(before), np.concatenate([r.scores for r in want]))
+
+
+@pytest.mark.parametrize("export", ["din", "sim_capped"], indirect=True)
+def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(export, tiny_data, tmp_path):
+    """Online order: each request comes after the events before it have been appended. Every request
+    after the cut then scores as with the full export, with a capped category index too."""
+    cut = int(np.quantile(np.asarray(export.history.timestamp), 0.8))
+    early, late = split_at(export, cut, tmp_path)
+    table = pq.read_table(tiny_data / "requests" / "test.parquet")
+    raw = [r for r in raw_requests(tiny_data, table) if r["timestamp"] >= cut]
+    raw.sort(key=lambda r: r["timestamp"])
+    assert len(raw) >= 20
+    late = _take(late, np.argsort(late.timestamp, kind="stable"))  # each user's events keep their order
+    scorer, live = live_scorer(early, tmp_path / "state")
+    full = Scorer(export)
+    sent = 0
+    for request in raw:
+        upto = int(np.searchsorted(late.timestamp, request["timestamp"], side="left"))
+        if upto > sent:
+            live.append(_take(late, np.arange(sent, upto)))
+            sent = upto
+        assert scorer.score(**_args(request)) == pytest.approx(full.score(**_args(request)), abs=1e-6, rel=0)
+    assert sent > 0
+
+
+@pytest.mark.parametrize("export", ["sim_capped"], indirect=True)
+def test_events_out_of_order_are_placed_by_time_and_listeners_told(export, tmp_path):
+    cut = int(np.quantile(np.asarray(export.history.timestamp), 0.9))
+    early, late = split_at(export, cut, tmp_path)
+    scorer, live = live_scorer(early, tmp_path / "state")
+    user = int(late.user_id[0])
+    mine = np.flatnonzero(late.user_id == user)
+    assert len(mine) >= 3
+    changes = []
+    live.on_change(lambda u, position: changes.append((u, position)))
+    live.append(_take(late, mine[-1:]))  # the newest first...
+    assert live.user(user) is not None and not changes
+    live.append(_take(late, mine[:-1][::-1]))  # ...then the rest, newest to oldest
+    full = Scorer(export)
+    index = int(full.ids["user_id"].encode(np.array([user]))[0])
+    lo, hi = export.history.offsets[index], export.history.offsets[index + 1]
+    merged = live.user(user).events
+    np.testing.assert_array_equal(merged["timestamp"], export.history.timestamp[lo:hi])
+    first_late = int(np.searchsorted(export.history.timestamp[lo:hi], late.timestamp[mine[0]], side="left"))
+    assert changes and changes[0][0] == user and changes[0][1] >= first_late
+
+
+@pytest.mark.parametrize("export", ["sim_capped"], indirect=True)
+def test_a_new_user_scores_from_its_own_events_and_an_unlogged_one_is_cold(export, tmp_path):
+    scorer, live = live_scorer(export, tmp_path / "state")
+    items, cats = raw_of(export, "item_id"), raw_of(export, "category_id")
+    newcomer = 10**12 + 7  # in no vocabulary
+    ask = {"user_id": newcomer, "timestamp": 1_800_000_000, "candidates": [{"item_id": int(items[1])}]}
+    cold = scorer.score_many([ask])[0]
+    assert cold.unknown_user and cold.no_history and live.user(newcomer) is None
+    live.append(EventBatch(user_id=np.array([newcomer] * 3), item_id=items[1:4], category_id=cats[1:4],
+                           behavior=np.array([0, 0, 1]), timestamp=np.array([1_700_000_000, 1_700_000_060, 1_700_000_120]),
+                           event_id=[None, None, None]))
+    warm = scorer.score_many([ask])[0]
+    assert warm.unknown_user and not warm.no_history and warm.scores != cold.scores
+    # a request before the first event sees none of them
+    early = scorer.score_many([{**ask, "timestamp": 1_700_000_000}])[0]
+    assert early.no_history and early.scores == cold.scores
+
+
+def test_category_lists_are_capped_newest_first():
+    lists = category_lists(np.array([2, 2, 5, 2, 2]), per_category=3)
+    assert {c: list(d) for c, d in lists.items()} == {2: [4, 3, 1], 5: [2]}
+    assert search_lists(lists, category=2, cutoff=4, k=2) == [3, 1]
+    assert search_lists(lists, category=7, cutoff=9, k=2) == []
+
+
+def _take(batch: EventBatch, rows: np.ndarray) -> EventBatch:
+    return EventBatch(user_id=batch.user_id[rows], item_id=batch.item_id[rows], category_id=batch.category_id[rows],
+                      behavior=batch.behavior[rows], timestamp=batch.timestamp[rows],
+                      event_id=[batch.event_id[i] for i in rows.tolist()])
+
+
+def _args(request: dict) -> dict:
+    return {"user_id": request["user_id"], "candidates": request["candidates"], "timestamp": request["timestamp"]}
