@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -64,29 +62,12 @@ from recsys.config import load_config
 from recsys.model_schemas import DINConfig, KSAConfig, ModelConfig, RunConfig, SIMConfig
 from recsys.progress import bar, note
 from recsys.schemas import BuildConfig, SynthConfig
+from recsys.timing import machine_info
 from recsys.types import BEHAVIORS, Jagged
 
 #: Logits of the two layouts must agree to this tolerance (float32; different reduction orders).
 LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine a figure was measured on (recorded with every benchmark's result)."""
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-
-
-def alternating_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds of each function per repeat, called in turn, so that the shared machine's load
-    drifts over all of them alike (ratios of their percentiles are the figures to quote)."""
-    kept: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            kept[name].append((time.perf_counter() - start) * 1e3)
-    return kept
 
 
 # --------------------------------------------------------------------------------------------

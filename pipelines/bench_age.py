@@ -27,10 +27,11 @@ from features.category_index import CategoryIndex
 from models.age import AGEExplorer
 from models.batch import FeatureSpec, hard_search, make_batch
 from models.ctr import build_model
-from pipelines.bench import CONFIG_DIR, alternating_ms, machine_info
+from pipelines.bench import CONFIG_DIR
 from recsys.config import load_config
 from recsys.model_schemas import ExploreConfig, RunConfig
 from recsys.progress import note
+from recsys.timing import alternating_ms, machine_info
 from recsys.types import Jagged
 
 AGE_SIZES = {"item": 200_000, "category": 1_000, "brand": 200, "price_bucket": 11, "segment": 9, "age_bucket": 8}

@@ -27,10 +27,11 @@ from models.can import CANBlock, split_layers
 from models.ctr import build_model
 from models.embedding import Embedded
 from models.jagged import segment_ids
-from pipelines.bench import CONFIG_DIR, alternating_ms, machine_info
+from pipelines.bench import CONFIG_DIR
 from recsys.config import load_config
 from recsys.model_schemas import ModelConfig, RunConfig
 from recsys.progress import note
+from recsys.timing import alternating_ms, machine_info
 from recsys.types import Jagged
 
 #: The issue's target: the batched block at least this many times faster than the loop.
