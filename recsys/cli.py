@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--ksa-cache-mb", type=float, default=256, metavar="MB",
                        help="memory for per-user KSA states (models with a KSA block), least recently used evicted; "
                        "0: encode each request's whole history; default 256")
+    state.add_argument("--live-cache-mb", type=float, default=512, metavar="MB",
+                       help="memory for the merged histories of users with logged events, least recently used dropped "
+                       "(rebuilt from export + log when next needed); default 512")
     serve.set_defaults(handler=_cmd_serve)
 
     demo = groups.add_parser(
@@ -491,13 +494,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise RecsysError(str(exc)) from None
     if args.no_state and args.state is not None:
         raise RecsysError("--state and --no-state: give one of them")
-    if not (math.isfinite(args.ksa_cache_mb) and args.ksa_cache_mb >= 0):
-        raise RecsysError(f"--ksa-cache-mb must be a finite number >= 0, got {args.ksa_cache_mb}")
+    for flag, value in (("--ksa-cache-mb", args.ksa_cache_mb), ("--live-cache-mb", args.live_cache_mb)):
+        if not (math.isfinite(value) and value >= 0):
+            raise RecsysError(f"{flag} must be a finite number >= 0, got {value}")
     from serving.http import AUTO_STATE, serve
 
     state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
     serve(args.export, host=args.host, port=args.port, limits=limits, state=state,
-          ksa_cache_bytes=int(args.ksa_cache_mb * 2**20))
+          ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20))
     return 0
 
 

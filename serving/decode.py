@@ -75,6 +75,12 @@ EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x
 
 
 @with_config(_STRICT)
+class EventAttributes(TypedDict):
+    brand_id: NotRequired[Id]
+    price_bucket: NotRequired[Id]
+
+
+@with_config(_STRICT)
 class LoggedEvent(TypedDict):
     user_id: Id
     item_id: Id
@@ -82,6 +88,7 @@ class LoggedEvent(TypedDict):
     behavior: Literal["pv", "cart", "fav", "buy"]
     timestamp: Id
     event_id: NotRequired[EventId | None]
+    attributes: NotRequired[EventAttributes | None]
 
 
 @with_config(_STRICT)
@@ -96,7 +103,7 @@ EVENTS_REQUEST = TypeAdapter(EventsRequest)
 @dataclass(frozen=True)
 class EventColumns:
     """A ``POST /v1/events`` body as columns: [N] int64 raw ids, behaviour codes, timestamps, the
-    optional event ids, and [I] item ids of impressions."""
+    optional event ids and attributes, and [I] item ids of impressions."""
 
     user_id: np.ndarray
     item_id: np.ndarray
@@ -104,6 +111,7 @@ class EventColumns:
     behavior: np.ndarray
     timestamp: np.ndarray
     event_id: list[str | None]
+    attributes: list[dict[str, int] | None]
     impressions: np.ndarray
 
 
@@ -141,6 +149,7 @@ def decode_events_request(body: bytes, limits: Limits, *, now: float) -> tuple[i
     cols = EventColumns(user_id=column("user_id"), item_id=column("item_id"), category_id=column("category_id"),
                         behavior=np.fromiter((BEHAVIOR_CODE[e["behavior"]] for e in events), dtype=np.int64, count=n),
                         timestamp=column("timestamp"), event_id=[e.get("event_id") for e in events],
+                        attributes=[dict(e["attributes"]) if e.get("attributes") else None for e in events],
                         impressions=np.array(impressions, dtype=np.int64))
     problem = _history_time_problem(cols.timestamp, limits, now=now, field="events")
     return (422, problem) if problem is not None else (200, cols)

@@ -69,6 +69,7 @@ from serving.decode import (
     show,
 )
 from serving.limits import FLAGS, Limits, check_port
+from serving.live import DEFAULT_LIVE_BYTES
 from serving.scorer import DEFAULT_KSA_CACHE_BYTES, NonFiniteScoreError, Scorer
 from serving.store import BatchError, EventBatch, StoreError, open_store
 
@@ -159,6 +160,9 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         yield
         threads.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(decoders.shutdown)
+        if scorer.ksa is not None and scorer.live is not None:  # the states a restart would re-encode
+            saved = await asyncio.to_thread(scorer.ksa.flush)
+            log.info("saved %d KSA states to the state store", saved)
 
     # redirect_slashes off: `/v1/score/` is a JSON 404, not a 307 with no body (found by fuzzing)
     app = FastAPI(title="recsys scoring", lifespan=lifespan, redirect_slashes=False,
@@ -219,7 +223,8 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         if status != 200:
             return status, _dumps({"error": cols})
         batch = EventBatch(user_id=cols.user_id, item_id=cols.item_id, category_id=cols.category_id,
-                           behavior=cols.behavior, timestamp=cols.timestamp, event_id=cols.event_id)
+                           behavior=cols.behavior, timestamp=cols.timestamp, event_id=cols.event_id,
+                           attributes=cols.attributes)
         try:
             appended = live.append(batch)
             if len(cols.impressions):
@@ -395,7 +400,7 @@ def default_state(export_path: str | Path) -> Path:
 
 def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           limits: Limits | None = None, state: str | Path | None = None,
-          ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES) -> None:
+          ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
@@ -407,6 +412,8 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
             :func:`default_state`, or none for an export shipped without histories.
         ksa_cache_bytes: memory for per-user KSA states (a model with a KSA block; 0: none, every
             request encodes its user's whole history).
+        live_bytes: memory for the merged histories of users with logged events (least recently
+            used dropped beyond it, rebuilt from export + log when next needed).
 
     Raises:
         RecsysError: the port is outside 0..65535, the export fails verification, the state store
@@ -420,7 +427,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         scorer = Scorer(export, ksa_cache_bytes=ksa_cache_bytes)
     else:
         store = open_store(state)
-        scorer = Scorer.live_from(export, store, ksa_cache_bytes=ksa_cache_bytes)
+        scorer = Scorer.live_from(export, store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
         print(f"state: {store.url} ({store.last_seq():,} events logged); POST /v1/events appends", file=sys.stderr,
               flush=True)
     app = create_app(scorer, limits=limits)

@@ -82,7 +82,7 @@ import logging
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,6 +150,10 @@ class KSACache:
         budget_bytes: the most bytes of states (:attr:`KSAState.nbytes`) kept; 0 keeps none.
         model_id: names the weights in blobs (e.g. the export's weights.pt sha256); default a sha256
             of the model's state dict.
+        load, save: a store for states (``load(key) -> blob or None``, ``save(key, blob)``): a user
+            with no state in memory is looked up there before being encoded, and a state is saved
+            there after each whole-history encode and by :meth:`flush`. Failures are logged, never
+            raised (the store holds a cache, not the truth).
 
     Raises:
         ValueError: a model without a KSA block, in training mode, off the CPU, whose KSA encode
@@ -163,7 +167,8 @@ class KSACache:
     APPEND_BASE = 32
     APPEND_SHARE = 16
 
-    def __init__(self, model: CTRModel, *, budget_bytes: int, model_id: str | None = None) -> None:
+    def __init__(self, model: CTRModel, *, budget_bytes: int, model_id: str | None = None,
+                 load: Callable[[int], bytes | None] | None = None, save: Callable[[int, bytes], None] | None = None) -> None:
         if "ksa" not in model.blocks:
             raise ValueError(f"model: KSACache needs a model with a 'ksa' block, got blocks {list(model.blocks)}")
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | np.integer):
@@ -188,6 +193,7 @@ class KSACache:
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._warned_too_large = False
         self._lock = threading.RLock()
+        self._load, self._save = load, save
         self._no_candidates = {f: np.zeros(0, dtype=np.int64) for f in self.spec.candidate}
         self._profile = {f: np.zeros(1, dtype=np.int64) for f in self.spec.profile}
 
@@ -277,11 +283,38 @@ class KSACache:
                 self._counts["hits"] += 1
                 return entry.state
             self._drop(key)
+        elif self._load is not None and self._loaded(key):
+            return self._state_for(key, history)  # now cached: checked and advanced as any cached state
         else:
             self._counts["misses"] += 1
         state = self._encode(history)
-        self._keep(key, state, _event(history, length - 1))
+        if self._keep(key, state, _event(history, length - 1)):
+            self._store(key)
         return state
+
+    def _loaded(self, key: int) -> bool:
+        """Whether ``key``'s state came from the store (lock held)."""
+        try:
+            data = self._load(key)
+        except Exception as exc:  # noqa: BLE001 - a cache store that fails costs an encode, not a request
+            log.warning("KSA state of user %d: loading it from the store failed (%s); encoding it", key, exc)
+            return False
+        return data is not None and self.load_blob(key, data)
+
+    def _store(self, key: int) -> None:
+        if self._save is None:
+            return
+        try:
+            self._save(key, self.to_blob(key))
+        except Exception as exc:  # noqa: BLE001 - as in _loaded
+            log.warning("KSA state of user %d: saving it to the store failed (%s)", key, exc)
+
+    def flush(self) -> int:
+        """Save every cached state to the store (e.g. before a graceful stop); returns how many."""
+        with self._lock:
+            for key in list(self._entries):
+                self._store(key)
+            return len(self._entries) if self._save is not None else 0
 
     def _gap_bucket(self, seconds: np.ndarray) -> np.ndarray:
         return time_gap_bucket(seconds, self.spec.time_gap_buckets)

@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +44,9 @@ from features.history import HistoryStore
 from models.batch import HISTORY_FIELDS, Searched
 from recsys.types import OOV_INDEX
 from serving.store import Appended, EventBatch, StateStore
+
+#: Memory for merged histories (``recsys serve --live-cache-mb``, 512): about 1,700 users of 10,000 events.
+DEFAULT_LIVE_BYTES = 512 * 2**20
 
 #: Encodes raw ids of one vocabulary: [N] int64 raw -> [N] int64 index (unknown -> OOV).
 Encoder = Callable[[np.ndarray], np.ndarray]
@@ -81,6 +84,7 @@ class UserLive:
     logged: int = 0  # how many of the store's events for this user are merged in
     last_seq: int = 0  # the highest log seq merged in
     lists: dict[int, deque] | None = None  # category -> positions newest first (built on first search)
+    nbytes: int = 0  # the events' bytes as last counted (LiveHistory's budget)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __len__(self) -> int:
@@ -100,15 +104,24 @@ class LiveHistory:
         users: raw user id -> user index (the export's user vocabulary).
         items, categories: raw item / category id -> index.
         per_category: the SIM category index's cap (None: no cap, or no SIM).
+        budget_bytes: memory for the users' merged histories; the least recently used are dropped
+            beyond it (and rebuilt from export + log on their next request). The user being read
+            is always kept.
     """
 
     def __init__(self, store: StateStore, *, history: HistoryStore | None, users: Encoder, items: Encoder,
-                 categories: Encoder, per_category: int | None = None) -> None:
+                 categories: Encoder, per_category: int | None = None,
+                 budget_bytes: int = DEFAULT_LIVE_BYTES) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes ({budget_bytes}) must be >= 0")
         self.store = store
         self.history = history
         self.encode = {"user": users, "item": items, "category": categories}
         self.per_category = per_category
-        self._users: dict[int, UserLive] = {}
+        self.budget_bytes = budget_bytes
+        self._users: OrderedDict[int, UserLive] = OrderedDict()  # least recently used first
+        self._bytes = 0
+        self.evictions = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[int, int], None]] = []
 
@@ -146,7 +159,33 @@ class LiveHistory:
             with live.lock:
                 if live.logged < count:
                     self._merge(user_id, live)
+        self._account(user_id, live)
         return live
+
+    def _account(self, user_id: int, live: UserLive) -> None:
+        """Mark ``user_id`` most recently used, count its bytes, drop the least recently used
+        users beyond the budget (never this one)."""
+        size = sum(v.nbytes for v in live.events.values())
+        with self._lock:
+            if self._users.get(user_id) is not live:  # dropped meanwhile: it serves this request only
+                return
+            self._users.move_to_end(user_id)
+            self._bytes += size - live.nbytes
+            live.nbytes = size
+            while self._bytes > self.budget_bytes and len(self._users) > 1:
+                _, old = self._users.popitem(last=False)
+                self._bytes -= old.nbytes
+                self.evictions += 1
+
+    @property
+    def users(self) -> int:
+        """Users whose merged histories are held."""
+        return len(self._users)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the merged histories held (at most ``budget_bytes``, or the one user being read)."""
+        return self._bytes
 
     def _exported(self, user_id: int) -> dict[str, np.ndarray]:
         index = int(self.encode["user"](np.array([user_id], dtype=np.int64))[0])

@@ -54,8 +54,9 @@ from models.export import FEATURE_VOCAB, Export, load_export
 from recsys.errors import DataError
 from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
 from serving.decode import Events
+from serving.ksa_cache import BLOB_VERSION as KSA_BLOB_VERSION
 from serving.ksa_cache import KSACache
-from serving.live import LiveHistory, UserLive, search_batch
+from serving.live import DEFAULT_LIVE_BYTES, LiveHistory, UserLive, search_batch
 from serving.store import StateStore
 
 #: Candidate attribute (raw id, request field) -> model feature.
@@ -124,8 +125,13 @@ class Scorer:
         # A KSA block reads per-user states (serving/ksa_cache.py) instead of encoding whole histories,
         # unless SIM's KSA-guided search needs the block's encode of the batch.
         ksa = export.model.blocks["ksa"] if "ksa" in export.model.blocks else None
-        self.ksa = (KSACache(export.model, budget_bytes=ksa_cache_bytes, model_id=export.weights_sha256)
-                    if ksa is not None and not ksa.record and ksa_cache_bytes else None)
+        self.ksa = None
+        if ksa is not None and not ksa.record and ksa_cache_bytes:
+            # with a state store, states survive a restart and are shared by processes (as blobs)
+            blobs = {} if live is None else {
+                "load": lambda user: live.store.get_blob(f"ksa:{user}", KSA_BLOB_VERSION),
+                "save": lambda user, data: live.store.put_blob(f"ksa:{user}", KSA_BLOB_VERSION, data)}
+            self.ksa = KSACache(export.model, budget_bytes=ksa_cache_bytes, model_id=export.weights_sha256, **blobs)
         if self.ksa is not None and live is not None:
             live.on_change(self.ksa.invalidate)  # a late event moved the events after it
         # the batch then carries only what the other blocks read
@@ -140,23 +146,24 @@ class Scorer:
 
     @classmethod
     def load(cls, path: str | Path, *, state: StateStore | None = None,
-             ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES) -> Scorer:
+             ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES) -> Scorer:
         """Verify and load the export at ``path`` (:func:`models.export.load_export`); with a
         ``state`` store, score from the live histories (the export's plus the store's events)."""
         export = load_export(path)
         if state is None:
             return cls(export, ksa_cache_bytes=ksa_cache_bytes)
-        return cls.live_from(export, state, ksa_cache_bytes=ksa_cache_bytes)
+        return cls.live_from(export, state, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
 
     @classmethod
-    def live_from(cls, export: Export, store: StateStore, *,
-                  ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES) -> Scorer:
-        """A scorer of ``export`` whose users' histories include the events logged in ``store``."""
+    def live_from(cls, export: Export, store: StateStore, *, ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES,
+                  live_bytes: int = DEFAULT_LIVE_BYTES) -> Scorer:
+        """A scorer of ``export`` whose users' histories include the events logged in ``store``
+        (merged histories held under ``live_bytes``, KSA states under ``ksa_cache_bytes``)."""
         ids = {name: IdMap.from_vocab(v) for name, v in export.vocabularies.items()}
         index = export.category_index
         live = LiveHistory(store, history=export.history, users=ids["user_id"].encode, items=ids["item_id"].encode,
                            categories=ids["category_id"].encode,
-                           per_category=index.per_category if index is not None else None)
+                           per_category=index.per_category if index is not None else None, budget_bytes=live_bytes)
         return cls(export, live=live, ksa_cache_bytes=ksa_cache_bytes)
 
     @property

@@ -16,7 +16,9 @@ of export + log. Two backends behind one interface, as online feature stores are
 Every event gets a sequence number (``seq``), increasing through the whole log in the order
 events were logged; a reader catches up by asking for the events after the last seq it saw.
 Events may carry a client ``event_id``: an event whose id is already in the log is skipped, so a
-client that retries a batch after a timeout never logs it twice.
+client that retries a batch after a timeout never logs it twice. Events may also carry
+:data:`ATTRIBUTES` (a brand, a price bucket), kept with the event so that datasets can be rebuilt
+from the log; scoring does not read them.
 
 Every failure a user can cause or fix is a :class:`StoreError` naming the file or url and what
 to do; a bad batch is a :class:`BatchError` naming the column, the row and the value.
@@ -44,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import json
 import os
 import sqlite3
 import struct
@@ -51,7 +54,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +69,15 @@ from recsys.errors import RecsysError, clip
 from recsys.types import BEHAVIORS
 
 COLUMNS = ("user_id", "item_id", "category_id", "behavior", "timestamp")
+#: The optional attributes an event may carry (int64 values), in the order they are stored.
+ATTRIBUTES = ("brand_id", "price_bucket")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: The longest client event id: a UUID is 36 characters; longer ids are a client bug.
 MAX_EVENT_ID_CHARS = 200
 SQLITE_FILE = "state.sqlite"
 #: SQLite's header field for "which application's file is this" (ASCII "RCSY").
 APPLICATION_ID = 0x52435359
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How long a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 10.0
 DEFAULT_PREFIX = "recsys"
@@ -110,6 +115,8 @@ class EventBatch:
         behavior: ``[N]`` int64 codes of :data:`recsys.types.BEHAVIOR_CODE`.
         timestamp: ``[N]`` int64 unix seconds.
         event_id: ``N`` optional client ids (for idempotency), None where not given.
+        attributes: ``N`` dicts of :data:`ATTRIBUTES` -> int64, None where an event has none; None
+            (the default) for a batch whose events have none. Stores return a list.
     """
 
     user_id: np.ndarray
@@ -118,6 +125,7 @@ class EventBatch:
     behavior: np.ndarray
     timestamp: np.ndarray
     event_id: Sequence[str | None]
+    attributes: Sequence[Mapping[str, int] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -125,7 +133,7 @@ class EventBatch:
     @classmethod
     def empty(cls) -> EventBatch:
         """A batch of no events."""
-        return cls(**{c: np.zeros(0, dtype=np.int64) for c in COLUMNS}, event_id=[])
+        return cls(**{c: np.zeros(0, dtype=np.int64) for c in COLUMNS}, event_id=[], attributes=[])
 
     @classmethod
     def concat(cls, batches: Iterable[EventBatch]) -> EventBatch:
@@ -133,32 +141,40 @@ class EventBatch:
         batches = list(batches)
         if not batches:
             return cls.empty()
+        attributes = None
+        if any(b.attributes is not None for b in batches):
+            attributes = [a for b in batches for a in ([None] * len(b) if b.attributes is None else b.attributes)]
         return cls(**{c: np.concatenate([np.asarray(getattr(b, c)) for b in batches]) for c in COLUMNS},
-                   event_id=[e for b in batches for e in b.event_id])
+                   event_id=[e for b in batches for e in b.event_id], attributes=attributes)
 
     def take(self, rows: Sequence[int] | np.ndarray | slice) -> EventBatch:
         """The events at ``rows`` (indices, a boolean mask or a slice), in that order."""
         if isinstance(rows, slice):
             return EventBatch(**{c: np.asarray(getattr(self, c))[rows] for c in COLUMNS},
-                              event_id=list(self.event_id)[rows])
+                              event_id=list(self.event_id)[rows],
+                              attributes=None if self.attributes is None else list(self.attributes)[rows])
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         rows = rows.astype(np.int64, copy=False)
-        ids = list(self.event_id)
+        ids, attributes = list(self.event_id), None if self.attributes is None else list(self.attributes)
         return EventBatch(**{c: np.asarray(getattr(self, c))[rows] for c in COLUMNS},
-                          event_id=[ids[i] for i in rows.tolist()])
+                          event_id=[ids[i] for i in rows.tolist()],
+                          attributes=None if attributes is None else [attributes[i] for i in rows.tolist()])
 
     def validated(self) -> EventBatch:
-        """This batch with int64 columns and a list of event ids, or the first reason it cannot be logged.
+        """This batch with int64 columns and lists of ids and attributes, or the first reason it cannot be logged.
 
         Rules: every column is 1-D, of the same length, of 64-bit integers (a float cannot spell
         every id, so float columns are refused even when whole); behaviours are codes of
         :data:`recsys.types.BEHAVIORS`; an event id is None or a string of 1 to
-        :data:`MAX_EVENT_ID_CHARS` characters that UTF-8 can encode.
+        :data:`MAX_EVENT_ID_CHARS` characters that UTF-8 can encode; an event's attributes are
+        None or a dict of some of :data:`ATTRIBUTES` to 64-bit integers.
 
         Returns:
-            the batch, with every column an int64 array (the same arrays when they already are).
+            the batch, with every column an int64 array (the same arrays when they already are),
+            and ``attributes`` a list of ``N`` new dicts (keys in :data:`ATTRIBUTES` order) or None
+            (an empty dict becomes None).
 
         Raises:
             BatchError: names the column, the row and the value (``timestamp[3]: ...``).
@@ -172,7 +188,7 @@ class EventBatch:
             codes = ", ".join(f"{code} {name}" for code, name in enumerate(BEHAVIORS))
             raise BatchError(f"behavior[{row}]: {behavior[row]} is not a behaviour code (expected {codes})",
                              field="behavior", row=row, value=int(behavior[row]))
-        return EventBatch(**columns, event_id=_event_ids(self.event_id, n))
+        return EventBatch(**columns, event_id=_event_ids(self.event_id, n), attributes=_attributes(self.attributes, n))
 
 
 @dataclass(frozen=True, eq=False)
@@ -393,19 +409,12 @@ def _int64_column(field: str, values: Any, n: int, *, reference: str = "user_id"
         over = np.flatnonzero(array > INT64_MAX)
         if len(over):
             row = int(over[0])
-            raise _out_of_range(field, row, int(array[row]))
+            raise _out_of_range(f"{field}[{row}]", int(array[row]), field=field, row=row)
         return array.astype(np.int64)
     if kind == "O":
         out = np.empty(n, dtype=np.int64)
         for row, value in enumerate(array.tolist()):
-            if isinstance(value, np.integer):
-                value = int(value)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise BatchError(f"{field}[{row}]: expected a 64-bit integer, got {clip(repr(value))}",
-                                 field=field, row=row, value=value)
-            if not INT64_MIN <= value <= INT64_MAX:
-                raise _out_of_range(field, row, value)
-            out[row] = value
+            out[row] = _int64_value(f"{field}[{row}]", value, field=field, row=row)
         return out
     # floats, bools, strings, ...: a float cannot spell every 64-bit id, so even whole ones are refused
     row = 0
@@ -416,8 +425,20 @@ def _int64_column(field: str, values: Any, n: int, *, reference: str = "user_id"
                      field=field, row=row, value=value)
 
 
-def _out_of_range(field: str, row: int, value: int) -> BatchError:
-    return BatchError(f"{field}[{row}]: {clip(str(value))} is out of the 64-bit integer range "
+def _int64_value(label: str, value: Any, *, field: str, row: int) -> int:
+    """``value`` as an int, or a :class:`BatchError` starting with ``label`` (``item_id[3]``)."""
+    if isinstance(value, np.integer):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BatchError(f"{label}: expected a 64-bit integer, got {clip(repr(value))}", field=field, row=row,
+                         value=value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise _out_of_range(label, value, field=field, row=row)
+    return value
+
+
+def _out_of_range(label: str, value: int, *, field: str, row: int) -> BatchError:
+    return BatchError(f"{label}: {clip(str(value))} is out of the 64-bit integer range "
                       f"[{INT64_MIN}, {INT64_MAX}]", field=field, row=row, value=value)
 
 
@@ -444,6 +465,42 @@ def _event_ids(values: Any, n: int) -> list[str | None]:
         if problem is not None:
             raise BatchError(f"event_id[{row}]: {problem}", field="event_id", row=row, value=value)
     return ids
+
+
+def _attributes(values: Any, n: int) -> list[dict[str, int] | None]:
+    if values is None:
+        return [None] * n
+    if isinstance(values, str | bytes | Mapping) or not hasattr(values, "__len__"):
+        raise BatchError(f"attributes: expected a list of dicts or None, got {type(values).__name__}",
+                         field="attributes")
+    values = list(values)
+    if len(values) != n:
+        raise BatchError(f"attributes: {len(values)} values, but user_id has {n}", field="attributes")
+    out: list[dict[str, int] | None] = []
+    for row, value in enumerate(values):
+        if value is None:
+            out.append(None)
+            continue
+        if not isinstance(value, Mapping):
+            raise BatchError(f"attributes[{row}]: expected a dict or None, got {clip(repr(value))}",
+                             field="attributes", row=row, value=value)
+        unknown = [k for k in value if k not in ATTRIBUTES]
+        if unknown:
+            raise BatchError(f"attributes[{row}]: unknown attribute {clip(repr(unknown[0]))} "
+                             f"(allowed: {', '.join(ATTRIBUTES)})", field="attributes", row=row, value=unknown[0])
+        attrs = {k: _int64_value(f"attributes[{row}].{k}", value[k], field="attributes", row=row)
+                 for k in ATTRIBUTES if k in value}
+        out.append(attrs or None)  # {} and None say the same: stored once, as None
+    return out
+
+
+def _attributes_json(attrs: Mapping[str, int] | None) -> str | None:
+    """How both backends store an event's attributes: compact JSON, or None for none."""
+    return None if attrs is None else json.dumps(attrs, separators=(",", ":"))
+
+
+def _attributes_from_json(text: str | bytes | None) -> dict[str, int] | None:
+    return None if text is None else json.loads(text)
 
 
 def _item_column(item_ids: Any) -> np.ndarray:
@@ -480,11 +537,12 @@ def _dedup(ids: Sequence[str | None], existing: dict[str, int], next_seq: int) -
 
 
 def _columns_of(rows: Sequence[Sequence[Any]]) -> tuple[EventBatch, np.ndarray]:
-    """``rows`` of (seq, user, item, category, behavior, timestamp, event_id) as a batch and seqs."""
+    """``rows`` of (seq, user, item, category, behavior, timestamp, event_id, attributes) as a batch and seqs."""
     if not rows:
         return EventBatch.empty(), np.zeros(0, dtype=np.int64)
     ints = np.array([r[:6] for r in rows], dtype=np.int64)  # [M, 6]
-    return (EventBatch(**{c: ints[:, k + 1].copy() for k, c in enumerate(COLUMNS)}, event_id=[r[6] for r in rows]),
+    return (EventBatch(**{c: ints[:, k + 1].copy() for k, c in enumerate(COLUMNS)}, event_id=[r[6] for r in rows],
+                       attributes=[_attributes_from_json(r[7]) for r in rows]),
             ints[:, 0].copy())
 
 
@@ -498,13 +556,19 @@ CREATE TABLE events (
     category_id INTEGER NOT NULL,
     behavior INTEGER NOT NULL,
     timestamp INTEGER NOT NULL,
-    event_id TEXT UNIQUE
+    event_id TEXT UNIQUE,
+    attributes TEXT
 );
 CREATE INDEX events_by_user ON events (user_id, seq);
 CREATE TABLE impressions (item_id INTEGER PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE blobs (key TEXT PRIMARY KEY, version INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: Schema version -> the statements that upgrade a store of that version to the next one. Opening
+#: an older store upgrades it in place, in one transaction: a store is never lost to an upgrade.
+_MIGRATIONS = {
+    "1": ["ALTER TABLE events ADD COLUMN attributes TEXT"],  # events' attributes, compact JSON or NULL
+}
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Host parameters per query: well under SQLite's limit (32766, or 999 before 3.32).
 _CHUNK = 500
@@ -515,9 +579,10 @@ class SQLiteStore(StateStore):
     """The embedded store: one SQLite file in WAL mode, each write fsync'd before it returns.
 
     Opening checks the file before SQLite touches it (not a SQLite file, truncated, of another
-    application or schema version: a :class:`StoreError`, and the file is left as it was). A new
-    store is built under a temporary name and linked into place, so ``path`` is never a
-    half-made store even when several processes create it at once.
+    application or of a schema version this code does not know: a :class:`StoreError`, and the
+    file is left as it was); a store of an older schema version is upgraded in place, in one
+    transaction. A new store is built under a temporary name and linked into place, so ``path``
+    is never a half-made store even when several processes create it at once.
 
     Args:
         path: the file.
@@ -649,11 +714,10 @@ class SQLiteStore(StateStore):
 
     def _check_contents(self, conn: sqlite3.Connection) -> None:
         try:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            version = meta.get("schema_version")
-            if version != str(SCHEMA_VERSION):
+            version = _schema_version(conn)
+            if version != str(SCHEMA_VERSION) and not self._upgrade(conn, version):
                 raise StoreError(f"{self.path}: state store schema version {clip(str(version))}, this recsys reads "
-                                 f"version {SCHEMA_VERSION}; open it with the recsys that wrote it, or "
+                                 f"versions 1 to {SCHEMA_VERSION}; open it with the recsys that wrote it, or "
                                  f"{_MOVE_AWAY}")
             # Read the newest pages of the log and of its index: damage there fails the open, not the
             # first request.
@@ -661,6 +725,30 @@ class SQLiteStore(StateStore):
             conn.execute("SELECT max(user_id) FROM events INDEXED BY events_by_user").fetchone()
         except sqlite3.Error as e:
             raise self._fail("read the state store", e) from e
+
+    def _upgrade(self, conn: sqlite3.Connection, version: str | None) -> bool:
+        """Upgrade a store of an older schema ``version`` in one transaction; False for a version it cannot."""
+        if version not in _MIGRATIONS:
+            return False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Read again inside the transaction: another process may have upgraded it meanwhile.
+                current = start = _schema_version(conn)
+                while current in _MIGRATIONS:
+                    for statement in _MIGRATIONS[current]:
+                        conn.execute(statement)
+                    current = str(int(current) + 1)
+                if current != start:
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (current,))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise self._fail(f"upgrade the state store from schema version {version} to {SCHEMA_VERSION}", e) from e
+        return current == str(SCHEMA_VERSION)
 
     # --- the interface
 
@@ -709,9 +797,9 @@ class SQLiteStore(StateStore):
             seqs, new = _dedup(batch.event_id, existing, (row[0] if row else 0) + 1)
             rows = np.flatnonzero(new).tolist()
             cols = [seqs[new].tolist(), *(getattr(batch, c)[new].tolist() for c in COLUMNS),
-                    [batch.event_id[i] for i in rows]]
-            conn.executemany("INSERT INTO events (seq, user_id, item_id, category_id, behavior, timestamp, event_id) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)", zip(*cols, strict=True))
+                    [batch.event_id[i] for i in rows], [_attributes_json(batch.attributes[i]) for i in rows]]
+            conn.executemany("INSERT INTO events (seq, user_id, item_id, category_id, behavior, timestamp, event_id, "
+                             "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", zip(*cols, strict=True))
             return Appended(len(rows), len(batch) - len(rows), seqs)
 
         return self._run("append events", write, write=True)
@@ -719,7 +807,7 @@ class SQLiteStore(StateStore):
     def user_events(self, user_id: int, *, after_seq: int = 0) -> tuple[EventBatch, np.ndarray]:
         user_id, after_seq = _check_seq("user_id", user_id), _check_seq("after_seq", after_seq)
         rows = self._run("read events", lambda conn: conn.execute(
-            "SELECT seq, user_id, item_id, category_id, behavior, timestamp, event_id FROM events "
+            "SELECT seq, user_id, item_id, category_id, behavior, timestamp, event_id, attributes FROM events "
             "WHERE user_id = ? AND seq > ? ORDER BY seq", (user_id, after_seq)).fetchall())
         return _columns_of(rows)
 
@@ -737,7 +825,7 @@ class SQLiteStore(StateStore):
         if limit < 1:
             raise StoreError(f"limit must be >= 1, got {limit}")
         rows = self._run("read events", lambda conn: conn.execute(
-            "SELECT seq, user_id, item_id, category_id, behavior, timestamp, event_id FROM events "
+            "SELECT seq, user_id, item_id, category_id, behavior, timestamp, event_id, attributes FROM events "
             "WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall())
         return _columns_of(rows)
 
@@ -784,6 +872,11 @@ class SQLiteStore(StateStore):
                 self._conn = None
 
 
+def _schema_version(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return None if row is None else row[0]
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a new directory entry durable (a file's fsync does not cover its name)."""
     fd = os.open(path, os.O_RDONLY)
@@ -796,9 +889,12 @@ def _fsync_dir(path: Path) -> None:
 # --- Redis -------------------------------------------------------------------------------------
 
 #: A logged event as Redis keeps it: seq, user, item, category, behaviour, timestamp (int64 each,
-#: little-endian), then the event id's UTF-8 bytes (none when the event has no id).
+#: little-endian), then the event id's UTF-8 bytes (none when the event has no id), then, only when
+#: the event has attributes, a 0xFF byte and their compact JSON. UTF-8 never contains 0xFF, so the
+#: byte cannot be part of an id, and records logged before attributes existed read as none.
 _RECORD = np.dtype([(name, "<i8") for name in ("seq", *COLUMNS)])
 _HEAD = _RECORD.itemsize  # 48 bytes
+_ATTRIBUTES_MARK = b"\xff"
 
 # KEYS: the seq counter, the id -> seq hash, the log stream, then each event's user list.
 # ARGV: each event's id ("" for none) and its record without the seq (Python packs it).
@@ -970,9 +1066,10 @@ class RedisStore(StateStore):
             records[c] = getattr(batch, c)
         packed = records.tobytes()
         args: list[bytes | str] = []
-        for row, eid in enumerate(batch.event_id):
+        for row, (eid, attrs) in enumerate(zip(batch.event_id, batch.attributes, strict=True)):
             eid_bytes = b"" if eid is None else eid.encode()
-            args += [eid_bytes, packed[row * _HEAD + 8:(row + 1) * _HEAD] + eid_bytes]
+            tail = b"" if attrs is None else _ATTRIBUTES_MARK + _attributes_json(attrs).encode()
+            args += [eid_bytes, packed[row * _HEAD + 8:(row + 1) * _HEAD] + eid_bytes + tail]
         keys = [self._key("seq"), self._key("ids"), self._key("log"),
                 *(self._key("u", u) for u in batch.user_id.tolist())]
         answer = self._call(self._append, "append events", keys=keys, args=args)
@@ -1061,6 +1158,10 @@ def _decode(records: Sequence[bytes]) -> tuple[EventBatch, np.ndarray]:
     if not records:
         return EventBatch.empty(), np.zeros(0, dtype=np.int64)
     head = np.frombuffer(b"".join(r[:_HEAD] for r in records), dtype=_RECORD)
-    ids = [r[_HEAD:].decode() or None for r in records]
-    return (EventBatch(**{c: head[c].astype(np.int64) for c in COLUMNS}, event_id=ids),
+    ids, attributes = [], []
+    for r in records:
+        eid, mark, attrs = r[_HEAD:].partition(_ATTRIBUTES_MARK)
+        ids.append(eid.decode() or None)
+        attributes.append(_attributes_from_json(attrs) if mark else None)
+    return (EventBatch(**{c: head[c].astype(np.int64) for c in COLUMNS}, event_id=ids, attributes=attributes),
             head["seq"].astype(np.int64))

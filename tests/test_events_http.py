@@ -86,6 +86,18 @@ def test_events_change_later_scores_as_the_store_says(served, export_dir, ids):
     assert post(base + "/v1/score", ask)[1]["scores"] == after["scores"]
 
 
+def test_attributes_are_kept_in_the_log(served, ids):
+    base, state = served
+    user = 10**12 + 99
+    batch = [{**event(ids, user, 0), "attributes": {"brand_id": 7, "price_bucket": 3}}, event(ids, user, 1),
+             {**event(ids, user, 2), "attributes": {"brand_id": -5}}]
+    status, ack = post(base + "/v1/events", {"events": batch})
+    assert status == 200 and ack["accepted"] == 3, ack
+    with open_store(state) as store:
+        logged, _ = store.user_events(user)
+    assert logged.attributes == [{"brand_id": 7, "price_bucket": 3}, None, {"brand_id": -5}]
+
+
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda b: b[3].update(timestamp="1790000003"), 'events[3].timestamp: expected an integer, got "1790000003"'),
     (lambda b: b[5].update(timestamp=1_790_000_005_000), "events[5].timestamp: 1790000005000 is after"),
@@ -93,6 +105,8 @@ def test_events_change_later_scores_as_the_store_says(served, export_dir, ids):
     (lambda b: b[2].update(colour="red"), 'events[2].colour: unknown field (value "red")'),
     (lambda b: b[0].update(event_id="a b"), "events[0].event_id: String should match pattern"),
     (lambda b: b[4].pop("user_id"), "events[4].user_id: required field is missing"),
+    (lambda b: b[2].update(attributes={"colour": 1}), 'events[2].attributes.colour: unknown field (value 1)'),
+    (lambda b: b[3].update(attributes={"brand_id": "7"}), 'events[3].attributes.brand_id: expected an integer, got "7"'),
 ])
 def test_a_bad_event_refuses_the_whole_batch_naming_it(served, ids, mutate, message):
     base, state = served

@@ -47,7 +47,7 @@ REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions" / "http"
 #: decoder process, so that path is fuzzed too.
 FUZZ_LIMITS = Limits(max_body_bytes=4 * DECODE_IN_THREAD_BYTES, max_candidates=40, max_history_events=300)
 FIELDS = ("user_id", "timestamp", "candidates", "history", "events", "impressions", "item_id", "category_id",
-          "brand_id", "price_bucket", "behavior", "event_id")
+          "brand_id", "price_bucket", "behavior", "event_id", "attributes")
 #: The endpoints that read a JSON body, and the top-level fields their errors may start with.
 BODY_ROUTES = {"/v1/score": ("user_id", "timestamp", "candidates", "history"), "/v1/events": ("events", "impressions")}
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")

@@ -21,7 +21,9 @@ from tests.runs import make_run, raw_requests
 SIM = ("model.sim.enabled=true", "model.sim.mode=hard", "model.sim.k=8", "model.sim.heads=2", "model.sim.head_dim=8")
 #: sim_hard keeps every position of a category (an exact index at any cut-off); sim_capped keeps the
 #: newest 12 per category, as SIM's UBT does, which is exact for requests after the events.
-MODELS = {"din": (), "sim_hard": (*SIM, "model.sim.per_category=100000"), "sim_capped": (*SIM, "model.sim.per_category=12")}
+MODELS = {"din": (), "sim_hard": (*SIM, "model.sim.per_category=100000"), "sim_capped": (*SIM, "model.sim.per_category=12"),
+          "ksa": ("model.ksa.enabled=true", "model.ksa.chunk=8", "model.ksa.window=2", "model.ksa.d_model=16",
+                  "model.ksa.heads=2")}
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +66,16 @@ def split_at(export: Export, cut: int, tmp: Path) -> tuple[Export, EventBatch]:
     return dataclasses.replace(export, history=early, category_index=index), batch
 
 
-def live_scorer(export: Export, state: Path) -> tuple[Scorer, LiveHistory]:
+def live_scorer(export: Export, state: Path, **budget: int) -> tuple[Scorer, LiveHistory]:
     ids = Scorer(export).ids
     live = LiveHistory(open_store(state), history=export.history, users=ids["user_id"].encode,
                        items=ids["item_id"].encode, categories=ids["category_id"].encode,
-                       per_category=export.category_index.per_category if export.category_index is not None else None)
+                       per_category=export.category_index.per_category if export.category_index is not None else None,
+                       **budget)
     return Scorer(export, live=live), live
 
 
-@pytest.mark.parametrize("export", ["din", "sim_hard"], indirect=True)
+@pytest.mark.parametrize("export", ["din", "sim_hard", "ksa"], indirect=True)
 def test_appended_events_score_as_a_store_built_with_them(export, tiny_data, tmp_path):
     """The parity contract: export cut at time T + the later events through the store == the full
     export, for every test request (with a capped category index: see the replay test)."""
@@ -88,16 +91,19 @@ def test_appended_events_score_as_a_store_built_with_them(export, tiny_data, tmp
         live.append(_take(late, rows))
     want = Scorer(export).score_many(raw)
     got = scorer.score_many(raw)
-    np.testing.assert_allclose([s for r in got for s in r.scores], [s for r in want for s in r.scores], rtol=0, atol=1e-6)
+    # 1e-5: a KSA model reads cached states, equal to a full encode in fp32 to that (tests/test_ksa_cache.py)
+    np.testing.assert_allclose([s for r in got for s in r.scores], [s for r in want for s in r.scores], rtol=0, atol=1e-5)
     assert [r.no_history for r in got] == [r.no_history for r in want]
     # the late events matter: some scores moved when they arrived
     assert not np.allclose(np.concatenate(before), np.concatenate([r.scores for r in want]))
 
 
-@pytest.mark.parametrize("export", ["din", "sim_capped"], indirect=True)
-def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(export, tiny_data, tmp_path):
+@pytest.mark.parametrize(("export", "budget"), [("din", 2**30), ("sim_capped", 2**30), ("ksa", 2**30), ("sim_capped", 20_000)],
+                         indirect=["export"], ids=["din", "sim_capped", "ksa", "sim_capped-evicting"])
+def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(export, budget, tiny_data, tmp_path):
     """Online order: each request comes after the events before it have been appended. Every request
-    after the cut then scores as with the full export, with a capped category index too."""
+    after the cut then scores as with the full export, with a capped category index too, and with
+    a budget that keeps about one user's merged history (the others are rebuilt when next read)."""
     cut = int(np.quantile(np.asarray(export.history.timestamp), 0.8))
     early, late = split_at(export, cut, tmp_path)
     table = pq.read_table(tiny_data / "requests" / "test.parquet")
@@ -105,7 +111,7 @@ def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(
     raw.sort(key=lambda r: r["timestamp"])
     assert len(raw) >= 20
     late = _take(late, np.argsort(late.timestamp, kind="stable"))  # each user's events keep their order
-    scorer, live = live_scorer(early, tmp_path / "state")
+    scorer, live = live_scorer(early, tmp_path / "state", budget_bytes=budget)
     full = Scorer(export)
     sent = 0
     for request in raw:
@@ -113,8 +119,10 @@ def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(
         if upto > sent:
             live.append(_take(late, np.arange(sent, upto)))
             sent = upto
-        assert scorer.score(**_args(request)) == pytest.approx(full.score(**_args(request)), abs=1e-6, rel=0)
+        assert scorer.score(**_args(request)) == pytest.approx(full.score(**_args(request)), abs=1e-5, rel=0)
+        assert live.nbytes <= budget or live.users == 1  # the user being read is always kept
     assert sent > 0
+    assert (live.evictions > 0) == (budget < 2**30)
 
 
 @pytest.mark.parametrize("export", ["sim_capped"], indirect=True)
@@ -172,3 +180,28 @@ def _take(batch: EventBatch, rows: np.ndarray) -> EventBatch:
 
 def _args(request: dict) -> dict:
     return {"user_id": request["user_id"], "candidates": request["candidates"], "timestamp": request["timestamp"]}
+
+
+@pytest.mark.parametrize("export", ["ksa"], indirect=True)
+def test_ksa_states_saved_in_the_store_spare_a_restart_the_encode(export, tmp_path):
+    """A new process over the same store loads the user's state instead of encoding the history;
+    bytes that do not load (corrupt) cost an encode, never a wrong score."""
+    items, cats = raw_of(export, "item_id"), raw_of(export, "category_id")
+    user, n = 10**12 + 11, 300
+    events = EventBatch(user_id=np.full(n, user), item_id=items[1 + np.arange(n) % 40], category_id=cats[1 + np.arange(n) % 9],
+                        behavior=np.arange(n) % 4, timestamp=1_700_000_000 + 60 * np.arange(n), event_id=[None] * n)
+    ask = {"user_id": user, "timestamp": 1_800_000_000, "candidates": [{"item_id": int(items[k])} for k in (1, 2, 3)]}
+    first, live = live_scorer(export, tmp_path / "state")
+    live.append(events)
+    before = first.score(**ask)
+    assert first.ksa.stats()["misses"] == 1
+    second, _ = live_scorer(export, tmp_path / "state")  # "after a restart": a new scorer, the same store
+    assert second.score(**ask) == pytest.approx(before, abs=1e-5, rel=0)
+    assert (second.ksa.stats()["blob_loads"], second.ksa.stats()["misses"]) == (1, 0)
+    plain = Scorer(export, live=second.live, ksa_cache_bytes=0)  # what a re-encode gives
+    assert plain.score(**ask) == pytest.approx(before, abs=1e-5, rel=0)
+    with open_store(tmp_path / "state") as store:
+        store.put_blob(f"ksa:{user}", 1, b"KSAB" + bytes(200))
+    third, _ = live_scorer(export, tmp_path / "state")
+    assert third.score(**ask) == pytest.approx(before, abs=1e-5, rel=0)
+    assert (third.ksa.stats()["blob_rejects"], third.ksa.stats()["misses"]) == (1, 1)

@@ -168,6 +168,9 @@ def test_limits_refuse_nonsense(field, value, message):
     (["--port", "-1"], "--port must be in 0..65535 (0 picks a free port), got -1"),
     (["--max-body-bytes", "0"], "max_body_bytes must be >= 1, got 0 (--max-body-bytes)"),
     (["--max-queue-seconds", "inf"], "max_queue_seconds must be a finite number >= 0, got inf (--max-queue-seconds)"),
+    (["--ksa-cache-mb", "-1"], "--ksa-cache-mb must be a finite number >= 0, got -1.0"),
+    (["--live-cache-mb", "nan"], "--live-cache-mb must be a finite number >= 0, got nan"),
+    (["--state", "s.sqlite", "--no-state"], "--state and --no-state: give one of them"),
 ])
 def test_serve_flags_are_checked_before_anything_loads(tmp_path, flags, message):
     r = run_cli("serve", "--export", str(tmp_path), *flags)  # tmp_path is no export: never reached

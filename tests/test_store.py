@@ -7,12 +7,14 @@ import os
 import random
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import pytest
 
 from serving.store import (
     APPLICATION_ID,
+    ATTRIBUTES,
     BatchError,
     EventBatch,
     RedisStore,
@@ -66,13 +69,14 @@ def store(where):
         yield s
 
 
-def events(users, *, items=None, ids=None, t0: int = T0) -> EventBatch:
+def events(users, *, items=None, ids=None, attributes=None, t0: int = T0) -> EventBatch:
     """A batch of events of ``users`` (one per entry), items 100, 101, ... unless given."""
     users = np.asarray(users, dtype=np.int64)
     n = len(users)
     items = np.arange(100, 100 + n, dtype=np.int64) if items is None else np.asarray(items, dtype=np.int64)
     return EventBatch(user_id=users, item_id=items, category_id=items % 7, behavior=np.arange(n, dtype=np.int64) % 4,
-                      timestamp=t0 + np.arange(n, dtype=np.int64) * 60, event_id=[None] * n if ids is None else ids)
+                      timestamp=t0 + np.arange(n, dtype=np.int64) * 60, event_id=[None] * n if ids is None else ids,
+                      attributes=attributes)
 
 
 def assert_same(a: EventBatch, b: EventBatch) -> None:
@@ -81,6 +85,7 @@ def assert_same(a: EventBatch, b: EventBatch) -> None:
         assert got.dtype == np.int64, c
         np.testing.assert_array_equal(got, want, err_msg=c)
     assert list(a.event_id) == list(b.event_id)
+    assert a.validated().attributes == b.validated().attributes  # None for the batch: None for each event
 
 
 def everything(store) -> tuple[EventBatch, np.ndarray]:
@@ -113,7 +118,24 @@ def test_batch_helpers():
     ok = EventBatch(user_id=np.array([1], dtype=np.uint64), item_id=[5], category_id=np.array([3], dtype=np.int32),
                     behavior=[np.int64(2)], timestamp=np.array([T0], dtype=np.uint32), event_id=("x",)).validated()
     assert [getattr(ok, c).dtype for c in ("user_id", "item_id", "category_id", "behavior", "timestamp")] == [np.int64] * 5
-    assert ok.item_id.tolist() == [5] and ok.event_id == ["x"]
+    assert ok.item_id.tolist() == [5] and ok.event_id == ["x"] and ok.attributes == [None]
+
+
+def test_batch_helpers_carry_attributes():
+    b = events([1, 2, 3], attributes=[{"brand_id": 4}, None, {"price_bucket": 2, "brand_id": 9}])
+    assert b.take([2, 0]).attributes == [{"price_bucket": 2, "brand_id": 9}, {"brand_id": 4}]
+    assert b.take(np.array([False, True, True])).attributes == [None, {"price_bucket": 2, "brand_id": 9}]
+    assert b.take(slice(0, 1)).attributes == [{"brand_id": 4}]
+    assert events([1]).take([0]).attributes is None and events([1]).validated().attributes == [None]
+    # a batch without attributes concatenated with one with them: None for each of its events
+    both = EventBatch.concat([events([5, 6]), b.take([0])])
+    assert both.attributes == [None, None, {"brand_id": 4}]
+    assert EventBatch.concat([events([5]), events([6])]).attributes is None
+    assert EventBatch.empty().attributes == []
+    # validated: new dicts with int values in ATTRIBUTES order; {} is None
+    ok = events([1, 2, 3], attributes=({"price_bucket": np.int64(3), "brand_id": np.uint8(7)}, {}, None)).validated()
+    assert ok.attributes == [{"brand_id": 7, "price_bucket": 3}, None, None]
+    assert list(ok.attributes[0]) == list(ATTRIBUTES) and type(ok.attributes[0]["brand_id"]) is int
 
 
 # --- append and read --------------------------------------------------------------------------
@@ -159,6 +181,37 @@ def test_catching_up_on_a_long_history(store):
         keep = mine > after
         assert got_seqs.tolist() == mine[keep].tolist(), after
         assert_same(got, batch.take(users == 5).take(keep))
+
+
+def test_attributes_round_trip(store):
+    with_some = events([7, 8, 7, 7], items=[10, 20, 11, 12], ids=["a", None, "b", None],
+                       attributes=[{"brand_id": 3, "price_bucket": 9}, None, {"price_bucket": -(2**63)}, {}])
+    without = events([7, 8], items=[13, 21], t0=T0 + 1000)  # attributes not given at all
+    last = events([7], items=[14], ids=["c"], attributes=[{"brand_id": 2**63 - 1}], t0=T0 + 2000)
+    assert store.append(with_some).seqs.tolist() == [1, 2, 3, 4]
+    assert store.append(without).seqs.tolist() == [5, 6]
+    assert store.append(last).seqs.tolist() == [7]
+    want = [{"brand_id": 3, "price_bucket": 9}, None, {"price_bucket": -(2**63)}, None, None, None,
+            {"brand_id": 2**63 - 1}]
+    logged, seqs = everything(store)
+    assert seqs.tolist() == [1, 2, 3, 4, 5, 6, 7] and logged.attributes == want
+    assert_same(logged, EventBatch.concat([with_some, without, last]))
+    got, seqs = store.user_events(7)
+    assert seqs.tolist() == [1, 3, 4, 5, 7]
+    assert got.attributes == [want[0], want[2], None, None, want[6]]
+    got, seqs = store.user_events(7, after_seq=3)
+    assert seqs.tolist() == [4, 5, 7] and got.attributes == [None, None, want[6]]
+    assert store.user_events(8)[0].attributes == [None, None]
+    # read batches carry them through take and concat, and are logged again as they were
+    again = EventBatch.concat([logged.take([6, 0]), logged.take(slice(1, 3))])
+    assert again.attributes == [want[6], want[0], None, want[2]]
+    assert store.append(replace(again, event_id=[None] * 4)).seqs.tolist() == [8, 9, 10, 11]
+    relogged, seqs = store.events_since(7)
+    assert seqs.tolist() == [8, 9, 10, 11]
+    assert_same(relogged, replace(again, event_id=[None] * 4))
+    # a retried event keeps what was logged first, attributes included
+    assert store.append(events([7], ids=["a"], attributes=[{"brand_id": 0}])).seqs.tolist() == [1]
+    assert store.user_events(7)[0].attributes[0] == want[0]
 
 
 # --- idempotency ------------------------------------------------------------------------------
@@ -215,6 +268,19 @@ BAD = [
      "event_id[2]: not encodable as UTF-8 (surrogates not allowed at character 3): 'bad\\udc80'"),
     ("event_id", ["g0", "g1"], "event_id: 2 values, but user_id has 3"),
     ("event_id", "g0g1g2", "event_id: expected a list of strings or None, got str"),
+    ("attributes", [None, {"brand_id": 1}, {"brand_id": 2, "colour": 3}],
+     "attributes[2]: unknown attribute 'colour' (allowed: brand_id, price_bucket)"),
+    ("attributes", [{"brand_id": 1.5}, None, None], "attributes[0].brand_id: expected a 64-bit integer, got 1.5"),
+    ("attributes", [None, {"price_bucket": True}, None],
+     "attributes[1].price_bucket: expected a 64-bit integer, got True"),
+    ("attributes", [None, {"price_bucket": "3"}, None],
+     "attributes[1].price_bucket: expected a 64-bit integer, got '3'"),
+    ("attributes", [None, None, {"brand_id": 2**63}],
+     "attributes[2].brand_id: 9223372036854775808 is out of the 64-bit integer range [-9223372036854775808, "
+     "9223372036854775807]"),
+    ("attributes", [None, 5, None], "attributes[1]: expected a dict or None, got 5"),
+    ("attributes", [None, None], "attributes: 2 values, but user_id has 3"),
+    ("attributes", {"brand_id": 1}, "attributes: expected a list of dicts or None, got dict"),
 ]
 
 
@@ -503,8 +569,92 @@ def test_sqlite_refuses_another_schema_version(tmp_path):
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     conn.close()
-    unchanged(path, f"{path}: state store schema version 7, this recsys reads version 1; open it with the recsys "
-                    f"that wrote it, or {MOVE_AWAY}")
+    unchanged(path, f"{path}: state store schema version 7, this recsys reads versions 1 to 2; open it with the "
+                    f"recsys that wrote it, or {MOVE_AWAY}")
+
+
+#: The schema of version 1 (before attributes), as the stores written before it were made.
+SCHEMA_V1 = """
+PRAGMA journal_mode = WAL;
+PRAGMA application_id = 1380143961;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL,
+    item_id INTEGER NOT NULL,
+    category_id INTEGER NOT NULL,
+    behavior INTEGER NOT NULL,
+    timestamp INTEGER NOT NULL,
+    event_id TEXT UNIQUE
+);
+CREATE INDEX events_by_user ON events (user_id, seq);
+CREATE TABLE impressions (item_id INTEGER PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE blobs (key TEXT PRIMARY KEY, version INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1'), ('format', 'recsys state store'), ('created', '2024-01-01T00:00:00Z');
+INSERT INTO events (user_id, item_id, category_id, behavior, timestamp, event_id) VALUES
+    (7, 10, 3, 0, 1700000000, 'a'), (8, 20, 6, 1, 1700000060, NULL), (7, 11, 4, 3, 1700000120, NULL);
+INSERT INTO impressions VALUES (10, 4);
+INSERT INTO blobs VALUES ('k', 3, x'0102');
+"""
+
+
+def version_1_store(path: Path, *, extra: str = "") -> Path:
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_V1 + extra)
+    conn.close()
+    return path
+
+
+def test_sqlite_upgrades_a_version_1_store_in_place(tmp_path):
+    path = version_1_store(tmp_path / "state.sqlite")
+    assert APPLICATION_ID == 1380143961
+    with open_store(path, create=False) as s:
+        logged, seqs = everything(s)
+        assert seqs.tolist() == [1, 2, 3] and logged.item_id.tolist() == [10, 20, 11]
+        assert logged.event_id == ["a", None, None] and logged.attributes == [None, None, None]
+        assert s.impressions(np.array([10])).tolist() == [4] and s.get_blob("k", 3) == b"\x01\x02"
+        # ids are remembered across the upgrade, and new events keep their attributes
+        appended = s.append(events([7, 7], items=[12, 13], ids=["a", "b"], attributes=[None, {"brand_id": 5}]))
+        assert appended.seqs.tolist() == [1, 4]
+    with open_store(path, create=False) as s:
+        got, seqs = s.user_events(7)
+        assert seqs.tolist() == [1, 3, 4] and got.attributes == [None, None, {"brand_id": 5}]
+        assert s._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+
+
+def test_sqlite_stores_opened_at_once_are_upgraded_once(tmp_path):
+    path = version_1_store(tmp_path / "state.sqlite")
+    stores, errors = [], []
+
+    def open_it() -> None:
+        try:
+            stores.append(open_store(path, create=False))
+        except Exception as e:  # collected: the assertion below shows it
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(stores) == 4
+    for k, s in enumerate(stores):
+        assert s.append(events([9], attributes=[{"price_bucket": k}])).accepted == 1
+    assert everything(stores[0])[0].attributes == [None, None, None, *({"price_bucket": k} for k in range(4))]
+    for s in stores:
+        s.close()
+
+
+def test_sqlite_a_failed_upgrade_changes_nothing(tmp_path):
+    """The upgrade is one transaction: when a step fails, the store is left at version 1, whole."""
+    # a column the upgrade means to add already there: its ALTER TABLE fails
+    path = version_1_store(tmp_path / "state.sqlite", extra="ALTER TABLE events ADD COLUMN attributes TEXT;")
+    unchanged(path, f"{path}: cannot upgrade the state store from schema version 1 to 2: duplicate column name: "
+                    "attributes; check the file and the disk")
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
+    conn.close()
 
 
 def test_sqlite_refuses_another_applications_database(tmp_path):
@@ -532,6 +682,31 @@ def test_store_locations_that_cannot_be_opened(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match=r"cannot create the directory for a new store"):
         open_store(tmp_path / "file" / "state.sqlite")
+
+
+# --- Redis: records ---------------------------------------------------------------------------
+
+
+def test_redis_records_without_attributes_still_read(redis_url):
+    """A record packed before attributes existed (seq and five int64s, then the id) reads as none."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        with open_store(with_prefix(redis_url, prefix)) as s:
+            old = struct.pack("<6q", 1, 7, 10, 3, 0, T0) + "é-1".encode()
+            s._write.rpush(s._key("u", 7), old)
+            s._write.xadd(s._key("log"), {"r": old}, id="1-0")
+            s._write.hset(s._key("ids"), "é-1", 1)
+            s._write.set(s._key("seq"), 1)
+            new = s.append(events([7, 7], items=[11, 12], ids=["é-1", "é-2"], attributes=[None, {"brand_id": 255}]))
+            assert new.seqs.tolist() == [1, 2]
+            for got, seqs in (s.user_events(7), s.events_since(0)):
+                assert seqs.tolist() == [1, 2] and got.item_id.tolist() == [10, 12]
+                assert got.event_id == ["é-1", "é-2"] and got.attributes == [None, {"brand_id": 255}]
+            # the new record is the old packing, then 0xFF and the attributes' JSON
+            assert s._read.lindex(s._key("u", 7), 1) == (struct.pack("<6q", 2, 7, 12, 5, 1, T0 + 60)
+                                                         + "é-2".encode() + b'\xff{"brand_id":255}')
+    finally:
+        drop_prefix(redis_url, prefix)
 
 
 # --- Redis: servers ---------------------------------------------------------------------------
