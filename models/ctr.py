@@ -136,7 +136,7 @@ class CTRModel(nn.Module):
 
         Raises:
             ValueError: a name in ``given`` that is no block, an output of the wrong shape, or a block
-                whose encode another block reads (its ``record`` flag is on: SIM mode 'ksa').
+                whose encode another block reads (SIM mode 'ksa') without that block's output given too.
         """
         request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
         if given:
@@ -155,9 +155,11 @@ class CTRModel(nn.Module):
             if tuple(out.shape) != (candidates, block.out_dim):
                 raise ValueError(f"given[{name!r}]: expected shape [{candidates}, {block.out_dim}] ([C, out_dim]), "
                                  f"got {list(out.shape)}")
-            if getattr(block, "record", False):  # SIM's ksa search reads this block's encode of the batch
+            readers = sorted(n for n, b in self.blocks.items() if getattr(b, "_ksa", [None])[0] is block)
+            missing = [n for n in readers if n not in given]
+            if missing:  # SIM's ksa search reads this block's encode of the batch
                 raise ValueError(f"given[{name!r}]: this block must run: another block reads its encode "
-                                 "(its record flag is on: SIM mode 'ksa')")
+                                 f"({missing}: SIM mode 'ksa'), unless their outputs are given too")
 
 
 def build_model(cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> CTRModel:

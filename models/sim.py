@@ -54,6 +54,12 @@ from models.mlp import MLP
 from recsys.model_schemas import SIMConfig
 
 
+def esu_keys(events: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ESU keys z_j = [item | category | behaviour | gap] ``[L, 4D]`` of embedded behaviours
+    (``Embedded.history`` or ``Embedded.search``: name -> ``[L, D]``)."""
+    return torch.cat([events["item"], events["category"], events["behavior"], events["gap"]], -1)
+
+
 class ESU(nn.Module):
     """Multi-head target attention over K selected behaviours (SIM Eqs. 3-4).
 
@@ -221,13 +227,12 @@ class SIMBlock(nn.Module):
             if s is None:
                 raise ValueError("SIM hard search needs the batch's sim_* features: build batches with "
                                  "search_k=model.search_k (models.batch.batch_from_requests or hard_search)")
-            keys = torch.cat([s["item"], s["category"], s["behavior"], s["gap"]], -1)  # [R, 4D]
+            keys = esu_keys(s)  # [R, 4D]
             glen = emb.search_offsets[1:] - emb.search_offsets[:-1]  # [G]
             rows = _pad_rows(torch.arange(len(keys), device=keys.device), glen, max(int(glen.max()) if len(glen) else 0, 1))
             sel = rows[emb.cand_group]  # [C, K'] rows of keys, -1 = none
         else:
-            h = emb.history
-            keys = torch.cat([h["item"], h["category"], h["behavior"], h["gap"]], -1)  # [L_total, 4D]
+            keys = esu_keys(emb.history)  # [L_total, 4D]
             sel = self._soft_search(emb, query, request)  # [C, K'] rows of the history, -1 = none
         mask = sel >= 0
         if not len(keys):  # no request of the batch has a behaviour (users without history): gather from a zero row

@@ -56,7 +56,7 @@ from models.batch import (
 from models.ctr import CTRModel, build_model
 from models.embedding import Embedded
 from models.ksa import KSABlock, KSAState, full_kv_bytes
-from models.sim import ESU
+from models.sim import ESU, esu_keys
 from pipelines.runs import dataset_spec, split_path
 from recsys.config import load_config
 from recsys.model_schemas import DINConfig, KSAConfig, ModelConfig, RunConfig, SIMConfig
@@ -674,12 +674,6 @@ def target_attention_all(esu: ESU, z: torch.Tensor, query: torch.Tensor) -> torc
     return torch.einsum("mhn,nz->mhz", att, z).reshape(len(query), -1)  # [M, H * Dz]
 
 
-def _esu_keys(emb: Embedded) -> torch.Tensor:
-    """[L, 4D] ESU keys [item | category | behaviour | gap] of the embedded history."""
-    h = emb.history
-    return torch.cat([h["item"], h["category"], h["behavior"], h["gap"]], -1)
-
-
 def _head(model: CTRModel, emb: Embedded, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     """The model's head on [profile | candidate features | block outputs], as CTRModel.forward builds it."""
     request = torch.zeros(len(blocks[0]), dtype=torch.int64)  # [M] one request
@@ -725,7 +719,7 @@ def sim_request_fns(models: dict[str, CTRModel], spec: FeatureSpec, history: dic
     def ksa_keys(rows: torch.Tensor) -> torch.Tensor:
         p = rows.numpy()
         chosen = {f: Jagged(history[f][p], np.array([0, len(p)])) for f in HISTORY_FIELDS}
-        return _esu_keys(ksa_model.embeddings(batch(chosen, no_candidates, np.zeros(1, dtype=np.int64))))  # [P, 4D]
+        return esu_keys(ksa_model.embeddings(batch(chosen, no_candidates, np.zeros(1, dtype=np.int64))).history)  # [P, 4D]
 
     def ksa() -> torch.Tensor:
         emb = ksa_model.embeddings(batch(empty, candidates, num))
@@ -738,7 +732,7 @@ def sim_request_fns(models: dict[str, CTRModel], spec: FeatureSpec, history: dic
     def naive() -> torch.Tensor:
         emb = soft_model.embeddings(batch(whole, candidates, num))
         query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [M, 2D]
-        return _head(soft_model, emb, [target_attention_all(soft_model.blocks["sim"].esu, _esu_keys(emb), query)])
+        return _head(soft_model, emb, [target_attention_all(soft_model.blocks["sim"].esu, esu_keys(emb.history), query)])
 
     return {"hard": hard, "soft": soft, "ksa": ksa, "naive": naive}
 

@@ -23,10 +23,10 @@ WORLD = ["num_users=120", "num_items=1500", "num_categories=30", "num_brands=10"
 
 
 def bench_export(root: str | Path, model: str = "full") -> Path:
-    """``root/export``: ``configs/models/MODEL.yaml`` trained for one epoch on the tiny world
-    (reused when ``root`` already has it)."""
+    """``root/export_MODEL``: ``configs/models/MODEL.yaml`` trained for one epoch on the tiny world
+    (reused when ``root`` already has it; the world and dataset are shared by every model)."""
     root = Path(root)
-    out = root / "export"
+    out = root / f"export_{model}"
     if (out / "manifest.json").is_file():
         return out
     note(f"[bench serve] a tiny world, one epoch of {model}.yaml, an export (about a minute)")
@@ -34,6 +34,6 @@ def bench_export(root: str | Path, model: str = "full") -> Path:
         generate(load_config(SynthConfig, CONFIG_DIR / "synth" / "small.yaml", WORLD), root / "world", overwrite=True)
         build(f"synth:{root / 'world'}", root / "data", BuildConfig(), overwrite=True)
     cfg = load_config(RunConfig, CONFIG_DIR / "models" / f"{model}.yaml", ["train.epochs=1", "train.eval_every_epoch=false"])
-    train(cfg, root / "data", root / "run", workers=0, overwrite=True)
-    save_export(root / "run", out, overwrite=True)
+    train(cfg, root / "data", root / f"run_{model}", workers=0, overwrite=True)
+    save_export(root / f"run_{model}", out, overwrite=True)
     return out

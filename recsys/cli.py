@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "default EXPORT.state/state.sqlite beside the export (none for a --no-history export)")
     state.add_argument("--no-state", action="store_true",
                        help="serve the export's histories as shipped: no POST /v1/events, nothing written")
+    state.add_argument("--not-durable", action="store_true",
+                       help="accept a store that may lose acknowledged events when the machine or the Redis server "
+                       "crashes: Redis without appendfsync always (warned), SQLite with synchronous=NORMAL; "
+                       "for state you can lose (tests, replicas of a cache); default: refuse such a Redis")
     state.add_argument("--ksa-cache-mb", type=float, default=256, metavar="MB",
                        help="memory for per-user KSA states (models with a KSA block), least recently used evicted; "
                        "0: encode each request's whole history; default 256")
@@ -355,8 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--appends", type=int, default=200, metavar="A", help="timed one-event appends (default 200)")
     bserve.add_argument("--redis", metavar="URL", default=None,
                         help="also time a Redis store (a server with appendonly yes, appendfsync always)")
+    bserve.add_argument("--model", choices=("full", "sim_ksa", "ksa"), default="full",
+                        help="the config of the export it makes (configs/models/MODEL.yaml; default full: DIN + KSA + "
+                        "SIM hard + CAN; sim_ksa: SIM's KSA-guided search reads the cached states too)")
     bserve.add_argument("--export", type=Path, default=None,
-                        help="an export to time (default: full.yaml, one epoch on a tiny world, made in --workdir)")
+                        help="an export to time instead (default: --model, one epoch on a tiny world, made in --workdir)")
     bserve.add_argument("--workdir", type=Path, default=None, help="keep the world, run and export here (reused)")
     bserve.add_argument("--json", action="store_true", help="print one JSON object")
     bserve.set_defaults(handler=_cmd_bench_serve)
@@ -494,6 +501,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise RecsysError(str(exc)) from None
     if args.no_state and args.state is not None:
         raise RecsysError("--state and --no-state: give one of them")
+    if args.no_state and args.not_durable:
+        raise RecsysError("--not-durable and --no-state: --not-durable is about a state store, and --no-state has none")
     for flag, value in (("--ksa-cache-mb", args.ksa_cache_mb), ("--live-cache-mb", args.live_cache_mb)):
         if not (math.isfinite(value) and value >= 0):
             raise RecsysError(f"{flag} must be a finite number >= 0, got {value}")
@@ -501,7 +510,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
     serve(args.export, host=args.host, port=args.port, limits=limits, state=state,
-          ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20))
+          ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20),
+          durable=not args.not_durable)
     return 0
 
 
@@ -600,7 +610,9 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     def run() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="recsys-bench-serve-") as tmp:
             root = args.workdir or Path(tmp)
-            export = args.export or bench_export(root)
+            if args.export is not None and args.model != "full":
+                raise RecsysError("--export and --model: give one of them (--model names the export to make)")
+            export = args.export or bench_export(root, args.model)
             return bench_serve(export, history=args.history, candidates=args.candidates, repeats=args.repeats,
                                appends=args.appends, sqlite_path=Path(tmp) / "state.sqlite", redis_url=args.redis)
 

@@ -4,18 +4,21 @@ cached KSA state against re-encoding the whole history, and appending one event 
 The setting (one run, everything through the code ``recsys serve`` runs, no HTTP):
 
 * An export (``recsys bench serve`` makes one: ``configs/models/full.yaml``, DIN + KSA + SIM hard
-  + CAN, trained for one epoch on a tiny synthetic world by :func:`pipelines.bench_serve.bench_export`;
-  latency does not depend on how well it is trained).
+  + CAN, or ``--model sim_ksa``, DIN + KSA + SIM's KSA-guided search, trained for one epoch on a
+  tiny synthetic world by :func:`pipelines.bench_serve.bench_export`; latency does not depend on
+  how well it is trained).
 * A new user whose ``history`` events (default 10,000) arrive through the state store in
   batches of 1,000 (random items of the world, one event a minute).
 * Scoring: one request of ``candidates`` candidates at the end of the history, through
   :class:`serving.scorer.Scorer` over the live state; ``cached`` reads the KSA block from the
-  user's cached state (serving/ksa_cache.py), ``reencode`` encodes the whole history for every
+  user's cached state (serving/ksa_cache.py; with sim_ksa the guided search reads its summaries
+  too), ``reencode`` encodes the whole history for every
   request (``ksa_cache_bytes=0``, what serving did before). Alternating, after a warm-up, p50/p99.
 * Appending: one event through :meth:`serving.live.LiveHistory.append` (validated, written to the
   store and fsync'd, merged into the user's live history), then the next scoring, which advances
   the cached KSA state by that event. Both p50/p99; with SQLite (a file in a temporary
   directory) and, given ``redis_url``, with Redis (a server with ``appendfsync always``).
+* Parity: the largest |cached - re-encode| score, after the first fill and again after the appends.
 * Memory: the cached state's bytes (:attr:`models.ksa.KSAState.nbytes`) for the user, and the
   time to rebuild it from scratch (a cache miss) against loading its bytes
   (:meth:`serving.ksa_cache.KSACache.load_blob`): whether keeping states in the store would pay.
@@ -94,6 +97,9 @@ def _bench_store(backend: str, where: str, export: Export, *, history: int, cand
                 t2 = time.perf_counter()
                 append_ms.append((t1 - t0) * 1e3)
                 after_ms.append((t2 - t1) * 1e3)
+            # parity again, after the state advanced event by event through the appends
+            same = max(same, np.abs(np.array(cached.score_many([ask])[0].scores)
+                                    - np.array(plain.score_many([ask])[0].scores)).max())
             cache = cached.ksa
             state_bytes = cache.stats()["bytes"]
             blob = cache.to_blob(int(user))

@@ -400,7 +400,8 @@ def default_state(export_path: str | Path) -> Path:
 
 def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           limits: Limits | None = None, state: str | Path | None = None,
-          ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES) -> None:
+          ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES,
+          durable: bool = True) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
@@ -414,6 +415,9 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
             request encodes its user's whole history).
         live_bytes: memory for the merged histories of users with logged events (least recently
             used dropped beyond it, rebuilt from export + log when next needed).
+        durable: refuse a state store that could lose acknowledged events (``open_store``);
+            False accepts a Redis server without ``appendfsync always`` (with a warning) and runs
+            SQLite with ``synchronous=NORMAL`` (safe against a crash of the process only).
 
     Raises:
         RecsysError: the port is outside 0..65535, the export fails verification, the state store
@@ -426,7 +430,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     if state is None:
         scorer = Scorer(export, ksa_cache_bytes=ksa_cache_bytes)
     else:
-        store = open_store(state)
+        store = open_store(state, durable=durable)
         scorer = Scorer.live_from(export, store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
         print(f"state: {store.url} ({store.last_seq():,} events logged); POST /v1/events appends", file=sys.stderr,
               flush=True)

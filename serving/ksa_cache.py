@@ -34,6 +34,11 @@ the first appended event gets the interval bucket of its gap to the previous eve
 encode), then ``KSABlock.tokens``. A whole-history encode runs the block's layers over the history
 in one pass (the chunked kernel) and keeps what :meth:`KSAState.append` would have kept.
 
+SIM mode 'ksa' (``sim_ksa.yaml``) ranks a history's chunks by their KSA summaries, so its search
+reads the same states: :meth:`KSACache.outputs` gives the SIM block's output too, from the state's
+top-layer summaries and the ESU keys of the chosen chunks' events only (looked up per request, the
+gap to the request time is theirs): O(n/k + guide_chunks C) per candidate, never the whole history.
+
 Memory. States are kept in LRU order under ``budget_bytes`` of :attr:`KSAState.nbytes` (the
 payload; the append buffers may reserve up to about twice that). After each request the least
 recently used states are evicted until the total fits. A state larger than the whole budget is
@@ -101,6 +106,7 @@ from models.ksa import (
     rotation,
     summary_positions,
 )
+from models.sim import SIMBlock, esu_keys
 from recsys.errors import RecsysError
 from recsys.types import Jagged
 
@@ -156,8 +162,7 @@ class KSACache:
             raised (the store holds a cache, not the truth).
 
     Raises:
-        ValueError: a model without a KSA block, in training mode, off the CPU, whose KSA encode
-            another block reads (SIM mode 'ksa': the block must run), or a negative budget.
+        ValueError: a model without a KSA block, in training mode, off the CPU, or a negative budget.
         TypeError: a budget that is not an integer.
     """
 
@@ -181,9 +186,11 @@ class KSACache:
         if devices:
             raise ValueError(f"model: KSA states live on the CPU; the model has parameters on {devices}")
         block: KSABlock = model.blocks["ksa"]
-        if block.record:
-            raise ValueError("model: another block reads the KSA block's encode of the batch (SIM mode 'ksa'), "
-                             "so the block must run: serve this model without a KSACache")
+        sim = model.blocks["sim"] if "sim" in model.blocks else None
+        # SIM's KSA-guided search ranks the chunks by their summaries: it reads them from the same states
+        self.sim: SIMBlock | None = sim if sim is not None and sim.mode == "ksa" else None
+        #: The blocks whose outputs :meth:`outputs` gives (``model.score(given=...)``).
+        self.blocks: tuple[str, ...] = ("ksa", "sim") if self.sim is not None else ("ksa",)
         self.model, self.block = model, block
         self.spec = model.embeddings.spec
         self.budget_bytes = int(budget_bytes)
@@ -221,9 +228,28 @@ class KSACache:
             ValueError: inputs that do not describe the same B requests, a query of the wrong shape,
                 a history without a field or with fields of different lengths.
         """
+        return self._run(keys, histories, query, cand_offsets, request_times, sim=False)["ksa"]
+
+    @torch.no_grad()
+    def outputs(self, keys: Sequence[int], histories: Sequence[Mapping[str, np.ndarray]], query: torch.Tensor,
+                cand_offsets: np.ndarray, request_times: np.ndarray) -> dict[str, torch.Tensor]:
+        """The outputs of every block in :attr:`blocks` for a scoring batch, from the users' states:
+        :meth:`readout`'s, and with SIM mode 'ksa' the SIM block's too (its guided search ranks the
+        chunks by the state's summaries and looks up only the chosen chunks' events,
+        :meth:`models.sim.SIMBlock.guided_search_one`). Arguments as :meth:`readout`.
+
+        Returns:
+            block name -> [C, out_dim], equal to those blocks on a batch of the whole histories;
+            pass it as ``model.score(emb, given=...)``.
+        """
+        return self._run(keys, histories, query, cand_offsets, request_times, sim=self.sim is not None)
+
+    def _run(self, keys, histories, query, cand_offsets, request_times, *, sim: bool) -> dict[str, torch.Tensor]:
         cand_offsets = np.asarray(cand_offsets, dtype=np.int64)
         self._check(keys, histories, query, cand_offsets, request_times)
-        out = torch.zeros(len(query), self.block.out_dim)  # [C, d]; a request without history reads zeros
+        out = {"ksa": torch.zeros(len(query), self.block.out_dim)}  # [C, d]; a request without history reads zeros
+        if sim:
+            out["sim"] = torch.zeros(len(query), self.sim.out_dim)  # [C, heads * 4D]; no history: zeros, as SIMBlock
         with self._lock:
             # a user's requests by history length: the state advances through them, never back
             order = sorted(range(len(keys)), key=lambda b: (int(keys[b]), len(histories[b]["item"])))
@@ -233,9 +259,26 @@ class KSACache:
                     continue
                 state = self._state_for(int(keys[b]), histories[b])
                 lo, hi = int(cand_offsets[b]), int(cand_offsets[b + 1])
-                if hi > lo:
-                    out[lo:hi] = state.read(self.block, query[lo:hi], int(request_times[b]), self._gap_bucket)
+                if hi == lo:
+                    continue
+                t = int(request_times[b])
+                out["ksa"][lo:hi] = state.read(self.block, query[lo:hi], t, self._gap_bucket)
+                if sim:
+                    out["sim"][lo:hi] = self.sim.guided_search_one(
+                        query[lo:hi], state.top_sum.view(), state.n, self._esu_keys(histories[b], t))
         return out
+
+    def _esu_keys(self, history: Mapping[str, np.ndarray], request_time: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``keys(positions [P]) -> [P, 4D]``: ESU keys of those events of ``history`` for a request
+        at ``request_time``, through the model's own tables (gap = request time - event time)."""
+        def keys(rows: torch.Tensor) -> torch.Tensor:
+            p = rows.numpy()
+            seg = {f: Jagged(np.asarray(history[f][p], dtype=np.int64), np.array([0, len(p)])) for f in HISTORY_FIELDS}
+            batch = make_batch(self.spec, history=seg, request_time=np.array([request_time]),
+                               candidates=self._no_candidates, num_candidates=np.zeros(1, dtype=np.int64),
+                               profile=self._profile)
+            return esu_keys(self.model.embeddings(batch).history)
+        return keys
 
     def _check(self, keys, histories, query, cand_offsets, request_times) -> None:
         b = len(keys)

@@ -122,11 +122,10 @@ class Scorer:
                             "appended through the API to extend; serve it without a state store")
         self.export = export
         self.live = live
-        # A KSA block reads per-user states (serving/ksa_cache.py) instead of encoding whole histories,
-        # unless SIM's KSA-guided search needs the block's encode of the batch.
-        ksa = export.model.blocks["ksa"] if "ksa" in export.model.blocks else None
+        # A KSA block (and SIM's KSA-guided search) reads per-user states (serving/ksa_cache.py)
+        # instead of encoding whole histories.
         self.ksa = None
-        if ksa is not None and not ksa.record and ksa_cache_bytes:
+        if "ksa" in export.model.blocks and ksa_cache_bytes:
             # with a state store, states survive a restart and are shared by processes (as blobs)
             blobs = {} if live is None else {
                 "load": lambda user: live.store.get_blob(f"ksa:{user}", KSA_BLOB_VERSION),
@@ -135,7 +134,8 @@ class Scorer:
         if self.ksa is not None and live is not None:
             live.on_change(self.ksa.invalidate)  # a late event moved the events after it
         # the batch then carries only what the other blocks read
-        self.batch_history_len = export.model.history_len_without({"ksa"}) if self.ksa is not None else export.history_len
+        self.batch_history_len = (export.model.history_len_without(self.ksa.blocks) if self.ksa is not None
+                                  else export.history_len)
         self.spec = export.spec
         self.history_len = export.history_len
         self.search_k = export.model.search_k  # SIM hard search: K behaviours per candidate
@@ -245,8 +245,8 @@ class Scorer:
             query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
             offsets = whole["item"].offsets
             histories = [{f: j.values[offsets[r]:offsets[r + 1]] for f, j in whole.items()} for r in range(b)]
-            ksa = self.ksa.readout(user_raw.tolist(), histories, query, np.r_[0, np.cumsum(num)], ts)  # [C, d]
-            logits = model.score(emb, given={"ksa": ksa})  # [C]
+            given = self.ksa.outputs(user_raw.tolist(), histories, query, np.r_[0, np.cumsum(num)], ts)  # name -> [C, out]
+            logits = model.score(emb, given=given)  # [C]
         else:
             logits = model(batch)  # [C]
         if not bool(torch.isfinite(logits).all()):

@@ -1030,7 +1030,7 @@ class RedisStore(StateStore):
             problem = (f"cannot check that it is durable: the server refuses CONFIG GET ({clip(str(e))}), "
                        "as managed Redis services do")
             fix = ("make sure it runs with appendonly yes, appendfsync always and a maxmemory-policy that "
-                   "does not evict (noeviction), then open the store with durable=False")
+                   "does not evict (noeviction), then open the store with durable=False (recsys serve --not-durable)")
         except redis.exceptions.RedisError as e:
             raise self._fail("connect", e) from e
         else:
@@ -1047,7 +1047,7 @@ class RedisStore(StateStore):
                        "if it stops")
             fix = (f"start it with `{DURABLE_REDIS}` (or CONFIG SET appendonly yes, CONFIG SET appendfsync "
                    "always, CONFIG SET maxmemory-policy noeviction), or open the store with durable=False "
-                   "to accept the risk")
+                   "(recsys serve --not-durable) to accept the risk")
         if durable:
             raise StoreError(f"{self.url}: {problem}; {fix}")
         if self.url not in _WARNED:

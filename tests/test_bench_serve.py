@@ -37,3 +37,6 @@ def test_bench_serve_cli_json(ksa_export):
 def test_bench_serve_checks_its_flags(tmp_path):
     r = run_cli("bench", "serve", "--history", "0", "--export", str(tmp_path))
     assert (r.returncode, r.stderr) == (2, "recsys: error: --history must be >= 1, got 0\n")
+    r = run_cli("bench", "serve", "--model", "sim_ksa", "--export", str(tmp_path))
+    assert (r.returncode, r.stderr) == (2, "recsys: error: --export and --model: give one of them "
+                                           "(--model names the export to make)\n")

@@ -20,7 +20,7 @@ import pytest
 from models.export import load_export, save_export
 from serving.scorer import Scorer
 from serving.store import open_store
-from tests.redis_server import redis_base_url, with_prefix
+from tests.redis_server import RedisServer, redis_base_url, redis_binary, with_prefix
 from tests.runs import make_run
 from tests.test_live import raw_of
 from tests.test_serving import _read_banner, _wait_healthy, get, post, server_process
@@ -236,3 +236,20 @@ def test_serve_refuses_state_for_an_export_without_histories(tiny_data, tmp_path
     r = subprocess.run(serve_command(tmp_path / "bare", "--state", str(tmp_path / "s.sqlite")), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "exported with --no-history" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="needs a redis-server binary on PATH (the test starts a non-durable one)")
+def test_a_redis_that_can_lose_events_needs_not_durable(export_dir, ids, tmp_path):
+    """A Redis without appendfsync always is refused with the fix named; --not-durable accepts it
+    with a warning, and events then flow as usual."""
+    with RedisServer(tmp_path / "redis", options=["--appendonly", "yes", "--appendfsync", "everysec"]) as server:
+        where = with_prefix(server.url, "nd")
+        r = subprocess.run(serve_command(export_dir, "--state", where), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert (f"recsys: error: {where}: the server is not durable (appendonly yes, appendfsync everysec)" in r.stderr
+                and "(recsys serve --not-durable) to accept the risk" in r.stderr), r.stderr
+        assert "Traceback" not in r.stderr
+        with server_process(serve_command(export_dir, "--state", where, "--not-durable"), tmp_path / "server.log") as (base, _):
+            status, body = post(base + "/v1/events", {"events": [event(ids, 5, k, event_id=f"nd{k}") for k in range(3)]})
+            assert (status, body["accepted"]) == (200, 3), body
+        assert "warning: state store " + where + ": the server is not durable" in (tmp_path / "server.log").read_text()

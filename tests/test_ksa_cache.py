@@ -28,6 +28,9 @@ KSA = ["ksa.enabled=true", "ksa.d_model=16", "ksa.heads=2", "ksa.chunk=4", "ksa.
 WITH_DIN = [*KSA, "din.max_len=6", "can.enabled=true", "can.max_len=5",
             "can.pairs=[{induction: item, feed: history.item}]", "can.mlp=[4, 2]"]
 ALONE = [*KSA, "din.enabled=false"]
+#: SIM's KSA-guided search (sim_ksa.yaml): it reads the states' summaries; 2 chunks + the partial one.
+GUIDED = [*KSA, "din.max_len=6", "sim.enabled=true", "sim.mode=ksa", "sim.k=3", "sim.guide_chunks=2",
+          "sim.search_dim=8", "sim.heads=2", "sim.head_dim=4"]
 
 
 def _deterministic_init(model: torch.nn.Module) -> None:
@@ -51,7 +54,7 @@ def _model(overrides):
     return model.eval()
 
 
-MODELS = {"with_din": _model(WITH_DIN), "alone": _model(ALONE)}
+MODELS = {"with_din": _model(WITH_DIN), "alone": _model(ALONE), "guided": _model(GUIDED)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,22 +126,25 @@ def _tokens(model, history):
 
 def check_scores(model, cache, world, requests, *, atol=1e-5):
     """Score ``requests`` [(user, history, cut-off)] through the cache and with whole histories;
-    assert the KSA outputs and the logits agree. Returns the cache's output."""
+    assert the KSA (and KSA-guided SIM) outputs and the logits agree. Returns the KSA output."""
     keys = [r[0] for r in requests]
     histories, times = [r[1] for r in requests], np.array([r[2] for r in requests])
     num = world.rng.integers(1, 4, len(requests))
     cands = {"item": world.rng.integers(0, 40, num.sum()), "category": world.rng.integers(0, 7, num.sum())}
     with torch.no_grad():
         full = model.embed(_batch(histories, times, cands, num, None))
-        expected_ksa = model.blocks["ksa"](full, segment_ids(full.cand_offsets))
+        request = segment_ids(full.cand_offsets)
+        expected_out = {name: model.blocks[name](full, request) for name in cache.blocks}  # ksa runs first
         expected = model.score(full)  # = model(batch of whole histories)
-        short = model.embed(_batch(histories, times, cands, num, model.history_len_without({"ksa"})))
+        short = model.embed(_batch(histories, times, cands, num, model.history_len_without(cache.blocks)))
         query = torch.cat([short.candidate["item"], short.candidate["category"]], -1)  # [C, 2D]
-        got_ksa = cache.readout(keys, histories, query, short.cand_offsets.numpy(), times)
-        got = model.score(short, given={"ksa": got_ksa})
-    torch.testing.assert_close(got_ksa, expected_ksa, atol=atol, rtol=0)
+        got_out = cache.outputs(keys, histories, query, short.cand_offsets.numpy(), times)
+        got = model.score(short, given=got_out)
+    assert sorted(got_out) == sorted(cache.blocks)
+    for name, out in expected_out.items():
+        torch.testing.assert_close(got_out[name], out, atol=atol, rtol=0)
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)
-    return got_ksa
+    return got_out["ksa"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +155,7 @@ def check_scores(model, cache, world, requests, *, atol=1e-5):
 def test_cached_scores_equal_a_full_encode_at_the_scorers_inputs(name):
     model = MODELS[name]
     assert model.history_len is None
-    assert model.history_len_without({"ksa"}) == (6 if name == "with_din" else 0)
+    assert model.history_len_without({"ksa", "sim"} & set(model.blocks)) == {"alone": 0}.get(name, 6)
     world = World(seed=1, users=5)
     for user, k in enumerate([1, 3, 4, 9, 37]):  # chunk 4: a partial chunk, one full, several
         world.append(user, k)
@@ -473,9 +479,6 @@ def test_bad_models_and_budgets_are_refused():
     meta = _model(ALONE).to("meta")
     with pytest.raises(ValueError, match=r"model: KSA states live on the CPU; the model has parameters on \['meta'\]"):
         KSACache(meta, budget_bytes=10)
-    guided = _model([*KSA, "sim.enabled=true", "sim.mode=ksa", "sim.k=4"])
-    with pytest.raises(ValueError, match="another block reads the KSA block's encode of the batch .SIM mode 'ksa'."):
-        KSACache(guided, budget_bytes=10)
 
 
 def test_bad_readout_inputs_are_refused():
@@ -522,5 +525,8 @@ def test_score_given_refusals_and_history_len_without():
     guided = _model([*KSA, "sim.enabled=true", "sim.mode=ksa", "sim.k=4", "din.max_len=6"])
     with torch.no_grad():
         emb = guided.embed(batch)
-        with pytest.raises(ValueError, match=r"given\['ksa'\]: this block must run: another block reads its encode"):
+        with pytest.raises(ValueError, match=r"given\['ksa'\]: this block must run: another block reads its encode "
+                                             r"\(\['sim'\]: SIM mode 'ksa'\), unless their outputs are given too"):
             guided.score(emb, given={"ksa": torch.zeros(2, 16)})
+        both = {"ksa": torch.zeros(2, 16), "sim": torch.zeros(2, guided.blocks["sim"].out_dim)}
+        assert guided.score(emb, given=both).shape == (2,)  # both given: neither runs

@@ -18,12 +18,15 @@ from serving.scorer import Scorer
 from serving.store import EventBatch, open_store
 from tests.runs import make_run, raw_requests
 
+KSA = ("model.ksa.enabled=true", "model.ksa.chunk=8", "model.ksa.window=2", "model.ksa.d_model=16", "model.ksa.heads=2")
 SIM = ("model.sim.enabled=true", "model.sim.mode=hard", "model.sim.k=8", "model.sim.heads=2", "model.sim.head_dim=8")
 #: sim_hard keeps every position of a category (an exact index at any cut-off); sim_capped keeps the
 #: newest 12 per category, as SIM's UBT does, which is exact for requests after the events.
 MODELS = {"din": (), "sim_hard": (*SIM, "model.sim.per_category=100000"), "sim_capped": (*SIM, "model.sim.per_category=12"),
-          "ksa": ("model.ksa.enabled=true", "model.ksa.chunk=8", "model.ksa.window=2", "model.ksa.d_model=16",
-                  "model.ksa.heads=2")}
+          "ksa": KSA}
+#: SIM's KSA-guided search reads the KSA states' summaries (sim_ksa.yaml): 3 chunks of 8 + the partial one.
+MODELS["sim_ksa"] = (*KSA, "model.sim.enabled=true", "model.sim.mode=ksa", "model.sim.k=8", "model.sim.guide_chunks=3",
+                     "model.sim.heads=2", "model.sim.head_dim=8", "model.sim.search_dim=8")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def live_scorer(export: Export, state: Path, **budget: int) -> tuple[Scorer, Liv
     return Scorer(export, live=live), live
 
 
-@pytest.mark.parametrize("export", ["din", "sim_hard", "ksa"], indirect=True)
+@pytest.mark.parametrize("export", ["din", "sim_hard", "ksa", "sim_ksa"], indirect=True)
 def test_appended_events_score_as_a_store_built_with_them(export, tiny_data, tmp_path):
     """The parity contract: export cut at time T + the later events through the store == the full
     export, for every test request (with a capped category index: see the replay test)."""
@@ -89,8 +92,10 @@ def test_appended_events_score_as_a_store_built_with_them(export, tiny_data, tmp
     for start in range(0, len(late), 500):  # batches, as clients send them
         rows = np.arange(start, min(start + 500, len(late)))
         live.append(_take(late, rows))
-    want = Scorer(export).score_many(raw)
+    want = Scorer(export, ksa_cache_bytes=0).score_many(raw)  # whole histories through the model
     got = scorer.score_many(raw)
+    if scorer.ksa is not None:  # KSA (and KSA-guided SIM) read from the cached states, not a re-encode
+        assert scorer.ksa.stats()["hits"] > 0 and set(scorer.ksa.blocks) == {"ksa", "sim"} & set(export.model.blocks)
     # 1e-5: a KSA model reads cached states, equal to a full encode in fp32 to that (tests/test_ksa_cache.py)
     np.testing.assert_allclose([s for r in got for s in r.scores], [s for r in want for s in r.scores], rtol=0, atol=1e-5)
     assert [r.no_history for r in got] == [r.no_history for r in want]
@@ -98,8 +103,9 @@ def test_appended_events_score_as_a_store_built_with_them(export, tiny_data, tmp
     assert not np.allclose(np.concatenate(before), np.concatenate([r.scores for r in want]))
 
 
-@pytest.mark.parametrize(("export", "budget"), [("din", 2**30), ("sim_capped", 2**30), ("ksa", 2**30), ("sim_capped", 20_000)],
-                         indirect=["export"], ids=["din", "sim_capped", "ksa", "sim_capped-evicting"])
+@pytest.mark.parametrize(("export", "budget"), [("din", 2**30), ("sim_capped", 2**30), ("ksa", 2**30), ("sim_ksa", 2**30),
+                                                  ("sim_capped", 20_000)],
+                         indirect=["export"], ids=["din", "sim_capped", "ksa", "sim_ksa", "sim_capped-evicting"])
 def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(export, budget, tiny_data, tmp_path):
     """Online order: each request comes after the events before it have been appended. Every request
     after the cut then scores as with the full export, with a capped category index too, and with
@@ -112,7 +118,7 @@ def test_a_replay_of_events_and_requests_in_time_order_scores_as_the_full_store(
     assert len(raw) >= 20
     late = _take(late, np.argsort(late.timestamp, kind="stable"))  # each user's events keep their order
     scorer, live = live_scorer(early, tmp_path / "state", budget_bytes=budget)
-    full = Scorer(export)
+    full = Scorer(export, ksa_cache_bytes=0)  # whole histories through the model
     sent = 0
     for request in raw:
         upto = int(np.searchsorted(late.timestamp, request["timestamp"], side="left"))

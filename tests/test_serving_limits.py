@@ -171,6 +171,8 @@ def test_limits_refuse_nonsense(field, value, message):
     (["--ksa-cache-mb", "-1"], "--ksa-cache-mb must be a finite number >= 0, got -1.0"),
     (["--live-cache-mb", "nan"], "--live-cache-mb must be a finite number >= 0, got nan"),
     (["--state", "s.sqlite", "--no-state"], "--state and --no-state: give one of them"),
+    (["--not-durable", "--no-state"], "--not-durable and --no-state: --not-durable is about a state store, "
+                                      "and --no-state has none"),
 ])
 def test_serve_flags_are_checked_before_anything_loads(tmp_path, flags, message):
     r = run_cli("serve", "--export", str(tmp_path), *flags)  # tmp_path is no export: never reached

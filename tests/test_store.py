@@ -774,7 +774,7 @@ def test_a_redis_that_can_lose_events_is_refused(tmp_path, capsys, options, prob
         assert str(caught.value) == (
             f"{where}: the server is not durable ({problem}): events it acknowledges could be lost if it stops; "
             f"start it with `{HOW}` (or CONFIG SET appendonly yes, CONFIG SET appendfsync always, CONFIG SET "
-            "maxmemory-policy noeviction), or open the store with durable=False to accept the risk")
+            "maxmemory-policy noeviction), or open the store with durable=False (recsys serve --not-durable) to accept the risk")
         assert capsys.readouterr().err == ""
         seqs = []
         for _ in range(2):
@@ -794,7 +794,7 @@ def test_a_redis_without_config_says_so(tmp_path, capsys):
         text = str(caught.value)
         assert text.startswith(f"{server.url}: cannot check that it is durable: the server refuses CONFIG GET (")
         assert "as managed Redis services do; make sure it runs with appendonly yes, appendfsync always" in text
-        assert text.endswith("then open the store with durable=False")
+        assert text.endswith("then open the store with durable=False (recsys serve --not-durable)")
         with open_store(server.url, durable=False) as s:
             assert isinstance(s, RedisStore) and s.prefix == "recsys"
             assert s.append(events([1])).accepted == 1
