@@ -64,8 +64,10 @@ def _services_ignore_sigint() -> Iterator[None]:
 
 
 def _session(ray, num_cpus: int | None) -> Iterator[None]:
-    address = os.environ.get("RAY_ADDRESS") or None
-    kwargs = {} if address else {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
+    # Unset RAY_ADDRESS means a new local instance, even where another local one runs: address=None
+    # would join that one (through /tmp/ray/ray_current_cluster), and refuses num_cpus there.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = {} if address != "local" else {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers' output stays in Ray's log files (Ray's own monitors are chatty); training progress reaches
     # the terminal through RUN/train.log instead.

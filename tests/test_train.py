@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,21 @@ def test_ray_training_with_two_workers_learns(small_data, tmp_path, monkeypatch)
 
     cfg = load_config(RunConfig, DIN, ["train.epochs=1"])
     monkeypatch.chdir(tmp_path)  # a relative run path, as `make demo` passes (Ray storage needs absolute)
-    run = train(cfg, small_data, "run", workers=2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # A stale /tmp/ray/ray_current_cluster (left by a `ray start` that was killed): without RAY_ADDRESS
+    # training starts its own instance instead of joining that address (Ray then refused num_cpus,
+    # which failed a CI run).
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    saved = address_file.read_text() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text("127.0.0.1:9")  # nothing listens there
+    try:
+        run = train(cfg, small_data, "run", workers=2)
+    finally:
+        if saved is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(saved)
     assert run.path == tmp_path / "run"
     _check_learned(run.path, workers=2)
     assert "[train] epoch 1/1:" in (run.path / "train.log").read_text()
