@@ -25,6 +25,22 @@ Choices where the paper is silent (all in :class:`~recsys.model_schemas.ExploreC
 * Which embeddings move: ``perturb`` (default the candidate's item id embedding); the norm is taken
   over all perturbed embeddings of a candidate together.
 
+Serving (serving/scorer.py, a request's ``explore`` field). A KSA model is served from per-user
+cached states: the KSA block's output (and SIM mode 'ksa''s) is not run by the model but read out
+of the states (``CTRModel.score(given=...)``). That read-out's query is the candidate's
+[item | category] embedding, which AGE moves, so a fixed ``given`` tensor would score the moved h
+against the read-out of the unmoved one and miss its share of ∇_h f. The scorer therefore gives
+functions of the embedded batch (serving/ksa_cache.py ``KSACache.given``): each forward reads the
+(moved) query out of keys copied from the states, with autograd, so ŷ, ḡ and ŷ_e are those of the
+model run on the whole history (tests/test_age_serving.py: equal to scoring without the cache,
+1e-5). MC-dropout with cached states: the masks reach every dense parameter the forward runs
+(the read-out, SIM's search and ESU, the other blocks, the head), but not the KSA encoder's layers,
+whose outputs are the cached states, computed once without masks; re-encoding the whole history
+per dropout sample would undo the cache. So δ_y of a cached KSA model comes from the masks on
+everything after the encoder (the same random draws are made, so with ``dropout: 0`` or
+``uncertainty: noise`` the cached and uncached explore scores are equal), and with dropout it
+differs from an uncached scoring, whose masks reach the encoder too.
+
 Cost, per batch of candidates (all requests together, never a loop over candidates): one forward and
 backward for ŷ and the first gradient, 1 (ts) or N (ucb) dropout forwards of the dense part only (the
 embedding lookups are done once), T − 1 more forward/backward pairs for PGD, one forward for ŷ_e.
@@ -51,8 +67,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -62,6 +79,9 @@ from models.embedding import Embedded
 from models.mlp import MLP
 from recsys.errors import ConfigError
 from recsys.model_schemas import ExploreConfig
+
+if TYPE_CHECKING:  # models.ctr imports this module
+    from models.ctr import Given
 
 #: Parameter-name prefixes that are not θ: the embedding tables and the gate (θ_s).
 NOT_DENSE = ("embeddings.", "gate.")
@@ -117,14 +137,15 @@ def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _Score(nn.Module):
-    """``forward(emb) = model.score(emb)``, so that ``functional_call`` can swap θ for a masked copy."""
+    """``forward(emb, given) = model.score(emb, given)``, so that ``functional_call`` can swap θ for a
+    masked copy (a ``given`` function that runs a block's read-out then reads the masked weights too)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, emb: Embedded) -> torch.Tensor:
-        return self.model.score(emb)
+    def forward(self, emb: Embedded, given: Mapping[str, Given] | None = None) -> torch.Tensor:
+        return self.model.score(emb, given=given)
 
 
 class AGEExplorer:
@@ -160,17 +181,21 @@ class AGEExplorer:
         return dataclasses.replace(emb, candidate=cand, extra=extra)
 
     def _prob_and_grad(self, emb: Embedded, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       given: Mapping[str, Given] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """f at h + Δ and ∇_Δ f per candidate: one forward and one backward for the whole batch."""
         leaves = {n: d.detach().requires_grad_(True) for n, d in delta.items()}
         with torch.enable_grad():
-            prob = torch.sigmoid(self.model.score(self._moved(emb, base, leaves)))  # [C]
+            prob = torch.sigmoid(self.model.score(self._moved(emb, base, leaves), given=given))  # [C]
             grads = torch.autograd.grad(prob.sum(), list(leaves.values()))
         return prob.detach(), dict(zip(leaves, grads, strict=True))
 
     @torch.no_grad()
-    def dropout_probs(self, emb: Embedded, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[samples, C] f(h | θ ⊙ M_k): MC-dropout (Eq. 11) on θ, inverted scaling, the embeddings looked up once."""
+    def dropout_probs(self, emb: Embedded, samples: int, generator: torch.Generator | None = None,
+                      given: Mapping[str, Given] | None = None) -> torch.Tensor:
+        """[samples, C] f(h | θ ⊙ M_k): MC-dropout (Eq. 11) on θ, inverted scaling, the embeddings looked up once.
+
+        Not thread-safe: ``functional_call`` swaps the model's parameters in place while it runs, so
+        nothing else may run the model meanwhile (serving/scorer.py holds a lock)."""
         rate = self.cfg.dropout
         theta = dense_parameters(self.model)
         out = []
@@ -179,18 +204,19 @@ class AGEExplorer:
             for n, p in theta.items():
                 keep = _draw(torch.rand, p.shape, generator, p.device) >= rate
                 masked[f"model.{n}"] = p * keep / (1.0 - rate)
-            out.append(torch.sigmoid(functional_call(self._scorer, masked, (emb,))))
+            out.append(torch.sigmoid(functional_call(self._scorer, masked, (emb,), {"given": given})))
         return torch.stack(out)
 
-    def uncertainty(self, emb: Embedded, exploit: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def uncertainty(self, emb: Embedded, exploit: torch.Tensor, generator: torch.Generator | None = None,
+                    given: Mapping[str, Given] | None = None) -> torch.Tensor:
         """δ_y [C]: signed (ts) or a spread ≥ 0 (ucb); Gaussian noise under ``uncertainty: noise``."""
         cfg = self.cfg
         if cfg.uncertainty == "noise":
             noise = _draw(torch.randn, exploit.shape, generator, exploit.device) * cfg.noise_std
             return noise if cfg.form == "ts" else noise.abs()
         if cfg.form == "ts":
-            return self.dropout_probs(emb, 1, generator)[0] - exploit
-        sq = ((self.dropout_probs(emb, cfg.samples, generator) - exploit) ** 2).mean(0)
+            return self.dropout_probs(emb, 1, generator, given)[0] - exploit
+        sq = ((self.dropout_probs(emb, cfg.samples, generator, given) - exploit) ** 2).mean(0)
         return sq.sqrt() if cfg.spread == "std" else sq
 
     def open_gate(self, emb: Embedded, exploit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -211,7 +237,8 @@ class AGEExplorer:
         return {n: g * scale.unsqueeze(-1) for n, g in grads.items()}
 
     def perturb(self, emb: Embedded, base: dict[str, torch.Tensor], radius: torch.Tensor, sign: torch.Tensor,
-                first_grad: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                first_grad: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                given: Mapping[str, Given] | None = None) -> dict[str, torch.Tensor]:
         """Δh per perturbed embedding, ‖Δh‖ ≤ radius [C]: FGM, PGD, or a random direction (ablation)."""
         cfg = self.cfg
         r = radius.unsqueeze(-1)
@@ -225,7 +252,7 @@ class AGEExplorer:
         delta = {n: torch.zeros_like(b) for n, b in base.items()}
         for t in range(cfg.pgd_steps):
             if t:
-                _, grads = self._prob_and_grad(emb, base, delta)
+                _, grads = self._prob_and_grad(emb, base, delta, given)
                 step = self._direction(grads, sign)
             delta = {n: delta[n] + alpha * step[n] for n in delta}
             norm = _row_norm(delta)
@@ -236,13 +263,20 @@ class AGEExplorer:
     # ---------------------------------------------------------------------------------- scoring
 
     def score_embedded(self, emb: Embedded, impressions: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> ExploreScores:
-        """AGE on embeddings already looked up (detached): see :meth:`score`."""
+                       generator: torch.Generator | None = None,
+                       given: Mapping[str, Given] | None = None) -> ExploreScores:
+        """AGE on embeddings already looked up (detached), the model in eval mode: see :meth:`score`.
+
+        Args:
+            given: block outputs computed elsewhere, as ``CTRModel.score(given=...)``. A tensor stays
+                fixed while h moves, so give a function of the embedded batch for any block that
+                reads the candidates' embeddings (serving's cached KSA read-out: module docstring).
+        """
         cfg = self.cfg
         base = self._base(emb)
         zero = {n: torch.zeros_like(b) for n, b in base.items()}
-        exploit, grad0 = self._prob_and_grad(emb, base, zero)
-        delta_y = self.uncertainty(emb, exploit, generator)
+        exploit, grad0 = self._prob_and_grad(emb, base, zero, given)
+        delta_y = self.uncertainty(emb, exploit, generator, given)
         sigma, gate_score = self.open_gate(emb, exploit)
         if impressions is not None:
             sigma = sigma & (impressions.to(exploit.device) < cfg.impression_threshold)
@@ -250,9 +284,9 @@ class AGEExplorer:
         sign = torch.where(delta_y < 0, -1.0, 1.0).to(exploit.dtype)
         moved = radius > 0
         if bool(moved.any()):
-            delta = self.perturb(emb, base, radius, sign, grad0, generator)
+            delta = self.perturb(emb, base, radius, sign, grad0, generator, given)
             with torch.no_grad():
-                explore = torch.sigmoid(self.model.score(self._moved(emb, base, delta)))
+                explore = torch.sigmoid(self.model.score(self._moved(emb, base, delta), given=given))
             explore = torch.where(moved, explore, exploit)
             delta = {n: d * moved.unsqueeze(-1) for n, d in delta.items()}
         else:

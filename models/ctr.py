@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -40,6 +40,10 @@ from models.ksa import KSABlock
 from models.mlp import MLP
 from models.sim import SIMBlock
 from recsys.model_schemas import DINConfig, ModelConfig
+
+#: A block output given to :meth:`CTRModel.score`: ``[C, out_dim]``, or a function of the embedded batch
+#: that computes it (serving's KSA read-out from cached states, which AGE moves with the query).
+Given = torch.Tensor | Callable[[Embedded], torch.Tensor]
 
 
 class DINBlock(nn.Module):
@@ -125,7 +129,7 @@ class CTRModel(nn.Module):
             self._gate_logits = self.gate(emb) if self.training else None
         return emb
 
-    def score(self, emb: Embedded, given: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def score(self, emb: Embedded, given: Mapping[str, Given] | None = None) -> torch.Tensor:
         """logits [C] from embeddings: the blocks and the head (the dense part, AGE's θ).
 
         Args:
@@ -133,6 +137,8 @@ class CTRModel(nn.Module):
                 ``history_len_without(given)`` events of each history when ``given`` is set.
             given: block name -> that block's output ``[C, out_dim]``, computed elsewhere (serving
                 reads the KSA block from per-user states, serving/ksa_cache.py); such a block is not run.
+                An entry may also be a function of ``emb`` that computes it: the output then follows
+                the candidates' embeddings when those move (AGE, models/age.py).
 
         Raises:
             ValueError: a name in ``given`` that is no block, an output of the wrong shape, or a block
@@ -140,6 +146,7 @@ class CTRModel(nn.Module):
         """
         request = segment_ids(emb.cand_offsets)  # [C] candidate -> its request
         if given:
+            given = {name: out(emb) if callable(out) else out for name, out in given.items()}
             self._check_given(given, len(request))
         else:
             given = {}

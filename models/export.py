@@ -4,8 +4,10 @@ An export is written from a training run directory (its ``config.yaml``, ``run.j
 checkpoint) and the built data it was trained on. It appears whole, by an atomic rename, or not
 at all::
 
-    manifest.json        format + version, library versions, created time, source run, and
-                         files: {relpath: {sha256, bytes}} for every other file
+    manifest.json        format + version, library versions, created time, source run, the
+                         precision serving loads the tables at (embeddings: fp32, fp16, int8,
+                         int4; models/quant.py), and files: {relpath: {sha256, bytes}} for every
+                         other file
     config.yaml          the run config (RunConfig)
     spec.json            FeatureSpec fields + history_len (events each request keeps)
     weights.pt           the model's state dict, plain tensors (torch.save; read weights_only)
@@ -62,6 +64,7 @@ from features.history import HistoryStore
 from features.vocab import Vocab
 from models.batch import FeatureSpec
 from models.ctr import CTRModel, build_model
+from models.quant import DEFAULT_PRECISION, PRECISIONS, check_precision, quantize_embeddings
 from recsys import __version__, run_state
 from recsys.config import dump_config, load_config
 from recsys.errors import ConfigError, DataError, RecsysError
@@ -89,7 +92,7 @@ class Export:
     """
 
     path: Path
-    model: CTRModel  # eval mode, CPU
+    model: CTRModel  # eval mode, CPU, tables at ``embeddings``
     spec: FeatureSpec
     config: RunConfig
     history_len: int | None
@@ -99,6 +102,7 @@ class Export:
     history: HistoryStore | None
     manifest: dict[str, Any]
     category_index: CategoryIndex | None = None  # SIM hard search over ``history``
+    embeddings: str = DEFAULT_PRECISION  # the precision ``model``'s tables run at (models/quant.py)
 
     @property
     def name(self) -> str:
@@ -109,6 +113,14 @@ class Export:
     def weights_sha256(self) -> str:
         return self.manifest["files"][WEIGHTS]["sha256"]
 
+    @property
+    def model_id(self) -> str:
+        """Names the model that computes with these weights: the weights' sha256, and with quantized
+        tables the precision too (``SHA256:int8``), since their outputs differ from fp32's (what
+        serving keys cached per-user states by)."""
+        sha = self.weights_sha256
+        return sha if self.embeddings == DEFAULT_PRECISION else f"{sha}:{self.embeddings}"
+
 
 # --------------------------------------------------------------------------------------------
 # Writing
@@ -116,7 +128,7 @@ class Export:
 
 def save_export(
     run_dir: str | Path, out: str | Path, *, include_history: bool = True, overwrite: bool = False,
-    allow_partial: bool = False,
+    allow_partial: bool = False, embeddings: str = DEFAULT_PRECISION,
 ) -> dict[str, Any]:
     """Export the latest checkpoint of the training run ``run_dir`` into the directory ``out``.
 
@@ -127,6 +139,8 @@ def save_export(
             itself); without it every request must bring its own history.
         overwrite: replace a non-empty ``out``.
         allow_partial: export an unfinished run's latest epoch checkpoint (recsys/run_state.py).
+        embeddings: the precision serving loads the tables at by default (:data:`models.quant.PRECISIONS`;
+            recorded in the manifest; the weights stay fp32, so ``recsys serve --embeddings`` can choose another).
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
@@ -135,7 +149,9 @@ def save_export(
         RecsysError: an unreadable run or data directory, an unfinished run (without
             ``allow_partial``), or weights that do not fit the config or are not finite.
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+        ValueError: ``embeddings`` is not one of :data:`models.quant.PRECISIONS`.
     """
+    check_precision(embeddings, "embeddings")
     check_output_dir(out, overwrite=overwrite)
     run_dir = Path(run_dir).resolve()
     cfg = load_config(RunConfig, run_dir / "config.yaml")
@@ -178,6 +194,7 @@ def save_export(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model": cfg.name,
+            "embeddings": embeddings,
             "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "source": {"run": str(run_dir), "checkpoint": str(run["checkpoint"]), "data": str(data)},
             "versions": library_versions(),
@@ -288,18 +305,28 @@ def _check_entry(root: Path, rel: Any, entry: Any, where: str) -> None:
         raise DataError("sha256 mismatch (export was modified after it was written)", file=str(file))
 
 
-def load_export(path: str | Path) -> Export:
+def load_export(path: str | Path, *, embeddings: str | None = None) -> Export:
     """Verify (:func:`verify_export`) and load an export for scoring.
 
+    Args:
+        path: the export directory.
+        embeddings: the precision to run the tables at (:func:`models.quant.quantize_embeddings`);
+            None: the manifest's ``embeddings`` (``recsys export --embeddings``), fp32 for exports
+            written before it existed.
+
     Raises:
-        DataError: the export fails verification, a file does not parse, or the weights do not fit
-        the config (the message names the file and what is wrong).
+        DataError: the export fails verification, a file does not parse, the weights do not fit
+        the config, or the manifest names an unknown precision (the message names the file and
+        what is wrong).
+        ValueError: ``embeddings`` is not one of :data:`models.quant.PRECISIONS`.
     """
+    if embeddings is not None:
+        check_precision(embeddings, "embeddings")
     root = Path(path)
-    return _load(root, verify_export(root))
+    return _load(root, verify_export(root), embeddings=embeddings)
 
 
-def _load(root: Path, manifest: dict[str, Any]) -> Export:
+def _load(root: Path, manifest: dict[str, Any], *, embeddings: str | None = None) -> Export:
     for rel in REQUIRED:
         if rel not in manifest["files"]:
             raise DataError(f"does not list {rel}, which every export has", file=str(root / MANIFEST))
@@ -310,9 +337,14 @@ def _load(root: Path, manifest: dict[str, Any]) -> Export:
     raw_spec = _read_json(root / "spec.json")
     spec = _spec(raw_spec, file=root / "spec.json")
     history_len = _history_len(raw_spec.get("history_len"), file=root / "spec.json")
+    if embeddings is None:
+        embeddings = manifest.get("embeddings", DEFAULT_PRECISION)  # absent: written before precisions existed
+        if embeddings not in PRECISIONS:
+            raise DataError(f"not a precision; expected one of {', '.join(PRECISIONS)}", file=str(root / MANIFEST),
+                            field="embeddings", value=embeddings)
     model = build_model(cfg.model, spec)
     load_weights(model, root / WEIGHTS, what="config.yaml + spec.json")
-    model.eval()
+    quantize_embeddings(model.eval(), embeddings)
 
     vocabs = {p.stem: Vocab.load(root / "vocab", p.stem) for p in sorted((root / "vocab").glob("*.parquet"))}
     for feature, name in FEATURE_VOCAB.items():
@@ -342,7 +374,8 @@ def _load(root: Path, manifest: dict[str, Any]) -> Export:
             raise DataError(f"{index.num_categories} categories, spec.json sizes.category = {spec.sizes['category']}",
                             file=str(root / CATEGORY_INDEX))
     return Export(path=root, model=model, spec=spec, config=cfg, history_len=history_len, vocabularies=vocabs,
-                  items=items, users=users, history=store, manifest=manifest, category_index=index)
+                  items=items, users=users, history=store, manifest=manifest, category_index=index,
+                  embeddings=embeddings)
 
 
 def load_weights(model: nn.Module, path: Path, *, what: str) -> None:

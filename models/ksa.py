@@ -580,6 +580,24 @@ def _keep_from(n: int, rows: int, first: int) -> int:
     return max(first - (n - rows), 0)
 
 
+@dataclass(frozen=True)
+class ReadoutKeys:
+    """The top-layer keys one request's candidates read (:meth:`KSAState.keys_at`): K = the
+    summaries of the chunks before the raw window, then the window's raw events."""
+
+    states: torch.Tensor  # [K, d] top-layer states
+    pos: torch.Tensor  # [K] origin positions
+    gap: torch.Tensor  # [K] time-gap buckets to the request time
+    n: int  # events the request has seen (the query's position)
+
+    def read(self, block: KSABlock, query: torch.Tensor) -> torch.Tensor:
+        """[M, d] the read-out of candidates ``query [M, 2D]``; differentiable in ``query`` (and in the
+        read-out's parameters) when autograd is on: AGE moves the query (models/age.py)."""
+        return block.readout(query=query, cand_request=torch.zeros(len(query), dtype=torch.int64),
+                             n=torch.tensor([self.n]), key_states=self.states, key_pos=self.pos, key_gap=self.gap,
+                             key_offsets=torch.tensor([0, len(self.states)]))
+
+
 class KSAState:
     """One user's KSA cache: everything needed to append events and score candidates.
 
@@ -683,19 +701,23 @@ class KSAState:
     def read(self, block: KSABlock, query: torch.Tensor, request_time: int,
              gap_bucket) -> torch.Tensor:
         """Read-out of candidates ``query [M, 2D]`` at ``request_time``; ``gap_bucket(seconds) -> ids``."""
+        return self.keys_at(request_time, gap_bucket).read(block, query)
+
+    @torch.no_grad()
+    def keys_at(self, request_time: int, gap_bucket) -> ReadoutKeys:
+        """What a read-out at ``request_time`` attends to, copied out of the state: later appends to
+        the state do not change it, and reading it is differentiable in the query."""
         cfg = self.cfg
         n = self.n
         ns, r0 = readout_keys(torch.tensor([n]), chunk=cfg.chunk, summaries=cfg.summaries, window=cfg.window)
         ns, r0 = int(ns), int(r0)
         raw_from = r0 - (n - len(self.top))
-        states = torch.cat([self.top_sum.view(ns), self.top[raw_from:]])  # [K, d]
+        states = torch.cat([self.top_sum.view(ns), self.top[raw_from:]])  # [K, d], a copy
         times = np.concatenate([self.sum_time[:ns], self.top_time[raw_from:]])
         j = torch.arange(ns)
         key_pos = torch.cat([summary_origin(j, chunk=cfg.chunk, summaries=cfg.summaries), torch.arange(r0, n)])
         key_gap = torch.as_tensor(gap_bucket(request_time - times), dtype=torch.int64)
-        return block.readout(query=query, cand_request=torch.zeros(len(query), dtype=torch.int64),
-                             n=torch.tensor([n]), key_states=states, key_pos=key_pos, key_gap=key_gap,
-                             key_offsets=torch.tensor([0, len(states)]))
+        return ReadoutKeys(states=states, pos=key_pos, gap=key_gap, n=n)
 
     # --- size and bytes
 

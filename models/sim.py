@@ -42,6 +42,7 @@ D embedding dim, Dz = 4D ESU key dim, d' = ``search_dim``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -364,8 +365,8 @@ class SIMBlock(nn.Module):
 
     # --- serving: one request from a KSA state
 
-    @torch.no_grad()
-    def guided_search_one(self, query: torch.Tensor, summaries: torch.Tensor, n: int, keys) -> torch.Tensor:
+    def guided_search_one(self, query: torch.Tensor, summaries: torch.Tensor, n: int, keys, *,
+                          differentiable: bool = False) -> torch.Tensor:
         """KSA-guided GSU + ESU for one request without its whole history in memory: what serving
         does with a user's :class:`models.ksa.KSAState` (its ``top_sum`` rows are ``summaries``).
 
@@ -375,9 +376,16 @@ class SIMBlock(nn.Module):
             n: the history length.
             keys: ``keys(positions [P]) -> [P, 4D]``, the ESU keys [item | category | behaviour | gap]
                 of those history events (looked up only for the chosen chunks' events).
+            differentiable: keep autograd as the caller has it (AGE differentiates the output in
+                ``query``; the chunk and top-k choices are discrete, as in :meth:`forward`); by
+                default no graph is built.
         Returns:
             [M, heads * 4D], what :meth:`forward` returns for these candidates.
         """
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
+            return self._guided_search_one(query, summaries, n, keys)
+
+    def _guided_search_one(self, query: torch.Tensor, summaries: torch.Tensor, n: int, keys) -> torch.Tensor:
         C, S = self._ksa[0].cfg.chunk, self._ksa[0].cfg.summaries
         mq = len(query)
         lengths = torch.tensor([n], device=query.device)

@@ -43,9 +43,10 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from features.requests import drop_histories
-from models.batch import batch_from_requests
+from models.batch import FeatureSpec, batch_from_requests
 from models.ctr import build_model, parameter_count
 from models.scoring import score_requests
 from pipelines.distributed import (
@@ -651,10 +652,21 @@ def evaluate_split(run: Run, split: str, *, state: dict[str, torch.Tensor] | Non
     else:
         model = build_model(run.config.model, run.spec)
         model.load_state_dict(state)
-    table = pq.read_table(split_path(run.data_dir, split))
-    store = store or run.store()
-    scores = score_requests(model, run.spec, store, table, history_len=run.history_len, search_k=run.search_k,
-                            index=run.category_index(store) if run.search_k is not None else None)
+    return evaluate_model(model, run.spec, run.data_dir, split, history_len=run.history_len, search_k=run.search_k,
+                          store=store or run.store(), with_scores=with_scores)
+
+
+def evaluate_model(model: torch.nn.Module, spec: FeatureSpec, data_dir: Path, split: str, *, history_len: int | None,
+                   search_k: int | None, store: HistoryStore | None = None, with_scores: bool = False) -> dict[str, Any]:
+    """Metrics of ``model`` on a split of the built data at ``data_dir``: :func:`evaluate_split`'s
+    path, for any model of that data (an exported one, one with quantized tables)."""
+    table = pq.read_table(split_path(data_dir, split))
+    store = store or HistoryStore.open(Path(data_dir) / "history" / "history.arrow")
+    index = None
+    if search_k is not None:
+        index = CategoryIndex.beside(Path(data_dir) / "history" / "history.arrow", store,
+                                     num_categories=spec.sizes["category"])
+    scores = score_requests(model, spec, store, table, history_len=history_len, search_k=search_k, index=index)
     if len(scores["prob"]) == 0:
         raise RecsysError(f"the {split} split has no candidates to evaluate")
     metrics = evaluate(scores["label"], scores["prob"], scores["user"], true_prob=scores.get("true_prob"))

@@ -18,6 +18,10 @@ BEHAVIOR_CODE: dict[str, int] = {name: code for code, name in enumerate(BEHAVIOR
 #: Row 0 of every vocabulary: ids never seen, or seen fewer than min_count times.
 OOV_INDEX = 0
 
+#: Precisions a model's embedding tables can be served at (models/quant.py): here, without torch,
+#: so that ``recsys --help`` can list them.
+EMBEDDING_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
+
 
 @dataclass(frozen=True)
 class Jagged:
