@@ -21,6 +21,7 @@ from recsys import __version__
 from recsys.config import load_config
 from recsys.errors import Interrupted, RecsysError
 from recsys.progress import set_quiet
+from recsys.types import EMBEDDING_PRECISIONS
 
 EXIT_INPUT_ERROR = 2
 
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-history", action="store_true", help="do not ship the history store (requests must carry histories)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     export.add_argument("--allow-partial", action="store_true", help="export an unfinished run's latest epoch checkpoint")
+    export.add_argument("--embeddings", choices=EMBEDDING_PRECISIONS, default="fp32",
+                        help="precision `recsys serve` loads the tables at unless told otherwise (recorded in "
+                        "manifest.json; weights stay fp32); default fp32")
     export.set_defaults(handler=_cmd_export)
 
     from serving.limits import Limits  # no torch, no FastAPI: --help stays fast
@@ -178,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--export", type=Path, required=True, help="a directory written by `recsys export`")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0..65535; 0 picks a free port (printed); default 8000")
+    serve.add_argument("--embeddings", choices=EMBEDDING_PRECISIONS, default=None,
+                       help="precision of the embedding tables (torchrec quantized lookups; int8 and int4 row-wise): "
+                       f"{', '.join(EMBEDDING_PRECISIONS)}; default the export's (recsys export --embeddings), fp32 for "
+                       "exports without one. /healthz reports it")
     serve.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, metavar="N",
                        help=f"larger bodies get 413 (by Content-Length, before reading); default {limits.max_body_bytes} (8 MiB)")
     serve.add_argument("--max-candidates", type=int, default=limits.max_candidates, metavar="N",
@@ -194,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"earliest accepted timestamp (unix seconds); default {limits.min_timestamp} (2000-01-01T00:00:00Z)")
     serve.add_argument("--max-future-seconds", type=int, default=limits.max_future_seconds, metavar="S",
                        help=f"latest accepted timestamp, after the server's clock; default {limits.max_future_seconds} (a day)")
+    serve.add_argument("--max-batch", type=int, default=limits.max_batch, metavar="N",
+                       help=f"score requests coalesced into one model call (1: each alone); default {limits.max_batch}")
+    serve.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_ms, metavar="MS",
+                       help="how long the first request of a batch waits for others to join it; "
+                       f"default {limits.batch_wait_ms:g}")
     state = serve.add_argument_group("live state (docs/SERVING.md, \"State\")")
     state.add_argument("--state", metavar="WHERE", default=None,
                        help="where POST /v1/events logs events and scoring reads them: a SQLite file or directory, or "
@@ -211,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--live-cache-mb", type=float, default=512, metavar="MB",
                        help="memory for the merged histories of users with logged events, least recently used dropped "
                        "(rebuilt from export + log when next needed); default 512")
+    scale = serve.add_argument_group("scale-out (docs/SERVING.md, \"Scale-out: Ray Serve\")")
+    scale.add_argument("--ray", action="store_true",
+                       help="serve through Ray Serve replicas (one process each) on a local Ray instance started "
+                       "for the command, or on the cluster at RAY_ADDRESS (which needs --state redis://...)")
+    scale.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="Ray Serve replicas (with --ray); default 2")
     serve.set_defaults(handler=_cmd_serve)
 
     demo = groups.add_parser(
@@ -334,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
         "age", help="AGE-TS and AGE-UCB scoring vs plain scoring: time per request",
         description="Scoring time of one request (--candidates candidates, --history events) with AGE's exploration\n"
         "(TS: one dropout sample; UCB: N=20; PGD, T=3; every candidate explored) against plain scoring, in the same\n"
-        "run, for configs/models/din.yaml and full.yaml. Quote the ratios. See docs/BENCHMARKS.md.",
-        epilog="example: recsys bench age --json",
+        "run, for configs/models/din.yaml and full.yaml. Quote the ratios. With --serving: the serving path instead,\n"
+        "Scorer.score_many on a request with and without \"explore\" (a user with --history events in a SQLite store;\n"
+        "an export per --models config, one epoch on a tiny world, or --export). See docs/BENCHMARKS.md.",
+        epilog="example: recsys bench age --json; recsys bench age --serving --models din,full --json",
         formatter_class=fmt,
     )
     bage.add_argument("--models", default="din,full", help="comma-separated model configs (default din,full)")
@@ -343,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     bage.add_argument("--history", type=int, default=1000, metavar="N", help="history events (default 1000)")
     bage.add_argument("--repeats", type=int, default=20, metavar="R", help="timed scorings of each, after 1 warm-up (p50; default 20)")
     bage.add_argument("--json", action="store_true", help="print one JSON object (rows: plain_ms, age_ts_ms, ts_ratio, ...)")
+    bage.add_argument("--serving", action="store_true",
+                      help="time the serving path (Scorer.score_many with and without a request's explore) instead")
+    bage.add_argument("--export", type=Path, action="append", default=None, metavar="DIR",
+                      help="with --serving: an export to time instead of --models (repeatable)")
+    bage.add_argument("--workdir", type=Path, default=None,
+                      help="with --serving: keep the tiny world, runs and exports here (reused)")
     bage.set_defaults(handler=_cmd_bench_age)
     bserve = bench_cmds.add_parser(
         "serve", help="stateful serving: scoring from cached KSA states vs re-encoding, durable appends",
@@ -367,6 +394,48 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--workdir", type=Path, default=None, help="keep the world, run and export here (reused)")
     bserve.add_argument("--json", action="store_true", help="print one JSON object")
     bserve.set_defaults(handler=_cmd_bench_serve)
+    bload = bench_cmds.add_parser(
+        "load", help="a bounded load test of `recsys serve` (score + event traffic), with and without micro-batching",
+        description="Closed-loop HTTP clients against a fresh `recsys serve` per row (127.0.0.1 only): score requests,\n"
+        "event batches (--events-share) and malformed requests (--bad-share), for --duration seconds or --max-requests.\n"
+        "Users with histories of 10..--max-history events are logged in the state store first. Reports requests/s,\n"
+        "p50/p95/p99, errors, server memory and the mean batch size per row. See docs/BENCHMARKS.md.",
+        epilog="example: recsys bench load --clients 1,8,32 --batching both --events-share 0",
+        formatter_class=fmt,
+    )
+    bload.add_argument("--clients", default="1,8,32", metavar="N,N", help="concurrent clients per row (default 1,8,32)")
+    bload.add_argument("--batching", choices=("on", "off", "both"), default="both",
+                       help="server micro-batching: on (--max-batch 32), off (--max-batch 1), or a row of each (default)")
+    bload.add_argument("--bad-share", default="0", metavar="F,F",
+                       help="shares of malformed requests, one row each (default 0)")
+    bload.add_argument("--events-share", type=float, default=0.1, metavar="F", help="share of event batches (default 0.1)")
+    bload.add_argument("--duration", type=float, default=15.0, metavar="S", help="seconds per row (default 15)")
+    bload.add_argument("--max-requests", type=int, default=100_000, metavar="N", help="requests per row at most (default 100000)")
+    bload.add_argument("--candidates", type=int, default=100, metavar="M", help="candidates per score request (default 100)")
+    bload.add_argument("--users", type=int, default=24, metavar="U", help="users, histories log-spaced (default 24)")
+    bload.add_argument("--max-history", type=int, default=10_000, metavar="N", help="the longest history (default 10000)")
+    bload.add_argument("--model", choices=("full", "sim_ksa", "ksa", "din"), default="full",
+                       help="the config of the export it makes (default full)")
+    bload.add_argument("--export", type=Path, default=None, help="an export to load-test instead")
+    bload.add_argument("--workdir", type=Path, default=None, help="keep the world, run, export and stores here (reused)")
+    bload.add_argument("--json", action="store_true", help="print one JSON object")
+    bload.set_defaults(handler=_cmd_bench_load)
+    bquant = bench_cmds.add_parser(
+        "quant", help="embedding tables at fp32, fp16, int8, int4: table bytes, AUC and logloss on a split",
+        description="One trained model (a run's checkpoint or an export's weights) with its torchrec tables at each\n"
+        "precision (models/quant.py; dense layers stay fp32): the tables' bytes as stored and their ratio to fp32,\n"
+        "AUC, GAUC and logloss on --split as `recsys eval` computes them, the AUC change against fp32 and the\n"
+        "largest change of a click probability. See docs/BENCHMARKS.md.",
+        epilog="example: recsys bench quant --run out/runs/full --data out/data --json",
+        formatter_class=fmt,
+    )
+    bquant_source = bquant.add_mutually_exclusive_group(required=True)
+    bquant_source.add_argument("--run", type=Path, help="a finished run of `recsys train` (its latest checkpoint)")
+    bquant_source.add_argument("--export", type=Path, help="a directory written by `recsys export` (its weights)")
+    bquant.add_argument("--data", type=Path, required=True, help="the built dataset the model was trained on")
+    bquant.add_argument("--split", choices=["train", "valid", "test"], default="test", help="default test")
+    bquant.add_argument("--json", action="store_true", help="print one JSON object (rows: precision, table_bytes, ...)")
+    bquant.set_defaults(handler=_cmd_bench_quant)
     return parser
 
 
@@ -486,7 +555,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from models.export import save_export
 
     manifest = save_export(args.run, args.out, include_history=not args.no_history, overwrite=args.overwrite,
-                           allow_partial=args.allow_partial)
+                           allow_partial=args.allow_partial, embeddings=args.embeddings)
     print(f"exported {args.run} to {args.out} ({len(manifest['files'])} files, checksummed in manifest.json)")
     return 0
 
@@ -506,12 +575,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for flag, value in (("--ksa-cache-mb", args.ksa_cache_mb), ("--live-cache-mb", args.live_cache_mb)):
         if not (math.isfinite(value) and value >= 0):
             raise RecsysError(f"{flag} must be a finite number >= 0, got {value}")
+    if args.replicas is not None and not args.ray:
+        raise RecsysError(f"--replicas {args.replicas} needs --ray (without it one process serves)")
+    if args.ray and args.embeddings is not None:  # the replicas load the export as it is
+        raise RecsysError(f"--embeddings {args.embeddings} with --ray: Ray Serve replicas serve the export's own "
+                          "precision; record it with `recsys export --embeddings`")
+    if args.ray:
+        return _cmd_serve_ray(args, limits)
     from serving.http import AUTO_STATE, serve
 
     state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
     serve(args.export, host=args.host, port=args.port, limits=limits, state=state,
           ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20),
-          durable=not args.not_durable)
+          durable=not args.not_durable, embeddings=args.embeddings)
+    return 0
+
+
+def _cmd_serve_ray(args: argparse.Namespace, limits) -> int:
+    """`recsys serve --ray`: the flags already checked by _cmd_serve, then serving.ray_serve."""
+    replicas = 2 if args.replicas is None else args.replicas
+    if replicas < 1:  # here too: before torch and ray are imported
+        raise RecsysError(f"--replicas must be >= 1, got {replicas}")
+    from serving.http import AUTO_STATE
+    from serving.ray_serve import serve_ray
+
+    state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
+    serve_ray(args.export, host=args.host, port=args.port, replicas=replicas, limits=limits, state=state,
+              ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20),
+              durable=not args.not_durable)
     return 0
 
 
@@ -596,9 +687,33 @@ def _cmd_bench_age(args: argparse.Namespace) -> int:
     for m in models:
         if not (config_dir() / "models" / f"{m}.yaml").is_file():
             raise RecsysError(f"--models: unknown model {m!r} (configs in {config_dir() / 'models'})")
-    return _run_bench(args, {"--candidates": args.candidates, "--history": args.history, "--repeats": args.repeats},
+    counts = {"--candidates": args.candidates, "--history": args.history, "--repeats": args.repeats}
+    if args.serving:
+        return _run_bench(args, counts, lambda: _bench_age_serving(args, models), _format_bench_age_serving)
+    for flag, value in (("--export", args.export), ("--workdir", args.workdir)):
+        if value is not None:
+            raise RecsysError(f"{flag}: only with --serving (it times the serving path on exports)")
+    return _run_bench(args, counts,
                       lambda: bench_age(models, candidates=args.candidates, history=args.history, repeats=args.repeats),
                       format_bench_age)
+
+
+def _bench_age_serving(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
+    import tempfile
+
+    from pipelines.bench_serve import bench_export
+    from serving.bench_age import bench_age_serving
+
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-age-") as tmp:
+        exports = args.export or [bench_export(args.workdir or Path(tmp), m) for m in models]
+        return bench_age_serving(exports, sqlite_dir=tmp, history=args.history, candidates=args.candidates,
+                                 repeats=args.repeats)
+
+
+def _format_bench_age_serving(result: dict[str, Any]) -> str:
+    from serving.bench_age import format_bench_age_serving
+
+    return format_bench_age_serving(result)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -618,6 +733,38 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 
     return _run_bench(args, {"--history": args.history, "--candidates": args.candidates, "--repeats": args.repeats,
                              "--appends": args.appends}, run, format_bench_serve)
+
+
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from serving.loadgen import Row, bench_load, format_bench_load
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+        bad = [float(b) for b in args.bad_share.split(",") if b.strip()]
+    except ValueError:
+        raise RecsysError(f"--clients must be comma-separated integers and --bad-share comma-separated numbers, got "
+                          f"{args.clients!r} and {args.bad_share!r}") from None
+    if not clients or not bad:
+        raise RecsysError("--clients and --bad-share: give at least one value each")
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.batching]
+    rows = [Row(clients=c, batching=m, bad_share=b) for b in bad for c in clients for m in modes]
+    if args.export is not None and args.model != "full":
+        raise RecsysError("--export and --model: give one of them (--model names the export to make)")
+
+    def run() -> dict[str, Any]:
+        from pipelines.bench_serve import bench_export
+
+        with tempfile.TemporaryDirectory(prefix="recsys-bench-load-") as tmp:
+            root = args.workdir or Path(tmp)
+            export = args.export or bench_export(root, args.model)
+            return bench_load(export, root / "load", rows, duration=args.duration, max_requests=args.max_requests,
+                              events_share=args.events_share, candidates=args.candidates, users=args.users,
+                              max_history=args.max_history)
+
+    return _run_bench(args, {"--max-requests": args.max_requests, "--candidates": args.candidates, "--users": args.users,
+                             "--max-history": args.max_history}, run, format_bench_load)
 
 
 def _cmd_simulate_explore(args: argparse.Namespace) -> int:
@@ -644,6 +791,13 @@ def _cmd_bench_can(args: argparse.Namespace) -> int:
 
     return _run_bench(args, {"--candidates": args.candidates, "--steps": args.steps, "--repeats": args.repeats},
                       lambda: bench_can(candidates=args.candidates, steps=args.steps, repeats=args.repeats), format_bench_can)
+
+
+def _cmd_bench_quant(args: argparse.Namespace) -> int:
+    from pipelines.bench_quant import bench_quant, format_bench_quant
+
+    return _run_bench(args, {}, lambda: bench_quant(data=args.data, run=args.run, export=args.export, split=args.split),
+                      format_bench_quant)
 
 
 def format_report(r: dict[str, Any]) -> str:

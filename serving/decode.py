@@ -60,12 +60,41 @@ class Event(TypedDict):
     timestamp: Id
 
 
+#: The most MC-dropout samples a request may ask of the ucb policy (each one a forward of the model).
+MAX_EXPLORE_SAMPLES = 100
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+@with_config(_STRICT)
+class Explore(TypedDict):
+    """AGE exploration for one request (models/age.py, ``recsys.model_schemas.ExploreConfig``);
+    what is left out comes from the scorer's policy."""
+
+    policy: Annotated[Literal["ts", "ucb"], Field(
+        description="ts: one MC-dropout sample, signed (Thompson-like); ucb: the spread of `samples` samples")]
+    seed: NotRequired[Annotated[int | None, Field(
+        ge=0, le=2**63 - 1, description="seed of the random draws (default: a random one, returned)")]]
+    gate: NotRequired[Annotated[Literal["learned", "none", "fixed"] | None, Field(
+        description="learned: the export's gate (needs model.age.gate); none: every item; fixed: where the "
+                    "exploit score > gate_threshold (default: learned when the export has a gate, else none)")]]
+    gate_threshold: NotRequired[Annotated[Probability | None, Field(description="the fixed gate's threshold")]]
+    lam: NotRequired[Annotated[Probability | None, Field(description="λ: the perturbation radius is λ·|δ_y|")]]
+    impression_threshold: NotRequired[Annotated[int | None, Field(
+        ge=0, le=2**63 - 1, description="only items with fewer impressions (state store counts) are explored")]]
+    samples: NotRequired[Annotated[int | None, Field(
+        ge=1, le=MAX_EXPLORE_SAMPLES, description="ucb: MC-dropout samples (ignored by ts)")]]
+
+
+EXPLORE = TypeAdapter(Explore)
+
+
 @with_config(_STRICT)
 class ScoreRequest(TypedDict):
     user_id: Id
     timestamp: NotRequired[Id | None]
     candidates: Annotated[list[Candidate], Field(min_length=1)]
     history: NotRequired[list[Event] | None]
+    explore: NotRequired[Explore | None]
 
 
 SCORE_REQUEST = TypeAdapter(ScoreRequest)
@@ -300,7 +329,14 @@ def _describe(e: dict[str, Any]) -> str:
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"{path}: expected an integer{got}"
     if kind in ("greater_than_equal", "less_than_equal"):
-        return f"{path}: expected a 64-bit integer{got}"
+        if ctx.get("ge") == -(2**63) or ctx.get("le") == 2**63 - 1:
+            return f"{path}: expected a 64-bit integer{got}"
+        bound = f">= {ctx['ge']}" if kind == "greater_than_equal" else f"<= {ctx['le']}"
+        return f"{path}: must be {bound}{got}"
+    if kind in ("float_type", "float_parsing"):
+        return f"{path}: expected a number{got}"
+    if kind == "finite_number":
+        return f"{path}: expected a finite number{got}"
     if kind == "literal_error":
         return f"{path}: expected {ctx.get('expected', 'one of the allowed values')}{got}"
     if kind == "too_short" and e.get("input") == []:

@@ -2,20 +2,33 @@
 
 Endpoints::
 
-    GET  /healthz   -> {"status": "ok", "model": NAME, "export": SHA256 of weights.pt}
+    GET  /healthz   -> {"status": "ok", "model": NAME, "export": SHA256 of weights.pt,
+                        "embeddings": fp32|fp16|int8|int4 (the tables' precision, models/quant.py)}
+    GET  /readyz    -> 200 once the state store answers (503 naming the store while it does not)
+    GET  /metrics   -> Prometheus text (serving/metrics.py)
     POST /v1/score  {"user_id": int, "timestamp"?: int,
                      "candidates": [{"item_id": int, "category_id"?: int, "brand_id"?: int,
                                      "price_bucket"?: int}, ...],
                      "history"?: [{"item_id": int, "category_id": int,
-                                   "behavior": "pv"|"cart"|"fav"|"buy", "timestamp": int}, ...]}
+                                   "behavior": "pv"|"cart"|"fav"|"buy", "timestamp": int}, ...],
+                     "explore"?: {"policy": "ts"|"ucb", "seed"?: int, "gate"?: "learned"|"none"|"fixed",
+                                  "gate_threshold"?: float, "lam"?: float,
+                                  "impression_threshold"?: int, "samples"?: int}}
                     -> {"scores": [float, ...], "model": NAME, "cold": bool,
-                        "unknown_user": bool, "no_history": bool, "unknown_items": int}
+                        "unknown_user": bool, "no_history": bool, "unknown_items": int,
+                        "ranking": [int, ...],
+                        with explore also "explore_scores": [float, ...], "explored": [bool, ...],
+                        "impressions": [int, ...], "explore": {the policy applied, its seed}}
 
 Input is validated at the door (strict types, unknown fields refused, the limits of
 :class:`~serving.limits.Limits`): a refused request gets a 4xx with ``{"error": "..."}``, one line
 naming the field path (or the limit) and the value, e.g.
 ``candidates[1].item_id: expected an integer, got "abc"`` (:mod:`serving.decode`). Unknown ids are
 not errors: they score as the out-of-vocabulary row, and the answer says so (``cold``).
+
+Batching. Decoded score requests go through a :class:`~serving.batching.MicroBatcher`: those in
+flight together (within ``limits.batch_wait_ms``, at most ``limits.max_batch``) are scored in one
+``Scorer.score_many`` call, each answered as if alone.
 
 Threading. The event loop only routes, checks headers and reads bodies. Each score request then
 takes one of ``limits.max_in_flight`` slots (waiting at most ``limits.max_queue_seconds``, else
@@ -29,7 +42,7 @@ a few milliseconds of validation, are decoded in the thread.
 Example:
     >>> from serving.limits import Limits
     >>> sorted(_request_schema(Limits(max_candidates=5), now=0)[0]["properties"])
-    ['candidates', 'history', 'timestamp', 'user_id']
+    ['candidates', 'explore', 'history', 'timestamp', 'user_id']
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ from starlette.requests import ClientDisconnect
 
 from models.export import load_export
 from recsys.errors import RecsysError
+from serving.batching import MicroBatcher
 from serving.decode import (
     EVENTS_REQUEST,
     SCORE_REQUEST,
@@ -70,7 +84,9 @@ from serving.decode import (
 )
 from serving.limits import FLAGS, Limits, check_port
 from serving.live import DEFAULT_LIVE_BYTES
-from serving.scorer import DEFAULT_KSA_CACHE_BYTES, NonFiniteScoreError, Scorer
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.metrics import Metrics, MetricsMiddleware
+from serving.scorer import DEFAULT_KSA_CACHE_BYTES, NonFiniteScoreError, Scored, Scorer
 from serving.store import BatchError, EventBatch, StoreError, open_store
 
 log = logging.getLogger("recsys.serving")
@@ -80,6 +96,18 @@ log = logging.getLogger("recsys.serving")
 DECODE_IN_THREAD_BYTES = 256 * 2**10
 
 
+class ExploreApplied(BaseModel):
+    policy: str = Field(description="ts or ucb")
+    seed: int = Field(description="the random draws' seed (drawn when the request gave none): resend it to "
+                                  "get the same scores")
+    gate: str = Field(description="learned, none or fixed")
+    lam: float
+    impression_threshold: int
+    impressions_counted: bool = Field(description="false without a state store: every item then counts 0 impressions")
+    gate_threshold: float | None = Field(None, description="with gate fixed")
+    samples: int | None = Field(None, description="with policy ucb")
+
+
 class ScoreResponse(BaseModel):
     scores: list[float]
     model: str
@@ -87,6 +115,16 @@ class ScoreResponse(BaseModel):
     unknown_user: bool = Field(description="the user id is in no vocabulary")
     no_history: bool = Field(description="no history event before the request's timestamp")
     unknown_items: int = Field(description="candidates whose item id is in no vocabulary (scored as row 0)")
+    ranking: list[int] = Field(description="candidate indices, best first: by explore_scores when exploring, "
+                                           "else by scores (ties keep the request's order)")
+    explore_scores: list[float] | None = Field(
+        None, description="with explore: AGE's explore score per candidate (equal to scores where not explored)")
+    explored: list[bool] | None = Field(
+        None, description="with explore: per candidate, the gate was open and the item had fewer impressions "
+                          "than the threshold")
+    impressions: list[int] | None = Field(
+        None, description="with explore: each candidate's impression count in the state store (0s without one)")
+    explore: ExploreApplied | None = Field(None, description="with explore: the policy applied")
 
 
 class EventsResponse(BaseModel):
@@ -154,10 +192,19 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
     threads = ThreadPoolExecutor(max_workers=limits.max_in_flight, thread_name_prefix="recsys-score")
     decoders = _Decoders(limits.max_in_flight)
     slots = asyncio.Semaphore(limits.max_in_flight)
+    stats = {}
+    if scorer.ksa is not None:
+        stats["ksa_cache"] = scorer.ksa.stats
+    if scorer.live is not None:
+        stats["live"] = lambda: {"users": scorer.live.users, "bytes": scorer.live.nbytes, "evictions": scorer.live.evictions}
+    metrics = Metrics(stats)
+    batcher = MicroBatcher(scorer.score_many, max_batch=limits.max_batch, max_wait_s=limits.batch_wait_ms / 1e3,
+                           on_batch=metrics.batch_size.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await asyncio.to_thread(batcher.close)  # uvicorn has drained the requests: nothing is queued
         threads.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(decoders.shutdown)
         if scorer.ksa is not None and scorer.live is not None:  # the states a restart would re-encode
@@ -168,7 +215,8 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
     app = FastAPI(title="recsys scoring", lifespan=lifespan, redirect_slashes=False,
                   version=str(scorer.export.manifest.get("versions", {}).get("recsys")))
     app.state.decoders = decoders  # for tests and operators: the decoder processes
-    health = {"status": "ok", "model": scorer.name, "export": scorer.export.weights_sha256}
+    health = {"status": "ok", "model": scorer.name, "export": scorer.export.weights_sha256,
+              "embeddings": scorer.export.embeddings}
     request_schema, schema_defs = _request_schema(limits, now=time.time())
     live = scorer.live
     events_schema, events_defs = _events_schema(limits, now=time.time())
@@ -193,6 +241,24 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return health
 
+    @app.get("/readyz", responses={503: error})
+    async def readyz() -> Response:
+        """Ready to score: the export is loaded (it is, once the app exists) and the state store answers."""
+        if live is None:
+            return Response(_dumps({**health, "status": "ready", "state": None}), media_type="application/json")
+        try:
+            logged = await asyncio.to_thread(live.store.last_seq)
+        except StoreError as exc:
+            return Response(_dumps({"error": f"state store {live.store.url}: {exc}"}), status_code=503,
+                            media_type="application/json")
+        return Response(_dumps({**health, "status": "ready", "state": live.store.url, "events_logged": logged}),
+                        media_type="application/json")
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def prometheus() -> Response:
+        return Response(await asyncio.to_thread(metrics.render), media_type=METRICS_CONTENT_TYPE)
+
     def work(body: bytes) -> tuple[int, bytes]:
         """Decode, check and score one request body (in a worker thread)."""
         now = time.time()
@@ -207,15 +273,19 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         if status != 200:
             return status, _dumps({"error": request})
         try:
-            scored = scorer.score_many([request])[0]
+            scored = batcher.submit(request)  # one model call with the requests that arrive meanwhile
+            metrics.scored.inc(len(scored.scores))
+            if scored.explored is not None:
+                metrics.explored.inc(sum(scored.explored))
         except NonFiniteScoreError as exc:
             log.error("%s", exc)
             return 500, _dumps({"error": str(exc)})
+        except StoreError as exc:  # impression counts for exploration could not be read
+            log.error("%s", exc)
+            return 503, _dumps({"error": f"state store: {exc}; retry"})
         except RecsysError as exc:  # e.g. history required by an export without a history store
             return 422, _dumps({"error": str(exc).removeprefix("requests[0].")})
-        return 200, _dumps({"scores": scored.scores, "model": scorer.name, "cold": scored.cold,
-                            "unknown_user": scored.unknown_user, "no_history": scored.no_history,
-                            "unknown_items": scored.unknown_items})
+        return 200, _dumps(_score_answer(scorer.name, scored))
 
     def ingest(body: bytes) -> tuple[int, bytes]:
         """Decode, check and durably log one batch of events (in a worker thread)."""
@@ -227,6 +297,8 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
                            attributes=cols.attributes)
         try:
             appended = live.append(batch)
+            metrics.events.inc(appended.accepted)
+            metrics.duplicates.inc(appended.duplicates)
             if len(cols.impressions):
                 live.store.add_impressions(cols.impressions)
         except BatchError as exc:  # what the decoder let through and the store refuses: nothing was stored
@@ -278,6 +350,9 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         return spec
 
     app.openapi = openapi_with_request_schemas
+    paths = {route.path for route in app.routes}
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: paths)
+    app.state.metrics, app.state.batcher = metrics, batcher  # for tests and operators
     return app
 
 
@@ -370,6 +445,16 @@ def _dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _score_answer(model: str, scored: Scored) -> dict[str, Any]:
+    """A :class:`ScoreResponse` body; the exploration fields only for a request that explored."""
+    answer = {"scores": scored.scores, "model": model, "cold": scored.cold, "unknown_user": scored.unknown_user,
+              "no_history": scored.no_history, "unknown_items": scored.unknown_items, "ranking": scored.ranking}
+    if scored.explore is not None:
+        answer.update(explore_scores=scored.explore_scores, explored=scored.explored,
+                      impressions=scored.impressions, explore=scored.explore)
+    return answer
+
+
 # --------------------------------------------------------------------------------------------
 # Running
 
@@ -401,7 +486,7 @@ def default_state(export_path: str | Path) -> Path:
 def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           limits: Limits | None = None, state: str | Path | None = None,
           ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES,
-          durable: bool = True) -> None:
+          durable: bool = True, embeddings: str | None = None) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
@@ -418,13 +503,17 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         durable: refuse a state store that could lose acknowledged events (``open_store``);
             False accepts a Redis server without ``appendfsync always`` (with a warning) and runs
             SQLite with ``synchronous=NORMAL`` (safe against a crash of the process only).
+        embeddings: the precision of the tables' lookups (fp32, fp16, int8, int4:
+            :func:`models.quant.quantize_embeddings`); None: the export's own (``recsys export
+            --embeddings``, else fp32).
 
     Raises:
         RecsysError: the port is outside 0..65535, the export fails verification, the state store
             cannot be opened, or ``host:port`` cannot be listened on.
+        ValueError: ``embeddings`` is not a precision.
     """
     check_port(port)
-    export = load_export(export_path)
+    export = load_export(export_path, embeddings=embeddings)
     if state == AUTO_STATE:  # the embedded store beside the export, when it ships histories to extend
         state = default_state(export_path) if export.history is not None else None
     if state is None:

@@ -96,11 +96,13 @@ from torch import nn
 
 from models.batch import HISTORY_FIELDS, make_batch, time_gap_bucket
 from models.ctr import CTRModel
+from models.embedding import Embedded
 from models.jagged import positions
 from models.ksa import (
     Geometry,
     KSABlock,
     KSAState,
+    ReadoutKeys,
     attend_chunked,
     attend_summaries,
     rotation,
@@ -141,6 +143,18 @@ class _Entry:
     state: KSAState
     last: tuple[int, ...]  # item, category, behaviour, timestamp of event n - 1
     nbytes: int
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What one request's candidates (rows ``lo:hi``) read, copied out of its user's state."""
+
+    lo: int
+    hi: int
+    keys: ReadoutKeys  # the KSA read-out's keys
+    n: int  # events in the state
+    summaries: torch.Tensor | None  # SIM mode 'ksa': [M, d] top-layer summaries
+    esu: Callable[[torch.Tensor], torch.Tensor] | None  # SIM mode 'ksa': ESU keys of history positions
 
 
 def _event(history: Mapping[str, np.ndarray], i: int) -> tuple[int, ...]:
@@ -244,12 +258,45 @@ class KSACache:
         """
         return self._run(keys, histories, query, cand_offsets, request_times, sim=self.sim is not None)
 
+    def given(self, keys: Sequence[int], histories: Sequence[Mapping[str, np.ndarray]], cand_offsets: np.ndarray,
+              request_times: np.ndarray) -> dict[str, Callable[[Embedded], torch.Tensor]]:
+        """:meth:`outputs` as functions of the embedded batch, for ``model.score(emb, given=...)`` on a
+        batch whose candidate embeddings move (AGE's exploration, models/age.py).
+
+        The states are brought up to each request's history now, as by :meth:`outputs` (the lock
+        held); what each request's candidates read is copied out (:meth:`KSAState.keys_at`, SIM's
+        summaries), so later requests that advance the states do not change it. Each call then
+        reads the batch's ``[item | category]`` query out of those copies, differentiably: the
+        outputs follow the query as the model's own blocks would. Arguments as :meth:`readout`.
+
+        Returns:
+            block name (:attr:`blocks`) -> ``fn(emb) -> [C, out_dim]``.
+
+        Raises:
+            ValueError: as :meth:`readout` (no query to check).
+        """
+        cand_offsets = np.asarray(cand_offsets, dtype=np.int64)
+        self._check(keys, histories, None, cand_offsets, request_times)
+        reads = self._reads(keys, histories, cand_offsets, request_times, sim=self.sim is not None)
+
+        def block_output(name: str) -> Callable[[Embedded], torch.Tensor]:
+            def output(emb: Embedded) -> torch.Tensor:
+                query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
+                return self._read(reads, query, name, differentiable=True)
+            return output
+
+        return {name: block_output(name) for name in self.blocks}
+
     def _run(self, keys, histories, query, cand_offsets, request_times, *, sim: bool) -> dict[str, torch.Tensor]:
         cand_offsets = np.asarray(cand_offsets, dtype=np.int64)
         self._check(keys, histories, query, cand_offsets, request_times)
-        out = {"ksa": torch.zeros(len(query), self.block.out_dim)}  # [C, d]; a request without history reads zeros
-        if sim:
-            out["sim"] = torch.zeros(len(query), self.sim.out_dim)  # [C, heads * 4D]; no history: zeros, as SIMBlock
+        reads = self._reads(keys, histories, cand_offsets, request_times, sim=sim)
+        names = ("ksa", "sim") if sim else ("ksa",)
+        return {name: self._read(reads, query, name, differentiable=False) for name in names}
+
+    def _reads(self, keys, histories, cand_offsets: np.ndarray, request_times, *, sim: bool) -> list[_Read]:
+        """Each request's state brought up to its history, and what its candidates read (lock held)."""
+        reads = []
         with self._lock:
             # a user's requests by history length: the state advances through them, never back
             order = sorted(range(len(keys)), key=lambda b: (int(keys[b]), len(histories[b]["item"])))
@@ -262,10 +309,22 @@ class KSACache:
                 if hi == lo:
                     continue
                 t = int(request_times[b])
-                out["ksa"][lo:hi] = state.read(self.block, query[lo:hi], t, self._gap_bucket)
-                if sim:
-                    out["sim"][lo:hi] = self.sim.guided_search_one(
-                        query[lo:hi], state.top_sum.view(), state.n, self._esu_keys(histories[b], t))
+                # top_sum.view() stays valid: appends write after its rows (or into a new buffer)
+                reads.append(_Read(lo=lo, hi=hi, keys=state.keys_at(t, self._gap_bucket), n=state.n,
+                                   summaries=state.top_sum.view() if sim else None,
+                                   esu=self._esu_keys(histories[b], t) if sim else None))
+        return reads
+
+    def _read(self, reads: Sequence[_Read], query: torch.Tensor, name: str, *, differentiable: bool) -> torch.Tensor:
+        """[C, out_dim] block ``name``'s output for every candidate; zeros for a request without history."""
+        block = self.block if name == "ksa" else self.sim
+        out = query.new_zeros(len(query), block.out_dim)  # [C, d] or [C, heads * 4D], as the blocks' own
+        for r in reads:
+            q = query[r.lo:r.hi]  # [M, 2D]
+            if name == "ksa":
+                out[r.lo:r.hi] = r.keys.read(self.block, q)
+            else:
+                out[r.lo:r.hi] = self.sim.guided_search_one(q, r.summaries, r.n, r.esu, differentiable=differentiable)
         return out
 
     def _esu_keys(self, history: Mapping[str, np.ndarray], request_time: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -277,7 +336,8 @@ class KSACache:
             batch = make_batch(self.spec, history=seg, request_time=np.array([request_time]),
                                candidates=self._no_candidates, num_candidates=np.zeros(1, dtype=np.int64),
                                profile=self._profile)
-            return esu_keys(self.model.embeddings(batch).history)
+            with torch.no_grad():  # history embeddings: AGE moves only the candidates'
+                return esu_keys(self.model.embeddings(batch).history)
         return keys
 
     def _check(self, keys, histories, query, cand_offsets, request_times) -> None:
@@ -286,7 +346,8 @@ class KSACache:
             raise ValueError(f"keys ({b}), histories ({len(histories)}), request_times ({len(request_times)}) and "
                              f"cand_offsets ({len(cand_offsets)}, B+1) must describe the same B requests")
         width = self.block.readout.query.in_features
-        if query.dim() != 2 or query.shape[1] != width or query.shape[0] != (cand_offsets[-1] if b else 0):
+        if query is not None and (query.dim() != 2 or query.shape[1] != width
+                                  or query.shape[0] != (cand_offsets[-1] if b else 0)):
             raise ValueError(f"query: expected shape [{int(cand_offsets[-1]) if b else 0}, {width}] "
                              f"([cand_offsets[-1], 2D]), got {list(query.shape)}")
         for i, h in enumerate(histories):

@@ -16,6 +16,10 @@ Defaults, and why:
 * ``max_in_flight`` 4 score requests read, decoded and scored at once, each waiting at most
   ``max_queue_seconds`` 5 s for a slot before a 503: memory stays under about
   4 x (8 MiB body + ~25 MB decoded) whatever the number of clients.
+* Micro-batching (serving/batching.py): score requests that arrive within ``batch_wait_ms`` 2 ms
+  of the first are scored in one model call of at most ``max_batch`` 32 requests; a batch can
+  only hold requests that are in flight together, so ``max_in_flight`` bounds it too.
+  ``max_batch`` 1 scores each request alone.
 * Timestamps (unix seconds) from ``min_timestamp`` 2000-01-01T00:00:00Z to
   ``max_future_seconds`` 86,400 (a day) after the server's clock at request time: anything outside
   is a unit mistake (milliseconds) or a broken clock, not a behaviour.
@@ -54,6 +58,8 @@ FLAGS = {
     "max_queue_seconds": "--max-queue-seconds",
     "min_timestamp": "--min-timestamp",
     "max_future_seconds": "--max-future-seconds",
+    "max_batch": "--max-batch",
+    "batch_wait_ms": "--batch-wait-ms",
 }
 
 
@@ -73,14 +79,16 @@ class Limits:
     max_queue_seconds: float = 5.0
     min_timestamp: int = Y2K
     max_future_seconds: int = 86_400
+    max_batch: int = 32
+    batch_wait_ms: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_candidates", "max_history_events", "max_events_per_batch",
-                     "max_in_flight"):
+                     "max_in_flight", "max_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r} ({FLAGS[name]})")
-        for name in ("max_queue_seconds", "max_future_seconds"):
+        for name in ("max_queue_seconds", "max_future_seconds", "batch_wait_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r} ({FLAGS[name]})")

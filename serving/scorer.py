@@ -28,6 +28,20 @@ request that brings no ``history``: that is a :class:`~recsys.errors.DataError`,
 history. A model whose output is not finite (diverged weights) raises :class:`NonFiniteScoreError`
 instead of answering NaN.
 
+Exploration. A request may carry ``"explore": {"policy": "ts"|"ucb", "seed"?, "gate"?,
+"gate_threshold"?, "lam"?, "impression_threshold"?, "samples"?}`` (:class:`serving.decode.Explore`);
+the fields it leaves out come from :attr:`Scorer.explore_defaults` (``ExploreConfig``'s defaults,
+with the gate ``learned`` when the export has one, else ``none``). It is then scored by
+:class:`models.age.AGEExplorer`: ``scores`` stay the exploit scores, and :class:`Scored` adds the
+explore scores, which candidates were explored (σ: gate open and fewer impressions than the
+threshold) and the ``ranking`` by explore score. Impression counts are read from the state store
+for the candidates' raw item ids; a scorer without a state store has none, so every item counts 0
+impressions (always below the threshold) and ``explore["impressions_counted"]`` says so.
+``gate: learned`` on an export trained without the gate (``model.age.gate``) is refused, naming
+``explore.gate``. Without ``seed`` a random one is drawn and returned in ``explore["seed"]``: the
+same request with that seed gets the same scores. With a KSA model read from cached states, the
+read-outs follow the perturbed query (models/age.py, "Serving").
+
 Example:
     >>> import polars as pl
     >>> ids = IdMap.from_vocab(Vocab.fit("item_id", pl.Series([70, 70, 90, 50])))
@@ -37,6 +51,8 @@ Example:
 
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,15 +61,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from features.category_index import CategoryIndex
 from features.history import last_rows
 from features.vocab import Vocab
-from models.batch import HISTORY_FIELDS, Searched, hard_search, make_batch
+from models.age import AGEExplorer
+from models.batch import HISTORY_FIELDS, RequestBatch, Searched, hard_search, make_batch
 from models.export import FEATURE_VOCAB, Export, load_export
 from recsys.errors import DataError
+from recsys.model_schemas import ExploreConfig
 from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
-from serving.decode import Events
+from serving.decode import EXPLORE, Events, describe_errors
 from serving.ksa_cache import BLOB_VERSION as KSA_BLOB_VERSION
 from serving.ksa_cache import KSACache
 from serving.live import DEFAULT_LIVE_BYTES, LiveHistory, UserLive, search_batch
@@ -84,10 +103,44 @@ class Scored:
     unknown_user: bool
     no_history: bool
     unknown_items: int
+    # a request with ``explore`` (AGE; None otherwise), per candidate:
+    explore_scores: list[float] | None = None  # the explore score ŷ_e (= scores where not explored)
+    explored: list[bool] | None = None  # σ: the gate open and fewer impressions than the threshold
+    impressions: list[int] | None = None  # as read from the state store (0s without one)
+    explore: dict[str, Any] | None = None  # the policy applied: policy, seed, gate, lam, thresholds, ...
 
     @property
     def cold(self) -> bool:
         return self.unknown_user or self.no_history or self.unknown_items > 0
+
+    @property
+    def ranking(self) -> list[int]:
+        """Candidate indices, best first: by explore score when exploring, else by score (ties keep
+        the request's order)."""
+        key = np.asarray(self.explore_scores if self.explore_scores is not None else self.scores)
+        return np.argsort(-key, kind="stable").tolist()
+
+
+@dataclass(frozen=True)
+class ExplorePolicy:
+    """One request's exploration: the explorer's config and the seed of its random draws."""
+
+    config: ExploreConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A batch of requests, ready for the model."""
+
+    batch: RequestBatch
+    user_raw: np.ndarray  # [B] raw user ids
+    users: np.ndarray  # [B] user indices
+    ts: np.ndarray  # [B] cut-offs
+    hist_len: np.ndarray  # [B] events before each cut-off
+    items: np.ndarray  # [C] candidate item indices
+    num: np.ndarray  # [B] candidates per request
+    whole: dict[str, Jagged] | None  # whole histories, when the KSA block is read from cached states
 
 
 @dataclass(frozen=True)
@@ -113,7 +166,8 @@ class IdMap:
 
 
 class Scorer:
-    """Click probabilities for raw-id requests, from a loaded :class:`~models.export.Export`."""
+    """Click probabilities for raw-id requests, from a loaded :class:`~models.export.Export`, whose
+    tables run at ``export.embeddings`` (fp32, or quantized at load: :meth:`load`'s ``embeddings``)."""
 
     def __init__(self, export: Export, *, live: LiveHistory | None = None,
                  ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES) -> None:
@@ -130,7 +184,8 @@ class Scorer:
             blobs = {} if live is None else {
                 "load": lambda user: live.store.get_blob(f"ksa:{user}", KSA_BLOB_VERSION),
                 "save": lambda user, data: live.store.put_blob(f"ksa:{user}", KSA_BLOB_VERSION, data)}
-            self.ksa = KSACache(export.model, budget_bytes=ksa_cache_bytes, model_id=export.weights_sha256, **blobs)
+            # states of an int8 model differ from fp32's: the id names the precision too
+            self.ksa = KSACache(export.model, budget_bytes=ksa_cache_bytes, model_id=export.model_id, **blobs)
         if self.ksa is not None and live is not None:
             live.on_change(self.ksa.invalidate)  # a late event moved the events after it
         # the batch then carries only what the other blocks read
@@ -143,13 +198,21 @@ class Scorer:
         # Features a request may set by raw id, with the vocabulary that encodes them.
         self.attributes = {attr: feature for attr, feature in CANDIDATE_ATTRIBUTES.items()
                            if feature in self.spec.candidate}
+        #: What a request's ``explore`` object does not say (module docstring, "Exploration"); the gate
+        #: is the export's learned gate when it has one, else none.
+        self.explore_defaults = ExploreConfig(gate="learned" if export.model.gate is not None else "none")
+        # AGE's dropout forwards swap the model's dense parameters in place (torch.func.functional_call):
+        # every model call (KSA states included) runs under this lock, one at a time
+        self._model_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path, *, state: StateStore | None = None,
-             ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES) -> Scorer:
-        """Verify and load the export at ``path`` (:func:`models.export.load_export`); with a
-        ``state`` store, score from the live histories (the export's plus the store's events)."""
-        export = load_export(path)
+             ksa_cache_bytes: int | None = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES,
+             embeddings: str | None = None) -> Scorer:
+        """Verify and load the export at ``path`` (:func:`models.export.load_export`, its tables at
+        ``embeddings``: fp32, fp16, int8, int4; None: the export's own precision); with a ``state``
+        store, score from the live histories (the export's plus the store's events)."""
+        export = load_export(path, embeddings=embeddings)
         if state is None:
             return cls(export, ksa_cache_bytes=ksa_cache_bytes)
         return cls.live_from(export, state, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
@@ -201,22 +264,52 @@ class Scorer:
 
     @torch.no_grad()
     def score_many(self, requests: Sequence[Mapping[str, Any]]) -> list[Scored]:
-        """:meth:`score_batch`, with each request's coldness (:class:`Scored`)."""
+        """:meth:`score_batch`, with each request's coldness (:class:`Scored`), and AGE's exploration
+        for the requests that carry an ``explore`` object (module docstring, "Exploration").
+
+        The requests without ``explore`` go through the model in one call (two with a KSA cache when
+        some bring their own ``history``: those run the KSA block on it, the others read their states). Each exploring request is
+        then scored alone: its random draws come from its own seed, so its scores never depend on
+        the other requests of the call (as no request's scores do).
+
+        Raises:
+            DataError: as :meth:`score`, or a bad ``explore`` object (the message names the field,
+                e.g. ``requests[0].explore.gate``).
+            StoreError: the state store cannot be read (impression counts).
+        """
         if not requests:
             return []
+        policies = [self._explore_policy(r.get("explore"), i) for i, r in enumerate(requests)]
+        out: list[Scored | None] = [None] * len(requests)
+        plain = [i for i, p in enumerate(policies) if p is None]
+        groups = [plain]
+        if self.ksa is not None:  # a call reads cached KSA states only if none of its requests brings a history
+            groups = [[i for i in plain if requests[i].get("history") is None],
+                      [i for i in plain if requests[i].get("history") is not None]]
+        for group in groups:
+            if group:
+                for i, scored in zip(group, self._score_plain([requests[i] for i in group], group), strict=True):
+                    out[i] = scored
+        for i, policy in enumerate(policies):
+            if policy is not None:
+                out[i] = self._score_explore(requests[i], i, policy)
+        return out
+
+    def _prepare(self, requests: Sequence[Mapping[str, Any]], rows: Sequence[int]) -> _Prepared:
+        """One batch of ``requests``, every field checked; ``rows[i]`` is request i's index in the
+        caller's list (what an error names)."""
         if self.export.history is None:
             for i, r in enumerate(requests):
                 if r.get("history") is None:
-                    raise DataError(f"requests[{i}].history: required: this export ships no history store "
+                    raise DataError(f"requests[{rows[i]}].history: required: this export ships no history store "
                                     "(exported with --no-history)")
         now = int(time.time())
-        b = len(requests)
-        user_raw = np.array([_int(r.get("user_id"), f"requests[{i}].user_id") for i, r in enumerate(requests)],
+        user_raw = np.array([_int(r.get("user_id"), f"requests[{rows[i]}].user_id") for i, r in enumerate(requests)],
                             dtype=np.int64)
-        ts = np.array([now if r.get("timestamp") is None else _int(r["timestamp"], f"requests[{i}].timestamp")
+        ts = np.array([now if r.get("timestamp") is None else _int(r["timestamp"], f"requests[{rows[i]}].timestamp")
                        for i, r in enumerate(requests)], dtype=np.int64)
         users = self.ids["user_id"].encode(user_raw)  # [B]
-        candidates, num = self._candidates(requests)
+        candidates, num = self._candidates(requests, rows)
         # Users with events appended through the API read their live view (export + log)
         lives = [self.live.user(int(user_raw[i])) if self.live is not None and r.get("history") is None else None
                  for i, r in enumerate(requests)]
@@ -227,7 +320,8 @@ class Scorer:
         snapshots: dict[int, Mapping[str, np.ndarray]] = {}  # request -> its live user's events, as read
         cached = self.ksa is not None and all(r.get("history") is None for r in requests)
         full = local or cached  # the cache reads each request's whole history
-        history, hist_len = self._history(requests, users, ts, None if full else self.history_len, lives, snapshots)
+        history, hist_len = self._history(requests, users, ts, None if full else self.history_len, lives, snapshots,
+                                          rows)
         search = None
         if self.search_k is not None and not local and any(x is not None for x in lives):
             search = self._search_live(users, lives, snapshots, hist_len, candidates["category"], num)
@@ -239,23 +333,82 @@ class Scorer:
         profile = {f: users if f == "user" else self.export.users[f][users] for f in self.spec.profile}
         batch = make_batch(self.spec, history=history, request_time=ts, candidates=candidates,
                            num_candidates=num, profile=profile, search=search)
+        return _Prepared(batch=batch, user_raw=user_raw, users=users, ts=ts, hist_len=hist_len, items=candidates["item"],
+                         num=num, whole=whole if cached else None)
+
+    def _ksa_args(self, p: _Prepared) -> tuple[list[int], list[dict[str, np.ndarray]], np.ndarray, np.ndarray]:
+        """What :class:`KSACache` reads for a batch: user keys, whole histories, candidate offsets, cut-offs."""
+        offsets = p.whole["item"].offsets
+        histories = [{f: j.values[offsets[r]:offsets[r + 1]] for f, j in p.whole.items()} for r in range(len(p.num))]
+        return p.user_raw.tolist(), histories, np.r_[0, np.cumsum(p.num)], p.ts
+
+    def _score_plain(self, requests: Sequence[Mapping[str, Any]], rows: Sequence[int]) -> list[Scored]:
+        """Exploit scores of ``requests`` in one model call."""
+        p = self._prepare(requests, rows)
         model = self.export.model
-        if cached:
-            emb = model.embed(batch)
-            query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
-            offsets = whole["item"].offsets
-            histories = [{f: j.values[offsets[r]:offsets[r + 1]] for f, j in whole.items()} for r in range(b)]
-            given = self.ksa.outputs(user_raw.tolist(), histories, query, np.r_[0, np.cumsum(num)], ts)  # name -> [C, out]
-            logits = model.score(emb, given=given)  # [C]
-        else:
-            logits = model(batch)  # [C]
+        with self._model_lock:
+            if p.whole is not None:  # the KSA block (and SIM mode 'ksa') read from the users' cached states
+                emb = model.embed(p.batch)
+                query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
+                keys, histories, cand_offsets, ts = self._ksa_args(p)
+                given = self.ksa.outputs(keys, histories, query, cand_offsets, ts)  # name -> [C, out]
+                logits = model.score(emb, given=given)  # [C]
+            else:
+                logits = model(p.batch)  # [C]
         if not bool(torch.isfinite(logits).all()):
             self._non_finite(logits)
         probs = torch.sigmoid(logits).double().numpy()  # [C]
-        offsets = np.concatenate([[0], np.cumsum(num)])
-        unknown = np.add.reduceat(candidates["item"] == OOV_INDEX, offsets[:-1])  # [B] (every request has candidates)
-        return [Scored(scores=probs[offsets[i]:offsets[i + 1]].tolist(), unknown_user=bool(users[i] == OOV_INDEX),
-                       no_history=bool(hist_len[i] == 0), unknown_items=int(unknown[i])) for i in range(b)]
+        offsets = np.concatenate([[0], np.cumsum(p.num)])
+        unknown = np.add.reduceat(p.items == OOV_INDEX, offsets[:-1])  # [B] (every request has candidates)
+        return [Scored(scores=probs[offsets[i]:offsets[i + 1]].tolist(), unknown_user=bool(p.users[i] == OOV_INDEX),
+                       no_history=bool(p.hist_len[i] == 0), unknown_items=int(unknown[i])) for i in range(len(requests))]
+
+    def _explore_policy(self, spec: Any, row: int) -> ExplorePolicy | None:
+        """A request's ``explore`` object over :attr:`explore_defaults`, checked (None: no exploration)."""
+        if spec is None:
+            return None
+        try:
+            fields = EXPLORE.validate_python(spec)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("requests", row, "explore", *e["loc"])} for e in exc.errors(include_url=False)]
+            raise DataError(describe_errors(errors)) from None
+        overrides = {k: v for k, v in fields.items() if v is not None and k not in ("policy", "seed")}
+        cfg = ExploreConfig.model_validate({**self.explore_defaults.model_dump(), **overrides, "form": fields["policy"]})
+        if cfg.gate == "learned" and self.export.model.gate is None:
+            said = "" if "gate" in overrides else " (the scorer's default)"
+            raise DataError(f"requests[{row}].explore.gate: 'learned'{said} needs a model trained with "
+                            f"model.age.gate=true; this {self.name} export has no gate: ask for 'none' or 'fixed'")
+        seed = fields.get("seed")
+        return ExplorePolicy(config=cfg, seed=secrets.randbits(63) if seed is None else seed)
+
+    def _score_explore(self, request: Mapping[str, Any], row: int, policy: ExplorePolicy) -> Scored:
+        """Exploit and explore scores of one request (AGE, models/age.py) under ``policy``."""
+        p = self._prepare([request], [row])
+        model = self.export.model
+        explorer = AGEExplorer(model, policy.config)
+        raw_items = np.array([c["item_id"] for c in request["candidates"]], dtype=np.int64)  # [C], checked by _prepare
+        counted = self.live is not None  # no state store: no counts, every item is below the threshold
+        impressions = self.live.store.impressions(raw_items) if counted else np.zeros(len(raw_items), dtype=np.int64)
+        generator = torch.Generator().manual_seed(policy.seed)
+        with self._model_lock:
+            emb = model.embed(p.batch)
+            # cached KSA: read-outs as functions of the moved query (models/age.py, "Serving")
+            given = self.ksa.given(*self._ksa_args(p)) if p.whole is not None else None
+            out = explorer.score_embedded(emb, torch.from_numpy(impressions), generator, given=given)
+        for scores in (out.exploit, out.explore):
+            if not bool(torch.isfinite(scores).all()):
+                self._non_finite(torch.logit(scores.double()))
+        cfg = policy.config
+        applied = {"policy": cfg.form, "seed": policy.seed, "gate": cfg.gate, "lam": cfg.lam,
+                   "impression_threshold": cfg.impression_threshold, "impressions_counted": counted}
+        if cfg.gate == "fixed":
+            applied["gate_threshold"] = cfg.gate_threshold
+        if cfg.form == "ucb":
+            applied["samples"] = cfg.samples
+        return Scored(scores=out.exploit.double().tolist(), unknown_user=bool(p.users[0] == OOV_INDEX),
+                      no_history=bool(p.hist_len[0] == 0), unknown_items=int((p.items == OOV_INDEX).sum()),
+                      explore_scores=out.explore.double().tolist(), explored=out.gate.tolist(),
+                      impressions=impressions.tolist(), explore=applied)
 
     def _non_finite(self, logits: torch.Tensor) -> None:
         bad = ~torch.isfinite(logits)
@@ -265,18 +418,20 @@ class Scorer:
             f"(first: {first}); its weights are broken (weights.pt sha256 {self.export.weights_sha256[:12]}...): "
             "re-export a healthy run")
 
-    def _candidates(self, requests: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Feature -> [C] indices of every candidate, and [B] candidates per request."""
+    def _candidates(self, requests: Sequence[Mapping[str, Any]],
+                    rows: Sequence[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Feature -> [C] indices of every candidate, and [B] candidates per request (``rows``: as
+        :meth:`_prepare`)."""
         item_raw: list[int] = []
         given = {attr: ([], []) for attr in self.attributes}  # attr -> (positions in [C], raw ids)
         num = np.zeros(len(requests), dtype=np.int64)
         for i, r in enumerate(requests):
             cands = r.get("candidates")
             if not isinstance(cands, Sequence) or isinstance(cands, str | bytes) or not cands:
-                raise DataError(f"requests[{i}].candidates: expected a non-empty list, got {cands!r}")
+                raise DataError(f"requests[{rows[i]}].candidates: expected a non-empty list, got {cands!r}")
             num[i] = len(cands)
             for j, c in enumerate(cands):
-                where = f"requests[{i}].candidates[{j}]"
+                where = f"requests[{rows[i]}].candidates[{j}]"
                 if not isinstance(c, Mapping):
                     raise DataError(f"{where}: expected an object with item_id, got {c!r}")
                 item_raw.append(_int(c.get("item_id"), f"{where}.item_id"))
@@ -334,10 +489,12 @@ class Scorer:
 
     def _history(self, requests: Sequence[Mapping[str, Any]], users: np.ndarray, ts: np.ndarray,
                  limit: int | None, lives: Sequence[UserLive | None],
-                 snapshots: dict[int, Mapping[str, np.ndarray]]) -> tuple[dict[str, Jagged], np.ndarray]:
+                 snapshots: dict[int, Mapping[str, np.ndarray]],
+                 request_rows: Sequence[int]) -> tuple[dict[str, Jagged], np.ndarray]:
         """The last ``limit`` (None: all) events before each cut-off, jagged over the batch, and [B]
         how many events each request has before its cut-off. A live user's events as read are put
-        in ``snapshots`` (its search must read the same version)."""
+        in ``snapshots`` (its search must read the same version). ``request_rows``: as
+        :meth:`_prepare`'s ``rows``."""
         store = self.export.history
         parts: dict[int, dict[str, np.ndarray]] = {}
         total = np.zeros(len(requests), dtype=np.int64)
@@ -358,7 +515,7 @@ class Scorer:
                 parts[i] = {f: getattr(store, f)[rows] for f in HISTORY_FIELDS}
         for i, r in enumerate(requests):
             if i not in parts:
-                own = self._given_history(r.get("history") or [], ts[i], f"requests[{i}].history")
+                own = self._given_history(r.get("history") or [], ts[i], f"requests[{request_rows[i]}].history")
                 total[i] = len(own["item"])
                 parts[i] = {f: v[max(len(v) - limit, 0):] if limit is not None else v for f, v in own.items()}
         lengths = np.array([len(parts[i]["item"]) for i in range(len(requests))], dtype=np.int64)

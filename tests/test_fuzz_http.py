@@ -116,6 +116,10 @@ def field_paths(value: Any, limit: int = 20_000) -> set[str] | None:
 def check_answer(request: RawRequest, status: int, headers: dict[str, str], content: bytes) -> None:
     """The contract for one answer (AssertionError naming what broke it)."""
     assert status < 500, f"{status}: {content[:300]!r}"
+    if status == 200 and request.method == "GET" and request.path == "/metrics":  # Prometheus text, not JSON
+        assert headers.get("content-type", "").startswith("text/plain; version=0.0.4"), headers
+        assert b"# TYPE recsys_request_seconds histogram" in content
+        return
     assert headers.get("content-type") == "application/json", headers
     answer = json.loads(content)
     api = request.method == "POST" and request.path in BODY_ROUTES
@@ -142,9 +146,14 @@ def check_answer(request: RawRequest, status: int, headers: dict[str, str], cont
         assert answer["accepted"] + answer["duplicates"] == len(sent["events"]), answer
         assert answer["impressions"] == len(sent.get("impressions") or []), answer
     elif api:
+        explored = {"explore_scores", "explored", "impressions", "explore"} if sent.get("explore") is not None else set()
         assert status == 200 and set(answer) == {"scores", "model", "cold", "unknown_user", "no_history",
-                                                 "unknown_items"}, answer
+                                                 "unknown_items", "ranking", *explored}, answer
         assert len(answer["scores"]) == len(sent["candidates"]) and all(0 <= s <= 1 for s in answer["scores"])
+        assert sorted(answer["ranking"]) == list(range(len(sent["candidates"]))), answer
+        if explored:
+            assert len(answer["explore_scores"]) == len(sent["candidates"]), answer
+            assert all(0 <= s <= 1 for s in answer["explore_scores"]), answer
 
 
 def check(base: str, request: RawRequest) -> None:
@@ -329,7 +338,8 @@ def test_the_oracle_catches_what_it_should():
         with pytest.raises(AssertionError):
             check_answer(req, status, json_type, content)
     ok = RawRequest("POST", "/v1/score", None, b'{"user_id": 1, "candidates": [{"item_id": 1}, {"item_id": 2}]}')
-    answer = {"scores": [0.1], "model": "m", "cold": True, "unknown_user": True, "no_history": True, "unknown_items": 2}
+    answer = {"scores": [0.1], "model": "m", "cold": True, "unknown_user": True, "no_history": True, "unknown_items": 2,
+              "ranking": [0]}
     with pytest.raises(AssertionError):  # one score for two candidates
         check_answer(ok, 200, json_type, json.dumps(answer).encode())
     with pytest.raises(AssertionError):

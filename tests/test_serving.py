@@ -140,7 +140,8 @@ def test_healthz_names_the_model_and_the_weights(served):
     assert banner == f"serving {export} on {base}" and base.startswith("http://127.0.0.1:")
     manifest = json.loads((export / "manifest.json").read_text())
     assert get(base + "/healthz") == (200, {"status": "ok", "model": "din_test",
-                                            "export": manifest["files"]["weights.pt"]["sha256"]})
+                                            "export": manifest["files"]["weights.pt"]["sha256"],
+                                            "embeddings": "fp32"})
 
 
 def test_scores_equal_eager_scores(served, tiny_data):
