@@ -21,6 +21,10 @@ The rules:
   one), every item of that batch is run alone, so each request gets its own result or its own
   error, never another request's.
 * ``max_batch`` 1 (or ``max_wait_s`` 0 with no queue) is one call per request.
+* A caller that knows a request is on its way (the HTTP layer, while it decodes the body) says so
+  with :meth:`expecting`. With ``wait_for="announced"`` the batch then waits only while some
+  announced request has not been submitted yet: a lone client pays no wait at all, a burst of
+  clients still shares calls. The default, ``wait_for="window"``, always waits the window out.
 
 One dispatcher thread runs ``fn``: model calls never overlap, which on a 2-core machine is what
 the threads would get anyway (torch uses both cores in one call).
@@ -36,10 +40,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
@@ -59,20 +64,28 @@ class MicroBatcher(Generic[T, R]):
         max_batch: the most items per call (>= 1).
         max_wait_s: how long the first item of a batch waits for more (>= 0).
         on_batch: called with each batch's size after its call (metrics).
+        wait_for: ``"window"`` (wait ``max_wait_s`` for company) or ``"announced"`` (wait only
+            while a request announced with :meth:`expecting` is still on its way).
 
     Raises:
-        ValueError: ``max_batch`` below 1 or a negative or infinite ``max_wait_s``.
+        ValueError: ``max_batch`` below 1, a negative or infinite ``max_wait_s``, another ``wait_for``.
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_wait_s: float = DEFAULT_WAIT_MS / 1e3, on_batch: Callable[[int], Any] | None = None) -> None:
+                 max_wait_s: float = DEFAULT_WAIT_MS / 1e3, on_batch: Callable[[int], Any] | None = None,
+                 wait_for: str = "window") -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not 0 <= max_wait_s < float("inf"):
             raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
+        if wait_for not in ("window", "announced"):
+            raise ValueError(f"wait_for must be 'window' or 'announced', got {wait_for!r}")
         self.fn, self.max_batch, self.max_wait_s, self.on_batch = fn, max_batch, max_wait_s, on_batch
+        self.wait_for = wait_for
         self._queue: deque[tuple[T, Future]] = deque()
         self._cond = threading.Condition()
+        self._incoming = 0  # announced with expecting(), not submitted yet
+        self._announced = threading.local()
         self._closed = False
         self._batches = self._items = self._retried = 0
         self._thread = threading.Thread(target=self._run, name="recsys-batcher", daemon=True)
@@ -86,11 +99,31 @@ class MicroBatcher(Generic[T, R]):
         """
         future: Future = Future()
         with self._cond:
+            self._arrived()
             if self._closed:
                 raise RuntimeError("the micro-batcher is closed (the server is shutting down)")
             self._queue.append((item, future))
             self._cond.notify()
         return future.result()
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announce that this thread will :meth:`submit` an item (or give up) before the block ends."""
+        with self._cond:
+            self._incoming += 1
+            self._announced.pending = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arrived()
+                self._cond.notify()
+
+    def _arrived(self) -> None:
+        """This thread's announced item is no longer on its way (called holding the lock)."""
+        if getattr(self._announced, "pending", False):
+            self._announced.pending = False
+            self._incoming -= 1
 
     def stats(self) -> dict[str, int]:
         """``batches`` called, ``items`` scored, ``retried`` batches (run item by item after an error)."""
@@ -115,6 +148,8 @@ class MicroBatcher(Generic[T, R]):
                 return None
             deadline = time.monotonic() + self.max_wait_s
             while len(self._queue) < self.max_batch and not self._closed:
+                if self.wait_for == "announced" and self._incoming <= 0:
+                    break  # nobody else is on the way: waiting would only add latency
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

@@ -28,7 +28,8 @@ not errors: they score as the out-of-vocabulary row, and the answer says so (``c
 
 Batching. Decoded score requests go through a :class:`~serving.batching.MicroBatcher`: those in
 flight together (within ``limits.batch_wait_ms``, at most ``limits.max_batch``) are scored in one
-``Scorer.score_many`` call, each answered as if alone.
+``Scorer.score_many`` call, each answered as if alone. A batch waits only while another request
+is being decoded (``wait_for="announced"``), so a lone request is scored at once.
 
 Threading. The event loop only routes, checks headers and reads bodies. Each score request then
 takes one of ``limits.max_in_flight`` slots (waiting at most ``limits.max_queue_seconds``, else
@@ -199,7 +200,7 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         stats["live"] = lambda: {"users": scorer.live.users, "bytes": scorer.live.nbytes, "evictions": scorer.live.evictions}
     metrics = Metrics(stats)
     batcher = MicroBatcher(scorer.score_many, max_batch=limits.max_batch, max_wait_s=limits.batch_wait_ms / 1e3,
-                           on_batch=metrics.batch_size.observe)
+                           on_batch=metrics.batch_size.observe, wait_for="announced")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -260,7 +261,12 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         return Response(await asyncio.to_thread(metrics.render), media_type=METRICS_CONTENT_TYPE)
 
     def work(body: bytes) -> tuple[int, bytes]:
-        """Decode, check and score one request body (in a worker thread)."""
+        """Decode, check and score one request body (in a worker thread); a batch that is filling
+        waits for it while it decodes."""
+        with batcher.expecting():
+            return _work(body)
+
+    def _work(body: bytes) -> tuple[int, bytes]:
         now = time.time()
         try:
             if len(body) > DECODE_IN_THREAD_BYTES:
@@ -275,6 +281,7 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         try:
             scored = batcher.submit(request)  # one model call with the requests that arrive meanwhile
             metrics.scored.inc(len(scored.scores))
+            metrics.observe_cold(scored)
             if scored.explored is not None:
                 metrics.explored.inc(sum(scored.explored))
         except NonFiniteScoreError as exc:

@@ -86,7 +86,69 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert 0.04 <= waited < 2.0  # it waited for company, then went alone (upper bound: a loaded machine)
 
 
+def test_announced_mode_sends_a_lone_request_at_once():
+    # a window of an hour: in "window" mode this submit would hang; announced, nobody else is on
+    # the way, so the batch goes at once
+    batcher = MicroBatcher(lambda xs: xs, max_batch=100, max_wait_s=3600.0, wait_for="announced")
+    done = []
+    worker = threading.Thread(target=lambda: done.append(batcher.submit("a")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert done == ["a"]
+    with batcher.expecting():  # announced and submitted in the block: the same
+        assert batcher.submit("b") == "b"
+    batcher.close()
+
+
+def test_announced_mode_waits_for_a_request_still_on_its_way():
+    sizes = []
+    batcher = MicroBatcher(lambda xs: xs, max_batch=100, max_wait_s=3600.0, on_batch=sizes.append,
+                           wait_for="announced")
+    second_announced, first_queued = threading.Event(), threading.Event()
+    answers = {}
+
+    def first():
+        second_announced.wait()
+        with batcher.expecting():
+            first_queued.set()
+            answers["first"] = batcher.submit(1)
+
+    def second():
+        with batcher.expecting():
+            second_announced.set()
+            first_queued.wait()
+            time.sleep(0.2)  # still decoding while the first waits in the queue
+            answers["second"] = batcher.submit(2)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert answers == {"first": 1, "second": 2}
+    assert sizes == [2]  # one call: the first waited for the announced second
+
+    # an announced request that gives up (a decoding error) stops the wait too
+    sizes.clear()
+    gave_up = threading.Event()
+
+    def quitter():
+        with batcher.expecting():
+            gave_up.wait()
+
+    q = threading.Thread(target=quitter, daemon=True)
+    q.start()
+    s = threading.Thread(target=lambda: answers.update(third=batcher.submit(3)), daemon=True)
+    s.start()
+    time.sleep(0.1)
+    gave_up.set()
+    s.join(30)
+    assert answers["third"] == 3 and sizes == [1]
+    batcher.close()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"wait_for": "nobody"}, "wait_for must be 'window' or 'announced', got 'nobody'"),
     ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
     ({"max_batch": 2.5}, "max_batch must be an integer >= 1, got 2.5"),
     ({"max_wait_s": -1.0}, "max_wait_s must be a finite number >= 0, got -1.0"),
@@ -182,8 +244,15 @@ def test_http_batches_concurrent_clients_and_metrics_count_them(export_dir, tiny
         assert post(base + "/v1/events", {"events": batch})[0] == 200
         assert post(base + "/v1/events", {"events": batch})[0] == 200  # a retry: duplicates
         ask = {"user_id": 7, "timestamp": batch[-1]["timestamp"] + 60, "candidates": [{"item_id": int(ids["item"][1])}]}
-        assert post(base + "/v1/score", ask)[0] == 200  # user 7's live history is built on its first read
+        status, last = post(base + "/v1/score", ask)
+        assert status == 200  # user 7's live history is built on its first read
         text = _scrape(base)
+    bodies = [a for _, a in answers] + [last]
+    cold = {"unknown_user": sum(a["unknown_user"] for a in bodies), "no_history": sum(a["no_history"] for a in bodies),
+            "unknown_items": sum(a["unknown_items"] > 0 for a in bodies)}
+    assert sum(cold.values()) > 0  # the check below counts something
+    for reason, n in cold.items():
+        assert _metric(text, "recsys_cold_requests_total", reason=reason) == n, reason
     assert _metric(text, "recsys_request_seconds_count", endpoint="/v1/score", status="200") == 17
     assert _metric(text, "recsys_errors_total", endpoint="/v1/score", kind="invalid") == 1
     assert _metric(text, "recsys_errors_total", endpoint="other", kind="not_found") == 1
