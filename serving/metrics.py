@@ -74,8 +74,18 @@ class Metrics:
         self.scored = Counter("recsys_candidates_scored", "Candidates scored", registry=r)
         self.explored = Counter("recsys_candidates_explored", "Candidates AGE explored (gate open, below the "
                                 "impression threshold)", registry=r)
+        self.cold = Counter("recsys_cold_requests", "Score requests with a part new to the model, by reason (a request "
+                            "can count under several)", ["reason"], registry=r)
         if stats:
             r.register(_StatsCollector(stats))
+
+    def observe_cold(self, scored: Any) -> None:
+        """Count a scored request's cold reasons (``unknown_user``, ``no_history``, ``unknown_items``)."""
+        for reason in ("unknown_user", "no_history"):
+            if getattr(scored, reason):
+                self.cold.labels(reason).inc()
+        if scored.unknown_items:
+            self.cold.labels("unknown_items").inc()
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.latency.labels(endpoint, str(status)).observe(seconds)
