@@ -248,7 +248,7 @@ def _scan(path: Path, name: str) -> pl.LazyFrame:
     try:
         lf = pl.scan_parquet(file)
         schema = lf.collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:  # the footer or the schema in it is damaged
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError) as exc:  # the footer or the schema in it is damaged
         raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=str(file)) from None
     require_columns(schema, SYNTH_COLUMNS[name], file=f"{name}.parquet")
     # Latent truth (true_*) is never a feature; only true_prob travels, as an evaluation label.
@@ -279,6 +279,9 @@ def _checked(lf: pl.LazyFrame, checks: list[Check], file: str, strict: bool) -> 
         df = lf.pipe(with_checks, [*_int64_range(lf), *checks]).collect(engine="streaming")
     except (pl.exceptions.ComputeError, OSError) as exc:  # a readable footer over damaged pages
         raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=file) from None
+    except pl.exceptions.PanicException as exc:  # a footer whose page ranges run past the file's end
+        raise DataError(f"cannot read Parquet (the reader failed on it: {_first_line(exc)}); the file is damaged or "
+                        "truncated", file=file) from None
     valid, rejects = split_rejects(df, file=file, strict=strict)
     return valid.select(pl.exclude("^_was_.*$")), rejects, df.height
 

@@ -152,3 +152,17 @@ def test_damaged_pages_under_a_readable_footer_name_the_file(tmp_path):
     with pytest.raises(DataError) as err:
         read_source(f"synth:{world}", BuildConfig(), strict=False)
     assert str(err.value).startswith("events.parquet: cannot read Parquet: ")
+
+
+def test_a_footer_whose_pages_run_past_the_end_names_the_file(tmp_path):
+    # Found by the fuzz test above: with the locked polars, this one flipped bit in items.parquet's
+    # footer makes the streaming reader panic (a Rust assertion, raised as PanicException, which
+    # is not an Exception) instead of raising an error; the loader names the file instead.
+    world = write_world(tmp_path)
+    path = world / "items.parquet"
+    data = bytearray(path.read_bytes())
+    data[1158] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        read_source(f"synth:{world}", BuildConfig(), strict=False)
+    assert str(err.value).startswith("items.parquet: cannot read Parquet")
