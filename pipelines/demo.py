@@ -8,11 +8,7 @@ answers equal eval's scores -> stop the scorer -> a summary table (or ``--json``
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from pipelines.train import train
 from recsys.config import load_config
 from recsys.errors import RecsysError
 from recsys.model_schemas import RunConfig
+from recsys.process import serve_command, server_process
 from recsys.progress import Steps, note
 from recsys.schemas import BuildConfig, SynthConfig
 
@@ -68,12 +65,6 @@ def run_demo(*, out: Path, config_dir: Path, workers: int = 2, requests: int = 5
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
@@ -82,12 +73,8 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def _score_over_http(export: Path, data: Path, scores_file: Path, n: int) -> dict[str, Any]:
     """Start ``recsys serve``, send ``n`` test requests, compare with eval's scores, stop it."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "--quiet", "serve", "--export", str(export),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_ready(url, proc)
+    with server_process(serve_command(export), export.parent / "serve.log") as server:
+        url = server.base
         requests = pl.read_parquet(data / "requests" / "test.parquet").head(n)
         items = pl.read_parquet(data / "items.parquet")["item_id"].to_numpy()
         expected = pl.read_parquet(scores_file)
@@ -104,27 +91,8 @@ def _score_over_http(export: Path, data: Path, scores_file: Path, n: int) -> dic
             raise RecsysError(f"the scorer's answers differ from eval's scores by up to {worst:.2e} (> {SCORE_TOLERANCE})")
         note(f"[demo] {len(latencies)} requests scored over HTTP at {url}; "
              f"max |HTTP - eval| = {worst:.1e}; median latency {np.median(latencies):.1f} ms")
-        return {"url": url, "requests": len(latencies), "max_abs_diff": worst,
-                "median_ms": round(float(np.median(latencies)), 2)}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RecsysError(f"the scorer exited with code {proc.returncode}: {proc.stderr.read().strip()[-500:]}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise RecsysError(f"the scorer did not answer {url}/healthz within {timeout:.0f} s")
+    return {"url": url, "requests": len(latencies), "max_abs_diff": worst,
+            "median_ms": round(float(np.median(latencies)), 2)}
 
 
 def format_summary(s: dict[str, Any]) -> str:

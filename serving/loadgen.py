@@ -33,12 +33,8 @@ import asyncio
 import json
 import os
 import random
-import selectors
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +43,7 @@ import numpy as np
 
 from models.export import load_export
 from recsys.errors import RecsysError
+from recsys.process import serve_command, server_process
 from recsys.progress import note
 from recsys.timing import machine_info
 from serving.store import EventBatch, open_store
@@ -95,7 +92,8 @@ def bench_load(export_dir: str | Path, workdir: str | Path, rows: Sequence[Row],
             Path(f"{state}{suffix}").unlink(missing_ok=True)
         user_ids = _log_users(state, lengths, items, cats, np.random.default_rng(seed))
         flags = ["--state", str(state), "--max-in-flight", "64", "--max-batch", "32" if row.batching else "1"]
-        with _server(export_dir, flags, workdir / f"server-{k}.log") as (base, pid):
+        with server_process(serve_command(export_dir, *flags), workdir / f"server-{k}.log") as server:
+            base, pid = server.base, server.proc.pid
             load = _Load(base, user_ids, items, cats, candidates=candidates, events_share=events_share,
                          bad_share=row.bad_share, seed=seed + k)
             asyncio.run(load.warm_up())
@@ -133,36 +131,6 @@ def _log_users(state: Path, lengths: np.ndarray, items: np.ndarray, cats: np.nda
                                         timestamp=ts[lo:hi], event_id=[None] * (hi - lo)))
             ids.append(user)
     return ids
-
-
-@contextmanager
-def _server(export_dir: str | Path, flags: list[str], log_path: Path) -> Iterator[tuple[str, int]]:
-    """A ``recsys serve`` process on a free port until the block ends: (base url, pid)."""
-    command = [sys.executable, "-u", "-m", "recsys.cli", "serve", "--export", str(export_dir), "--port", "0", *flags]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            sel = selectors.DefaultSelector()
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + 120
-            base = None
-            while base is None and time.monotonic() < deadline:
-                if sel.select(timeout=0.5):
-                    line = proc.stdout.readline()
-                    if line.startswith("serving "):
-                        base = line.strip().rsplit(" on ", 1)[1]
-                    elif not line and proc.poll() is not None:
-                        break
-            if base is None:
-                raise RecsysError(f"the server did not start; its log: {log_path}")
-            yield base, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _rss(pid: int) -> float:

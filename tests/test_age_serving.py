@@ -6,7 +6,6 @@ read-outs must follow the perturbed query."""
 from __future__ import annotations
 
 import json
-import sys
 import urllib.request
 
 import numpy as np
@@ -22,6 +21,7 @@ from models.export import load_export, save_export
 from recsys.config import load_config
 from recsys.errors import DataError
 from recsys.model_schemas import ExploreConfig, ModelConfig
+from recsys.process import serve_command
 from recsys.types import Jagged
 from serving.ksa_cache import KSACache
 from serving.scorer import Scorer
@@ -51,8 +51,7 @@ def din(tmp_path_factory, tiny_data):
 def served(din, tmp_path_factory):
     """The base url of `recsys serve --state FILE` over the DIN export."""
     tmp = tmp_path_factory.mktemp("age_served")
-    command = [sys.executable, "-u", "-m", "recsys.cli", "serve", "--export", str(din[0]), "--port", "0",
-               "--state", str(tmp / "state.sqlite")]
+    command = serve_command(din[0], "--state", str(tmp / "state.sqlite"))
     with server_process(command, tmp / "server.log") as (base, _):
         yield base
 

@@ -19,13 +19,14 @@ import pytest
 
 from models.export import load_export, save_export
 from recsys.errors import DataError
+from recsys.process import serve_command
 from serving.batching import MicroBatcher
 from serving.http import create_app
 from serving.limits import Limits
 from serving.scorer import Scorer
 from tests.redis_server import RedisServer, redis_binary, with_prefix
 from tests.runs import make_run, raw_requests
-from tests.test_events_http import event, serve_command
+from tests.test_events_http import event
 from tests.test_live import raw_of
 from tests.test_serving import _read_banner, _wait_healthy, get, post, running, server_process
 

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from models.export import load_export, save_export
+from recsys.process import serve_command
 from serving.scorer import Scorer
 from serving.store import open_store
 from tests.redis_server import RedisServer, redis_base_url, redis_binary, with_prefix
@@ -40,10 +40,6 @@ def export_dir(tmp_path_factory, tiny_data) -> Path:
 def ids(export_dir) -> dict[str, np.ndarray]:
     export = load_export(export_dir)
     return {"user": raw_of(export, "user_id"), "item": raw_of(export, "item_id"), "category": raw_of(export, "category_id")}
-
-
-def serve_command(export_dir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-u", "-m", "recsys.cli", "serve", "--export", str(export_dir), "--port", "0", *flags]
 
 
 def event(ids, user: int, k: int, *, ts: int = NOW, event_id: str | None = None) -> dict:

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from models.export import save_export
+from recsys.process import serve_command
 from tests.conftest import run_cli
 from tests.runs import make_run
-from tests.test_events_http import serve_command
 from tests.test_serving import post, server_process
 
 

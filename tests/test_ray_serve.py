@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import uuid
@@ -24,6 +23,7 @@ import pytest
 from models.export import load_export, save_export
 from recsys.cli import main
 from recsys.errors import RecsysError
+from recsys.process import serve_command
 from serving.http import create_app
 from serving.scorer import Scorer
 from serving.store import open_store
@@ -61,8 +61,7 @@ def request(method: str, url: str, body: object = None) -> tuple[int, dict[str, 
 
 
 def serve_ray_command(export_dir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-u", "-m", "recsys.cli", "serve", "--export", str(export_dir), "--port", "0", "--ray",
-            *flags]
+    return serve_command(export_dir, "--ray", *flags)
 
 
 def processes() -> dict[int, tuple[int, int, str]]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import selectors
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ import uvicorn
 from features.history import HistoryStore
 from models.export import save_export
 from models.scoring import score_requests
+from recsys import process
 from recsys.errors import RecsysError
 from serving.http import _listen, create_app
 from serving.limits import Limits
@@ -51,48 +50,16 @@ def served(tmp_path_factory, tiny_data):
 def server_process(command, log_path):
     """Runs ``command`` (a server that prints its "serving ... on URL" banner) until the block ends;
     yields (base url, banner) once /healthz answers. Its stderr goes to ``log_path``."""
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        banner = _read_banner(proc, log_path)
-        base = banner.rsplit(" on ", 1)[1]
-        _wait_healthy(base, proc)
-        yield base, banner
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with process.server_process(command, log_path, cwd=ROOT, timeout=STARTUP_TIMEOUT, stop_timeout=10) as server:
+        yield server.base, server.banner
 
 
 def _read_banner(proc, log_path):
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if line.startswith("serving "):
-                return line.strip()
-            if not line and proc.poll() is not None:
-                break
-    pytest.fail(f"server did not start (exit code {proc.poll()}): {log_path.read_text()[-2000:]}")
+    return process.read_banner(proc, log_path, STARTUP_TIMEOUT)
 
 
 def _wait_healthy(base, proc):
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            if get(base + "/healthz")[0] == 200:
-                return
-        except OSError:
-            if proc.poll() is not None:
-                break
-        time.sleep(0.1)
-    pytest.fail("server never answered /healthz")
+    process.wait_healthy(base, proc, STARTUP_TIMEOUT)
 
 
 @contextmanager
