@@ -18,18 +18,21 @@ Precisions (:data:`PRECISIONS`):
   s_r = (max_r - min_r) / (2^bits - 1) and bias b_r = min_r (two fp16 numbers stored in the row);
   a lookup returns ``s_r * q + b_r``, so each value is off by at most s_r / 2.
 
-fbgemm pads every row to a multiple of 16 bytes (its row alignment), so a narrow table saves less
-than its precision suggests. Bytes per row as :func:`table_bytes` measures them (the buffer the
-lookup kernel reads; int rows include the 4 bytes of scale and bias)::
+Rows are packed without padding (``row_alignment=1``, fbgemm's own default on the CPU, where these
+lookups run). torchrec's default, 16 bytes, is the GPU kernels' alignment: at 16 values it pads an
+int8 row (16 + 4 bytes) to 32, the size of an fp16 row, so a narrow table would save no more in
+int8 than in fp16. The lookups return the same values at either alignment (tested); only the
+padding differs. Bytes per row as :func:`table_bytes` measures them (the buffer the lookup kernel
+reads; int rows include the 4 bytes of scale and bias)::
 
     row width              fp32   fp16   int8   int4
-    16 (item, category)      64     32     32     16    int8: 16 + 4 -> 32, int4: 8 + 4 -> 16
-    160 (CAN induction)     640    320    176     96    int8: 160 + 4 -> 176, int4: 80 + 4 -> 96
+    16 (item, category)      64     32     20     12    int8: 16 + 4, int4: 8 + 4
+    160 (CAN induction)     640    320    164     84    int8: 160 + 4, int4: 80 + 4
+    (at row_alignment=16:                  32     16    for 16 wide; 176 and 96 for 160 wide)
 
-A 16-wide table is thus halved by fp16 and int8 alike and quartered by int4; the 160-wide rows of
-CAN's induction tables drop to 27.5% in int8. (torchrec's state dict shows an int4 table as a
-``UInt4Tensor`` twice the real width, 32 bytes a row at dim 16: the figure STACK.md quotes; the
-buffer holds 16.)
+So int8 keeps 31% of a 16-wide table and 26% of a 160-wide one; int4 19% and 13%. (torchrec's
+state dict shows an int4 table as a ``UInt4Tensor`` twice the real width: 32 bytes a row at dim 16
+with 16-byte alignment, the figure STACK.md quotes; the buffer holds 16.)
 
 A model is quantized once: converting a quantized model to another precision is refused (the fp32
 rows are gone); load the export again instead.
@@ -45,7 +48,7 @@ Example:
     (64000, 'fp32')
     >>> model = quantize_embeddings(model, "int8")
     >>> table_bytes(model)["item"], precision_of(model)
-    (32000, 'int8')
+    (20000, 'int8')
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ from recsys.types import EMBEDDING_PRECISIONS
 PRECISIONS: tuple[str, ...] = EMBEDDING_PRECISIONS
 #: The default: the tables as trained.
 DEFAULT_PRECISION = "fp32"
+#: Bytes a quantized row is padded to a multiple of: 1 (none), fbgemm's default on the CPU.
+ROW_ALIGNMENT = 1
 _WEIGHT_DTYPE = {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}
 _OF_DATA_TYPE = {DataType.FP16: "fp16", DataType.INT8: "int8", DataType.INT4: "int4"}
 
@@ -99,12 +104,14 @@ def precision_of(model: nn.Module) -> str:
     return DEFAULT_PRECISION
 
 
-def quantize_embeddings(model: nn.Module, precision: str) -> nn.Module:
+def quantize_embeddings(model: nn.Module, precision: str, *, row_alignment: int = ROW_ALIGNMENT) -> nn.Module:
     """Convert every torchrec collection of ``model.embeddings`` to ``precision``, in place.
 
     Args:
         model: a :class:`~models.ctr.CTRModel` in eval mode, on the CPU.
         precision: one of :data:`PRECISIONS` (``fp32``: nothing changes).
+        row_alignment: pad each quantized row to a multiple of this many bytes (1: packed; 16:
+            torchrec's default, the GPU kernels' alignment). The values looked up do not change.
 
     Returns:
         ``model``, its tables now ``torchrec.quant`` modules (lookups still return float32).
@@ -114,6 +121,8 @@ def quantize_embeddings(model: nn.Module, precision: str) -> nn.Module:
             already quantized to another precision.
     """
     check_precision(precision)
+    if not isinstance(row_alignment, int) or isinstance(row_alignment, bool) or row_alignment < 1:
+        raise ValueError(f"row_alignment: {row_alignment!r} is not a positive number of bytes")
     if model.training:
         raise ValueError("model: must be in eval mode to quantize its tables (call model.eval() first)")
     devices = sorted({str(p.device) for p in model.parameters()} - {"cpu"})
@@ -131,8 +140,10 @@ def quantize_embeddings(model: nn.Module, precision: str) -> nn.Module:
         target = (quant.EmbeddingBagCollection if isinstance(collection, torchrec.EmbeddingBagCollection)
                   else quant.EmbeddingCollection)
         collection.qconfig = qconfig
+        quant.quant_prep_customize_row_alignment(collection, [type(collection)], row_alignment)
         converted = target.from_float(collection)
         del collection.qconfig
+        delattr(collection, quant.MODULE_ATTR_ROW_ALIGNMENT_INT)
         if isinstance(owner, nn.ModuleDict):
             owner[name] = converted
         else:
@@ -144,7 +155,7 @@ def table_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of every table of ``model.embeddings`` (fp32 or quantized), and their ``total``.
 
     A quantized table's bytes are rows x the row stride of the buffer fbgemm's lookup reads: the
-    values, the per-row scale and bias (int8, int4) and the padding to fbgemm's row alignment.
+    values, the per-row scale and bias (int8, int4) and any padding to the row alignment.
     Table names are distinct across collections (``profile_*``, ``can_*``, ``cart_*``).
 
     Returns:
