@@ -76,7 +76,9 @@ def _score_over_http(export: Path, data: Path, scores_file: Path, n: int) -> dic
     with server_process(serve_command(export), export.parent / "serve.log") as server:
         url = server.base
         requests = pl.read_parquet(data / "requests" / "test.parquet").head(n)
-        items = pl.read_parquet(data / "items.parquet")["item_id"].to_numpy()
+        # raw item id of each item index; row 0 (OOV) is null, so fill it: a float column would round
+        # ids above 2**53 (hashed string ids) to other ids
+        items = pl.read_parquet(data / "items.parquet")["item_id"].fill_null(-1).to_numpy()
         expected = pl.read_parquet(scores_file)
         worst, latencies = 0.0, []
         for row in requests.iter_rows(named=True):
