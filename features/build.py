@@ -6,6 +6,7 @@ Output directory (it appears whole, by an atomic rename, or not at all)::
     report.json               rows read and rejected, sizes, requests per split, history lengths
     rejects.csv               the skipped bad rows: file, line, field, value, reason, raw
     config.yaml               the resolved build config
+    mapping.yaml              the validated mapping of a table: source (features/table_source.py)
     vocab/<name>.parquet      index, raw, count (row 0 = out-of-vocabulary)
     items.parquet             row i = item index i: item_id and feature indices
     users.parquet             row u = user index u: user_id, profile indices, history_len
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import yaml
 
 from features.category_index import FILE_NAME as CATEGORY_INDEX
 from features.category_index import CategoryIndex
@@ -56,9 +58,13 @@ PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 
 
 def build(
-    source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False
+    source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False,
+    mapping: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build training data from ``source`` (``KIND:PATH``, features/sources.py) into ``out``.
+
+    ``mapping`` is the mapping file of a ``table:`` source (features/table_source.py); the
+    validated mapping is saved beside the data as ``mapping.yaml``.
 
     Returns:
         The report (also written to ``out/report.json``).
@@ -70,7 +76,7 @@ def build(
     check_output_dir(out, overwrite=overwrite)
     timer = Steps("build")
     with timer("read and validate"):
-        src = read_source(source, cfg, strict=strict)
+        src = read_source(source, cfg, strict=strict, mapping=mapping)
     if src.events.height == 0:
         raise DataError(_why_no_events(src), file=_source_file(src))
 
@@ -122,6 +128,8 @@ def build(
         write_json(tmp / "report.json", report)
         write_json(tmp / "dataset.json", dataset_manifest(source, src, vocabs, items, users, store, parts, cuts, cfg))
         (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if src.kind == "table" and src.manifest is not None:
+            (tmp / "mapping.yaml").write_text(yaml.safe_dump(src.manifest["mapping"], sort_keys=False), encoding="utf-8")
     if report["rows_rejected"]:
         note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
     return report
@@ -133,7 +141,7 @@ def has_true_prob(src: SourceData) -> bool:
 
 
 def _source_file(src: SourceData) -> str:
-    return src.path.name if src.path.is_file() else "events.parquet"
+    return src.path.name if src.path.is_file() or src.kind == "table" else "events.parquet"
 
 
 @contextmanager
@@ -290,6 +298,8 @@ def make_report(
             "per_request": _quantiles(per_request),
         },
     }
+    if src.notes:
+        report["notes"] = src.notes
     if has_true_prob(src):
         report["oracle_auc"] = {}
         for s in SPLITS:

@@ -16,6 +16,8 @@
   then one example a line, 267 comma-separated columns (:func:`read_alimama`): 50 steps each of
   ``cont_btag, his_cate, his_brand, mask, match_mask``, then the user profile, the ad and
   ``target``. History steps have behaviour and category but no item id.
+* ``table:PATH``: a team's own logs, Parquet or CSV (a file or a folder of them), read through a
+  ``--mapping`` file (features/table_source.py, recsys/table_schemas.py).
 
 The line formats (:func:`read_lines`, :func:`read_alimama`) have no times, and a line carries its
 own history, not a user's lifelong log. They are mapped onto events and impressions so that the
@@ -85,7 +87,7 @@ from recsys.io import read_json
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIOR_CODE
 
-SOURCE_KINDS = ("synth", "taobao", "amazon", "paddlerec", "alimama")
+SOURCE_KINDS = ("synth", "taobao", "amazon", "paddlerec", "alimama", "recbole", "table")
 TAOBAO_FIELDS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 
 #: Columns of the validated events frame every reader returns.
@@ -121,7 +123,7 @@ def parse_source(spec: str) -> tuple[str, Path]:
     if not sep or kind not in SOURCE_KINDS or not path:
         raise RecsysError(
             f"bad --source {spec!r}: expected KIND:PATH with KIND one of {', '.join(SOURCE_KINDS)} "
-            "(e.g. synth:out/world, taobao:UserBehavior.csv or paddlerec:sample_data.txt)"
+            "(e.g. synth:out/world, taobao:UserBehavior.csv or table:logs/ with --mapping)"
         )
     p = Path(path)
     if not p.exists():
@@ -130,19 +132,37 @@ def parse_source(spec: str) -> tuple[str, Path]:
         raise RecsysError(f"--source {spec}: a synth source is a directory written by `recsys data synth`")
     if kind == "taobao" and not p.is_file():
         raise RecsysError(f"--source {spec}: a taobao source is a CSV file")
+    if kind == "recbole" and not p.is_dir():
+        raise RecsysError(f"--source {spec}: a recbole source is a dataset's folder (NAME/NAME.inter, NAME.item, ...)")
     if kind in LINE_KINDS and not p.is_file():
         raise RecsysError(f"--source {spec}: the {kind} format is a text file, one example a line")
     return kind, p
 
 
-def read_source(spec: str, cfg: BuildConfig, *, strict: bool) -> SourceData:
+def read_source(spec: str, cfg: BuildConfig, *, strict: bool, mapping: str | Path | None = None) -> SourceData:
+    """Read and validate the source ``spec``; ``mapping`` is the mapping file of a ``table:`` source.
+
+    Raises:
+        RecsysError: a bad spec, a mapping given to another kind of source, unreadable input, or
+            (``strict``) a bad row.
+    """
     kind, path = parse_source(spec)
+    if mapping is not None and kind != "table":
+        raise RecsysError(f"--mapping is only for table: sources; a {kind}: source has a fixed layout")
+    if kind == "table":
+        from features.table_source import read_table  # it builds on this module's helpers
+
+        return read_table(path, mapping, strict=strict)
     if kind == "taobao":
         return read_taobao(path, cfg, strict=strict)
     if kind in LINE_FORMATS:
         return read_lines(path, LINE_FORMATS[kind], cfg, strict=strict)
     if kind == "alimama":
         return read_alimama(path, cfg, strict=strict)
+    if kind == "recbole":
+        from features.recbole import read_recbole  # it builds on this module's readers
+
+        return read_recbole(path, cfg, strict=strict)
     return read_synth(path, strict=strict)
 
 

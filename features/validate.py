@@ -138,7 +138,7 @@ def with_checks(lf: pl.LazyFrame, checks: Sequence[Check]) -> pl.LazyFrame:
 
 
 def split_rejects(
-    df: pl.DataFrame, *, file: str, strict: bool, raw: str | None = None
+    df: pl.DataFrame, *, file: str, strict: bool, raw: str | None = None, file_column: str | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split a checked frame into (valid rows without the tags, rejects).
 
@@ -147,6 +147,8 @@ def split_rejects(
         file: the file name used in rejects and errors.
         strict: raise on the first bad row instead of collecting rejects.
         raw: a column holding the row's original text, copied to the rejects.
+        file_column: a column naming each row's file, used instead of ``file`` (a source of
+            several files); the first bad row is then the first by (file, line).
 
     Raises:
         DataError: in strict mode, naming the file, line, field and value (cut by
@@ -154,17 +156,17 @@ def split_rejects(
     """
     bad = df.filter(pl.col("_reason").is_not_null())
     if strict and bad.height:
-        row = bad.sort("line").row(0, named=True)
+        row = bad.sort([file_column, "line"] if file_column else "line").row(0, named=True)
         raise DataError(
             f"{row['_reason']} ({bad.height:,} bad row{'s' if bad.height > 1 else ''} in all; "
             "run without --strict to skip them into rejects.csv)",
-            file=file,
+            file=row[file_column] if file_column else file,
             line=int(row["line"]),
             field=row["_field"],
             value=None if row["_value"] is None else clip(row["_value"]),
         )
     rejects = bad.select(
-        pl.lit(file).alias("file"),
+        (pl.col(file_column) if file_column else pl.lit(file)).cast(pl.String).alias("file"),
         pl.col("line").cast(pl.Int64),
         pl.col("_field").alias("field"),
         clip_expr(pl.col("_value")).alias("value"),

@@ -84,14 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         "training requests split by time. Bad rows are skipped into rejects.csv (or, with\n"
         "--strict, stop the build naming file, line, field and value).",
         epilog="examples:\n  recsys data build --source synth:out/world --out out/data\n"
-        "  recsys data build --source taobao:UserBehavior.csv --out out/taobao --strict",
+        "  recsys data build --source taobao:UserBehavior.csv --out out/taobao --strict\n"
+        "  recsys data build --source table:logs/ --mapping configs/mappings/example.yaml --out out/mine\n"
+        "  recsys data build --source recbole:datasets/ml-100k --out out/ml100k --set \"sampling.positive_behaviors=[buy]\"",
     )
     build.add_argument("--source", required=True, metavar="KIND:PATH", help="synth:DIR (from `data synth`), taobao:FILE (UserBehavior CSV), amazon:FILE (DIN/DIEN "
-                       "lines), paddlerec:FILE (PaddleRec DIN lines) or alimama:FILE (DMR CSV with header); "
+                       "lines), paddlerec:FILE (PaddleRec DIN lines), alimama:FILE (DMR CSV with header), "
+                       "recbole:DIR (a RecBole atomic-file dataset: NAME.inter, NAME.item, NAME.user; settings under "
+                       "recbole: in the build config) or table:FILE_OR_DIR (your own Parquet or CSV logs, read through --mapping); "
                        "see docs/DATA.md")
     build.add_argument("--out", type=Path, required=True, help="output directory")
     build.add_argument("--config", type=Path, help="build config (YAML, BuildConfig schema; default configs/data/default.yaml)")
     build.add_argument("--strict", action="store_true", help="stop at the first bad row (exit code 2) instead of skipping it")
+    build.add_argument("--mapping", type=Path, metavar="FILE", help="for table: sources, the mapping YAML (TableMapping schema): "
+                       "which columns are user, item, category, behaviour (and how its values map onto pv/cart/fav/buy) "
+                       "and time, and an optional impressions table; see docs/DATA.md and configs/mappings/example.yaml")
     _add_common(build)
     build.set_defaults(handler=_cmd_build)
 
@@ -482,7 +489,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if path is None and (config_dir() / "data" / "default.yaml").is_file():
         path = config_dir() / "data" / "default.yaml"
     cfg = load_config(BuildConfig, path, args.overrides)
-    report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite)
+    report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite, mapping=args.mapping)
     print(format_report(report))
     return 0
 
@@ -827,6 +834,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"  history length {scope.replace('_', ' '):<12} min {q['min']:,}  median {q['median']:,.0f}  "
             f"p90 {q['p90']:,.0f}  max {q['max']:,}"
         )
+    lines += [f"  note: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -243,6 +243,26 @@ class TaobaoConfig(Schema):
         return self
 
 
+class RecBoleConfig(Schema):
+    """RecBole atomic files (``--source recbole:DIR``, features/recbole.py): which columns mean what.
+    The defaults fit RecBole's MovieLens files."""
+
+    user_field: str = Field("user_id", min_length=1, description="the user id column of NAME.inter (and NAME.user)")
+    item_field: str = Field("item_id", min_length=1, description="the item id column of NAME.inter (and NAME.item)")
+    time_field: str = Field("timestamp", min_length=1, description="the time of an interaction in seconds (NAME.inter)")
+    rating_field: str | None = Field("rating", description="a rating column of NAME.inter; without it (or null) every interaction is a pv")
+    rating_threshold: float = Field(4.0, description="a rating at or above this is at_or_above, one below it below")
+    at_or_above: Behavior = Field("buy", description="the behaviour of a rating at or above rating_threshold")
+    below: Behavior | Literal["drop"] = Field("pv", description="the behaviour of a rating below it, or drop to leave those out")
+    category_field: str | None = Field(None, description="a token or token_seq column of NAME.inter or NAME.item; "
+                                       "null: the first of category, categories, category_id, cate_id, genre, genres, class")
+    category_rule: Literal["first", "last", "whole"] = Field("first", description="of a token_seq: the first token, the last, or the whole sequence as one category")
+    brand_field: str | None = Field(None, description="a token column of NAME.item: the item's brand")
+    price_field: str | None = Field(None, description="a float column of NAME.item: its decile among the items is price_bucket")
+    segment_field: str | None = Field(None, description="a token column of NAME.user: the segment profile feature")
+    age_field: str | None = Field(None, description="a token column of NAME.user: the age_bucket profile feature")
+
+
 class BuildConfig(Schema):
     """``recsys data build``: vocabularies, history store, requests and splits (features/build.py)."""
 
@@ -250,3 +270,4 @@ class BuildConfig(Schema):
     split: SplitConfig = Field(default_factory=SplitConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     taobao: TaobaoConfig = Field(default_factory=TaobaoConfig)
+    recbole: RecBoleConfig = Field(default_factory=RecBoleConfig)

@@ -39,6 +39,7 @@ from recsys.errors import SHOWN_CHARS, ConfigError, DataError, RecsysError
 from recsys.model_schemas import RunConfig
 from recsys.schemas import BuildConfig, SynthConfig
 from recsys.sim_schemas import ExploreSimConfig
+from recsys.table_schemas import TableMapping
 from recsys.types import BEHAVIORS
 
 LOADERS = ("taobao", "amazon", "paddlerec", "alimama")
@@ -66,7 +67,7 @@ class LoaderCase:
     build: bool = False
 
 
-SEPARATOR = {"taobao": ",", "amazon": "\t", "paddlerec": ";", "alimama": ","}
+SEPARATOR = {"taobao": ",", "amazon": "\t", "paddlerec": ";", "alimama": ",", "table": ",", "recbole": "\t"}
 HEADER = ",".join(DMR_HEADER)
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark
 T_MIN, T_MAX = 1_511_539_200, 1_512_316_800  # BuildConfig's default taobao period
@@ -425,6 +426,162 @@ def check_synth(case: SynthCase, *, through_build: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The table source: a CSV log with a fixed mapping, and damaged Parquet logs
+
+TABLE_MAPPING = {"events": {"user": "user", "item": "item", "category": "cat",
+                            "behavior": {"column": "action", "values": {"view": "pv", "2": "cart", "like": "fav", "buy": "buy"}},
+                            "timestamp": {"column": "at", "unit": "iso", "timezone": "Europe/Berlin"}}}
+TABLE_HEADER = "user,item,cat,action,at"
+
+
+@st.composite
+def table_line(draw) -> str:
+    rng = _rng(draw)
+    when = f"2026-0{rng.randrange(1, 10)}-1{rng.randrange(10)}{rng.choice(['T', ' '])}0{rng.randrange(10)}:1{rng.randrange(10)}"
+    when += rng.choice([":00", ":30.5", ":00Z", ":00+02:00", "Z", ""])
+    return ",".join([_id(rng).replace(",", "") if rng.random() < 0.5 else _int(rng), _int(rng), _int(rng),
+                     rng.choice(["view", "2", "like", "buy"]), when])
+
+
+@st.composite
+def table_csv_file(draw) -> LoaderCase:
+    """A CSV log (header intact) whose lines are valid or carry one fault each (see mutated)."""
+    lines = draw(st.lists(table_line(), min_size=1, max_size=8))
+    bad = draw(st.sets(st.integers(0, len(lines) - 1), max_size=min(3, len(lines))))
+    body, keep = [], set()
+    for i, line in enumerate(lines):
+        if i in bad:
+            body.append(draw(mutated("table", line)))
+        else:
+            body.append(line.encode())
+            keep.add(2 + i)  # line 1 is the header
+    ends = [draw(st.sampled_from([b"\n", b"\r\n"])) for _ in body]
+    if draw(st.booleans()):
+        ends[-1] = b""
+    data = b"".join(b + e for b, e in zip(body, ends, strict=True))
+    return LoaderCase(draw(st.sampled_from([b"", BOM])) + TABLE_HEADER.encode() + b"\n" + data, frozenset(keep))
+
+
+def table_world() -> pl.DataFrame:
+    return pl.DataFrame({"user": ["a", "a", "b", "b"], "item": [1, 2, 1, 3], "cat": [10, 10, 10, 11],
+                         "action": ["view", "2", "like", "buy"],
+                         "at": ["2026-01-01T00:00:00Z", "2026-01-01T01:00:00", "2026-01-02", "2026-01-02 10:00:00+02:00"]})
+
+
+@st.composite
+def table_parquet_case(draw) -> SynthCase:
+    """A Parquet log with one fault: a column of an odd type or values, dropped, rows cut or
+    doubled, or the file's bytes replaced, cut or flipped (``table`` is unused)."""
+    frame = table_world()
+    mode = draw(st.sampled_from(["column", "column", "drop", "rows", "bytes", "cut", "flip"]))
+    if mode in ("bytes", "cut", "flip"):
+        with tempfile.TemporaryDirectory() as tmp:
+            frame.write_parquet(Path(tmp) / "t.parquet")
+            good = (Path(tmp) / "t.parquet").read_bytes()
+        if mode == "bytes":
+            return SynthCase("events", raw=draw(st.binary(max_size=300)))
+        if mode == "cut":
+            return SynthCase("events", raw=good[: draw(st.integers(0, len(good) - 1))])
+        at = draw(st.integers(0, len(good) - 1))
+        return SynthCase("events", raw=good[:at] + bytes([good[at] ^ draw(st.integers(1, 255))]) + good[at + 1:])
+    column = draw(st.sampled_from(frame.columns))
+    if mode == "drop":
+        return SynthCase("events", frame.drop(column))
+    if mode == "rows":
+        return SynthCase("events", frame.head(draw(st.integers(0, frame.height))) if draw(st.booleans()) else pl.concat([frame, frame]))
+    odd = draw(st.sampled_from([*ODD_COLUMNS, pl.Series(["", " "]), pl.Series(["2026-03-29T02:30:00", "x"]),
+                                pl.Series(["1e3", "-5"]), pl.Series([True, None])]))
+    values = pl.Series(column, (odd.to_list() * frame.height)[: frame.height], dtype=odd.dtype)
+    return SynthCase("events", frame.with_columns(values))
+
+
+def check_table_source(data: bytes | None, frame: pl.DataFrame | None, *, keep: frozenset[int] = frozenset(),
+                       through_build: bool = False) -> None:
+    """Read a table source (a CSV file's bytes, or a Parquet frame or bytes) through TABLE_MAPPING,
+    lenient and strict: the rows add up and the rejects name the file, line and field, or a
+    RecsysError names the file or the mapping in one line. Anything else propagates."""
+    name = "input.csv" if frame is None and data is not None and data.removeprefix(BOM).startswith(TABLE_HEADER.encode()) \
+        else "input.parquet"
+    with tempfile.TemporaryDirectory(prefix="recsys-fuzz-") as tmp:
+        path, mapping = Path(tmp) / name, Path(tmp) / "mapping.yaml"
+        mapping.write_text(json.dumps(TABLE_MAPPING))  # JSON is YAML
+        if frame is not None:
+            frame.write_parquet(path)
+        else:
+            path.write_bytes(data or b"")
+        spec = f"table:{path}"
+        lenient = _attempt(lambda: read_source(spec, BuildConfig(), strict=False, mapping=mapping))
+        if isinstance(lenient, RecsysError):
+            text = str(lenient)
+            assert "\n" not in text and "\r" not in text and len(text) <= MAX_MESSAGE, text[:300]
+            assert text.startswith(f"{name}:") or (text.startswith(f"config error in {mapping}: events.")
+                                                   and f" in {name}" in text), text[:300]
+            return
+        read = lenient.rows_read["events"]
+        rejects = lenient.rejects
+        assert lenient.events.height + rejects.height == read, (lenient.events.height, rejects.height, read)
+        if name == "input.csv" and b'"' not in data:  # a quote may join lines (CSV quoting)
+            assert read == max(physical_lines(data) - 1, 0), (read, physical_lines(data))
+            kept = set(rejects["line"].to_list()) & keep
+            assert not kept, f"valid lines {sorted(kept)} rejected: {rejects.filter(pl.col('line').is_in(kept)).rows()[:2]}"
+        if rejects.height:
+            first_line = 2 if name == "input.csv" else 1
+            assert rejects["line"].is_unique().all() and rejects["line"].min() >= first_line
+            assert (rejects["file"] == name).all() and rejects["reason"].null_count() == 0
+            assert set(rejects["field"]) <= {"user", "item", "cat", "action", "at"}, set(rejects["field"])
+            strict = _attempt(lambda: read_source(spec, BuildConfig(), strict=True, mapping=mapping))
+            assert isinstance(strict, DataError), "strict read a file that has rejects"
+            first = rejects.sort("line").row(0, named=True)
+            assert str(strict).startswith(f"{name}:{first['line']}: field '{first['field']}'"), str(strict)[:300]
+            assert "\n" not in str(strict) and len(str(strict)) <= MAX_MESSAGE
+        if through_build:
+            out = Path(tmp) / "out"
+            built = _attempt(lambda: build(spec, out, BuildConfig(), mapping=mapping))
+            if isinstance(built, RecsysError):
+                assert str(built).startswith(f"{name}:") and "\n" not in str(built), str(built)[:300]
+                assert not out.exists()
+            else:
+                assert built["rows_rejected"] == rejects.height and built["events"] == lenient.events.height
+
+
+#: The fuzzed CSV as an items table beside a fixed good log: its item, cat and action columns
+#: are the item's id, category and brand.
+ITEMS_MAPPING = {**TABLE_MAPPING, "items": {"path": "items.csv", "item": "item", "category": "cat", "brand": "action"}}
+
+
+def check_items_table(data: bytes) -> None:
+    """Read a fixed good log with ``data`` as its items table, lenient and strict: the items rows
+    add up and their rejects name items.csv, the line and a mapped column, or a RecsysError names
+    items.csv or the mapping's items section in one line. Anything else propagates."""
+    with tempfile.TemporaryDirectory(prefix="recsys-fuzz-") as tmp:
+        events, mapping = Path(tmp) / "events.csv", Path(tmp) / "mapping.yaml"
+        events.write_text(f"{TABLE_HEADER}\nu1,1,2,view,2026-01-01T00:00:00Z\nu2,2,3,buy,2026-01-02T00:00:00Z\n")
+        (Path(tmp) / "items.csv").write_bytes(data)
+        mapping.write_text(json.dumps(ITEMS_MAPPING))
+        spec = f"table:{events}"
+        lenient = _attempt(lambda: read_source(spec, BuildConfig(), strict=False, mapping=mapping))
+        if isinstance(lenient, RecsysError):
+            text = str(lenient)
+            assert "\n" not in text and "\r" not in text and len(text) <= MAX_MESSAGE, text[:300]
+            assert text.startswith(("items.csv:", f"config error in {mapping}: items.")), text[:300]
+            return
+        rejects = lenient.rejects
+        assert lenient.events.height == 2 and (rejects["file"] == "items.csv").all()
+        if b'"' not in data:  # a quote may join lines (CSV quoting)
+            assert lenient.rows_read["items"] == max(physical_lines(data) - 1, 0)
+        # the table's other items are left out (the log's ids are 1 and 2, or their stable_id
+        # where the table's item column holds text: a CSV column is read like the other tables')
+        assert set(lenient.items["item_id"]) == set(lenient.events["item_id"]), lenient.items
+        if rejects.height:
+            assert rejects["line"].is_unique().all() and rejects["line"].min() >= 2
+            assert set(rejects["field"]) <= {"item", "cat", "action"}, set(rejects["field"])
+            strict = _attempt(lambda: read_source(spec, BuildConfig(), strict=True, mapping=mapping))
+            assert isinstance(strict, DataError), "strict read a file that has rejects"
+            first = rejects.sort("line").row(0, named=True)
+            assert str(strict).startswith(f"items.csv:{first['line']}: field '{first['field']}'"), str(strict)[:300]
+
+
+# --------------------------------------------------------------------------------------------
 # Config inputs
 
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -452,7 +609,10 @@ def field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return paths
 
 
-PATHS = {name: field_paths(schema) for name, schema in SCHEMAS.items()}
+#: SCHEMAS and the table source's mapping, fuzzed by tests/test_fuzz_loaders.py (a schema with
+#: optional sections, which test_fuzz_config's per-type key lists do not walk).
+ALL_SCHEMAS: dict[str, type[BaseModel]] = {**SCHEMAS, "TableMapping": TableMapping}
+PATHS = {name: field_paths(schema) for name, schema in ALL_SCHEMAS.items()}
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.integers(), st.sampled_from([10**20, -(10**30), 10**400]),
     st.floats(), st.sampled_from([math.inf, -math.inf, math.nan, 1e308, 5e-324]), st.text(max_size=10),
@@ -541,7 +701,7 @@ CONFIG_PREFIXES = ("config error in ", "bad override ", "cannot read config file
 def check_config(case: ConfigCase) -> None:
     """Load ``case``: a config whose floats are all finite and that dumps and reloads to itself,
     or a one-line ConfigError that names its source. Anything else propagates."""
-    schema = SCHEMAS[case.schema]
+    schema = ALL_SCHEMAS[case.schema]
     with tempfile.TemporaryDirectory(prefix="recsys-fuzz-") as tmp:
         path = None
         if case.file is not None:

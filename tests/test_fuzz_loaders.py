@@ -20,16 +20,24 @@ from tests.conftest import run_cli
 from tests.fuzz import (
     HEADER,
     LOADERS,
+    ConfigCase,
     LoaderCase,
     case_from_file,
     check,
+    check_config,
+    check_items_table,
     check_loader,
     check_synth,
+    check_table_source,
     loader_files,
     mutated_file,
+    overrides,
     regression_files,
     synth_cases,
     synth_world,
+    table_csv_file,
+    table_parquet_case,
+    yaml_file,
 )
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -53,6 +61,44 @@ def test_a_damaged_file_builds_or_stops_naming_the_file(kind, data):
 @given(case=synth_cases())
 def test_a_damaged_synthetic_world_is_read_or_refused_naming_the_file(case):
     check_synth(case, through_build=False)
+
+
+@settings(FUZZ, max_examples=60)
+@given(case=table_csv_file())
+def test_a_table_source_csv_is_read_or_refused_naming_file_and_line(case):
+    check_table_source(case.data, None, keep=case.keep)
+
+
+@settings(FUZZ, max_examples=8)
+@given(case=table_csv_file())
+def test_a_damaged_table_source_csv_builds_or_stops_naming_the_file(case):
+    check_table_source(case.data, None, keep=case.keep, through_build=True)
+
+
+@settings(FUZZ, max_examples=30)
+@given(case=table_csv_file())
+def test_a_table_source_items_csv_is_read_or_refused_naming_file_and_line(case):
+    check_items_table(case.data)
+
+
+@settings(FUZZ, max_examples=40)
+@given(case=table_parquet_case())
+def test_a_damaged_table_source_parquet_is_read_or_refused_naming_the_file(case):
+    check_table_source(case.raw, case.frame)
+
+
+@settings(FUZZ, max_examples=60)
+@given(case=st.builds(ConfigCase, st.just("TableMapping"), st.one_of(st.none(), yaml_file("TableMapping")),
+                      overrides("TableMapping")))
+def test_any_table_mapping_loads_or_fails_with_one_line(case):
+    check_config(case)
+
+
+def test_the_table_oracle_catches_a_rejected_valid_line():
+    good = b"user,item,cat,action,at\nu1,1,2,view,2026-01-01T00:00:00Z\n"
+    check_table_source(good + b"u2,1,2,click,2026-01-01T00:00:00Z\n", None, keep=frozenset({2}))
+    with pytest.raises(AssertionError, match=r"valid lines \[3\] rejected"):
+        check_table_source(good + b"u2,1,2,click,2026-01-01T00:00:00Z\n", None, keep=frozenset({2, 3}))
 
 
 REGRESSIONS = regression_files()
