@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(build)
     build.set_defaults(handler=_cmd_build)
 
+    ids = data_cmds.add_parser(
+        "id", help="the 64-bit id a text id becomes (send it to recsys serve)", formatter_class=fmt,
+        description="Text ids (user-17, SKU123) are hashed to 64-bit integers when a dataset is built\n"
+        "(amazon:, table: and recbole: sources); the HTTP API takes those integers. This prints them.",
+        epilog="example:\n  recsys data id user-17 SKU123",
+    )
+    ids.add_argument("text", nargs="+", help="text ids, as they are in the log")
+    ids.set_defaults(handler=_cmd_id)
+
     report = data_cmds.add_parser("report", help="print the report of a built dataset")
     report.add_argument("path", type=Path, metavar="DIR", help="a directory written by `recsys data build`")
     report.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -491,6 +500,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     cfg = load_config(BuildConfig, path, args.overrides)
     report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite, mapping=args.mapping)
     print(format_report(report))
+    return 0
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    from features.sources import stable_id
+
+    for text in args.text:
+        print(f"{text}\t{stable_id(text)}")
     return 0
 
 

@@ -185,3 +185,14 @@ def test_build_train_evaluate_serve(tmp_path):
     assert r.returncode == 0, r.stderr
     served = eval_export_serve(run, data, tmp_path / "export")
     assert served["requests"] == 4 and served["max_abs_diff"] <= 1e-5
+
+
+def test_data_id_prints_the_id_a_text_id_becomes(tmp_path):
+    folder, rows = write_dataset(tmp_path, users=3, per_user=3)
+    src = read_recbole(folder, BuildConfig(), strict=True)
+    r = run_cli("data", "id", "u1", "m7", "user 17")
+    assert r.returncode == 0, r.stderr
+    lines = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [text for text, _ in lines] == ["u1", "m7", "user 17"]
+    assert int(lines[0][1]) in src.events["user_id"].to_list()  # the id the built data holds for u1
+    assert [int(i) for _, i in lines] == [stable_id(t) for t in ("u1", "m7", "user 17")]
