@@ -13,8 +13,9 @@ is tab-separated text whose first line types its columns, ``name:type``, with ty
 How the files become our source (settings under ``recbole:`` in the build config,
 :class:`recsys.schemas.RecBoleConfig`; the defaults fit the MovieLens files):
 
-* events: one per valid ``.inter`` row. ``user_field`` and ``item_field`` are the ids (any text:
-  each goes through :func:`features.sources.stable_id`, as the Amazon format's string ids do);
+* events: one per valid ``.inter`` row. ``user_field`` and ``item_field`` are the ids: integers
+  where every value of the column is one (MovieLens), else text that goes through
+  :func:`features.sources.stable_id`, as the Amazon format's string ids do (:func:`_ids`);
   ``time_field`` is the time in seconds (a float, floored). A dataset without a time column is
   refused: histories are ordered by time.
 * behaviour: with a ``rating_field`` in ``.inter``, a rating at or above ``rating_threshold``
@@ -227,7 +228,16 @@ def _category_of(column: str, kind: str, rule: str) -> pl.Expr:
     return pl.when(text != "").then(text)
 
 
-def _ids(labels: pl.Series, field: str, file: str) -> pl.DataFrame:
+def _ids(labels: pl.Series, field: str, file: str, notes: list[str] | None = None) -> pl.DataFrame:
+    """``text, id`` for the distinct values of ``labels``: the integers themselves when every value
+    is a non-negative integer (MovieLens' ``196``), else :func:`features.sources.stable_id` of each
+    text (as the Amazon format's and the table source's text ids; ``notes`` says which)."""
+    text = labels.drop_nulls().unique().sort()
+    as_int = text.str.strip_chars().cast(pl.Int64, strict=False)
+    if text.len() and as_int.null_count() == 0 and bool((as_int >= 0).all()):
+        return pl.DataFrame({"text": text, "id": as_int})
+    if notes is not None and text.len():
+        notes.append(f"recbole: {field} holds text ids: hashed to 64-bit ids (recsys data id TEXT prints one)")
     return string_ids(labels, field=field, file=file)
 
 
@@ -259,7 +269,7 @@ def read_recbole(root: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
     rated = rc.rating_field is not None and (rc.rating_field in inter.columns or rc.rating_field != default_rating)
     if rated:  # the default name may be absent (no ratings); another name the config gives may not
         inter.require(rc.rating_field, ("float", "token"), "rating_field")
-    item, user = files.get("item"), files.get("user")
+    item = files.get("item")
     notes: list[str] = []
     rejects = [empty_rejects()]
     rows: dict[str, int] = {}
@@ -299,9 +309,27 @@ def read_recbole(root: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
         dropped = valid.filter(pl.col("_behavior") == "drop").height
         valid = valid.filter(pl.col("_behavior") != "drop")
         notes.append(f"recbole: {dropped:,} interactions rated below {rc.rating_threshold} left out (recbole.below: drop)")
-    user_ids = _ids(valid[f"_{rc.user_field}"], rc.user_field, inter.name)
-    item_ids = _ids(valid[f"_{rc.item_field}"], rc.item_field, inter.name)
+    user = files.get("user")
+    profile = {"segment": rc.segment_field, "age_bucket": rc.age_field}
+    user_rows = None
+    if rc.segment_field is not None or rc.age_field is not None:
+        if user is None:
+            setting = "segment_field" if rc.segment_field is not None else "age_field"
+            raise DataError(f"recbole.{setting}: profile features need a NAME.user file; there is none", file=str(root))
+        user.require(rc.user_field, ("token",), "user_field")
+        for feature, column in profile.items():
+            if column is not None:
+                user.require(column, ("token",), f"{'segment' if feature == 'segment' else 'age'}_field")
+        user_rows, rej, rows["user"] = _checked(user, [_token_present(rc.user_field), _unique(rc.user_field)],
+                                                strict=strict)
+        rejects.append(rej)
+    elif user is not None:
+        notes.append(f"recbole: {user.name} not read (set recbole.segment_field / recbole.age_field to use it)")
+    listed_users = [] if user_rows is None else [user_rows[f"_{rc.user_field}"]]
+    user_ids = _ids(pl.concat([valid[f"_{rc.user_field}"], *listed_users]), rc.user_field, inter.name, notes)
 
+    if item is None:
+        item_ids = _ids(valid[f"_{rc.item_field}"], rc.item_field, inter.name, notes)
     # .item: categories and item features
     items = None
     item_features: dict[str, pl.Expr] = {}
@@ -315,7 +343,8 @@ def read_recbole(root: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
             checks += _float_checks(rc.price_field)
         item_rows, rej, rows["item"] = _checked(item, checks, strict=strict)
         rejects.append(rej)
-        item_ids = _ids(pl.concat([valid[f"_{rc.item_field}"], item_rows[f"_{rc.item_field}"]]), rc.item_field, item.name)
+        item_ids = _ids(pl.concat([valid[f"_{rc.item_field}"], item_rows[f"_{rc.item_field}"]]), rc.item_field, item.name,
+                        notes)
         columns = [pl.col(f"_{rc.item_field}").alias("_item")]
         if category_in is item:
             columns.append(_category_of(category_field, item.columns[category_field], rc.category_rule).alias("_category"))
@@ -380,26 +409,12 @@ def read_recbole(root: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
         items_out = from_events
 
     users_out = None
-    if rc.segment_field is not None or rc.age_field is not None:
-        if user is None:
-            setting = "segment_field" if rc.segment_field is not None else "age_field"
-            raise DataError(f"recbole.{setting}: profile features need a NAME.user file; there is none", file=str(root))
-        user.require(rc.user_field, ("token",), "user_field")
-        profile = {"segment": rc.segment_field, "age_bucket": rc.age_field}
-        for feature, column in profile.items():
-            if column is not None:
-                user.require(column, ("token",), f"{'segment' if feature == 'segment' else 'age'}_field")
-        user_rows, rej, rows["user"] = _checked(user, [_token_present(rc.user_field), _unique(rc.user_field)],
-                                                strict=strict)
-        rejects.append(rej)
+    if user_rows is not None:
         users_out = user_rows.select(
-            _encode(pl.col(f"_{rc.user_field}"), _ids(user_rows[f"_{rc.user_field}"], rc.user_field, user.name))
-            .alias("user_id"),
-            *(pl.col(f"_{column}").str.strip_chars().map_elements(stable_id, return_dtype=pl.Int64).alias(feature)
+            _encode(pl.col(f"_{rc.user_field}"), user_ids).alias("user_id"),
+            *(_encode(pl.col(f"_{column}"), _ids(user_rows[f"_{column}"], column, user.name)).alias(feature)
               for feature, column in profile.items() if column is not None),
         )
-    elif user is not None:
-        notes.append(f"recbole: {user.name} not read (set recbole.segment_field / recbole.age_field to use it)")
 
     return SourceData(kind="recbole", path=root, events=events, rows_read=rows, rejects=pl.concat(rejects),
                       items=items_out, users=users_out, notes=notes)

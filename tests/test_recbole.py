@@ -22,29 +22,31 @@ USER = "user_id:token\tage:token\tgender:token\toccupation:token"
 GENRES = ["Drama", "Comedy", "Action", "Thriller", "Romance", "Sci-Fi"]
 
 
-def write_dataset(root, *, users: int = 40, items: int = 60, per_user: int = 30, seed: int = 0, name: str = "ml-tiny"):
+def write_dataset(root, *, users: int = 40, items: int = 60, per_user: int = 30, seed: int = 0, name: str = "ml-tiny",
+                  u: str = "u", m: str = "m"):
     """``root/name/name.{inter,item,user}``: users who prefer two genres rate movies of them higher;
-    returns the folder and the rows written (ratings, times, genres) for the checks."""
+    returns the folder and the rows written (ratings, times, genres) for the checks. Ids are
+    ``u`` / ``m`` + a number (empty prefixes: integer ids, as in MovieLens)."""
     rng = np.random.default_rng(seed)
     folder = root / name
     folder.mkdir(parents=True)
     genre = [f"{GENRES[i % 6]} {GENRES[(i * 7 + 1) % 6]}" for i in range(items)]
-    lines = [ITEM] + [f"m{i}\tMovie {i} ({1990 + i % 30})\t{1990 + i % 30}\t{genre[i]}\t{5 + (i * 37) % 50}.5"
+    lines = [ITEM] + [f"{m}{i}\tMovie {i} ({1990 + i % 30})\t{1990 + i % 30}\t{genre[i]}\t{5 + (i * 37) % 50}.5"
                       for i in range(items)]
     (folder / f"{name}.item").write_text("\n".join(lines) + "\n")
-    lines = [USER] + [f"u{u}\t{18 + u % 5 * 10}\t{'MF'[u % 2]}\t{['student', 'writer', 'engineer'][u % 3]}"
-                      for u in range(users)]
+    lines = [USER] + [f"{u}{k}\t{18 + k % 5 * 10}\t{'MF'[k % 2]}\t{['student', 'writer', 'engineer'][k % 3]}"
+                      for k in range(users)]
     (folder / f"{name}.user").write_text("\n".join(lines) + "\n")
     rows = []
-    for u in range(users):
-        liked = {GENRES[u % 6], GENRES[(u + 2) % 6]}
-        t = 1_400_000_000 + u * 1000  # 2014: `recsys serve` refuses times before 2000 unless --min-timestamp
+    for k in range(users):
+        liked = {GENRES[k % 6], GENRES[(k + 2) % 6]}
+        t = 1_400_000_000 + k * 1000  # 2014: `recsys serve` refuses times before 2000 unless --min-timestamp
         for i in rng.choice(items, per_user, replace=False):
             t += int(rng.integers(60, 86_400))
             first = genre[i].split(" ")[0]
             rating = int(np.clip(rng.normal(4.3 if first in liked else 2.5, 0.8), 1, 5))
-            rows.append((f"u{u}", f"m{i}", rating, t, first))
-    lines = [INTER] + [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t, _ in rows]
+            rows.append((f"{u}{k}", f"{m}{i}", rating, t, first))
+    lines = [INTER] + [f"{a}\t{b}\t{r}\t{t}" for a, b, r, t, _ in rows]
     (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
     return folder, rows
 
@@ -196,3 +198,16 @@ def test_data_id_prints_the_id_a_text_id_becomes(tmp_path):
     assert [text for text, _ in lines] == ["u1", "m7", "user 17"]
     assert int(lines[0][1]) in src.events["user_id"].to_list()  # the id the built data holds for u1
     assert [int(i) for _, i in lines] == [stable_id(t) for t in ("u1", "m7", "user 17")]
+
+
+def test_integer_ids_stay_integers(tmp_path):
+    """MovieLens' ids are integers: user 196 stays 196 (what a client sends), in .inter and .user."""
+    folder, rows = write_dataset(tmp_path, users=5, per_user=4, u="", m="")
+    cfg = BuildConfig.model_validate({"recbole": {"segment_field": "occupation"}})
+    src = read_recbole(folder, cfg, strict=True)
+    assert src.events.sort("line")["user_id"].to_list() == [int(a) for a, *_ in rows]
+    assert src.events.sort("line")["item_id"].to_list() == [int(b) for _, b, *_ in rows]
+    assert sorted(src.users["user_id"].to_list()) == list(range(5))
+    assert not any("holds text ids" in n for n in src.notes)
+    text = read_recbole(write_dataset(tmp_path / "t", users=2, per_user=2)[0], BuildConfig(), strict=True)
+    assert any("user_id holds text ids" in n for n in text.notes) and any("item_id holds text ids" in n for n in text.notes)
