@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "id", help="the 64-bit id a text id becomes (send it to recsys serve)", formatter_class=fmt,
         description="Text ids (user-17, SKU123) are hashed to 64-bit integers when a dataset is built\n"
         "(amazon:, table: and recbole: sources); the HTTP API takes those integers. This prints them.\n"
-        "Ids that are integers in the log (in a table: source, a column whose values all are) stay\n"
+        "Ids that are integers in the log (table: and recbole: sources: a column whose values all are) stay\n"
         "integers: send those as they are.",
         epilog="example:\n  recsys data id user-17 SKU123",
     )
