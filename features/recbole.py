@@ -349,7 +349,8 @@ def read_recbole(root: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
         if category_in is item:
             columns.append(_category_of(category_field, item.columns[category_field], rc.category_rule).alias("_category"))
         if rc.brand_field is not None:
-            columns.append(pl.col(f"_{rc.brand_field}").str.strip_chars().alias("_brand"))
+            brand = pl.col(f"_{rc.brand_field}").str.strip_chars()
+            columns.append(pl.when(brand != "").then(brand).alias("_brand"))  # empty: no brand (out of vocabulary)
             item_features["brand_id"] = pl.col("_brand")
         if rc.price_field is not None:
             columns.append(_number(rc.price_field).alias("_price"))

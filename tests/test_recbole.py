@@ -82,6 +82,14 @@ def test_settings_choose_rule_behaviours_and_features(tmp_path):
     cats = dict(src.items.select("item_id", "category_id").iter_rows())
     assert all(cats[stable_id(i)] == stable_id(genre_of[i]) for _, i, *_ in kept)
     assert sorted(set(src.items["price_bucket"].to_list())) == list(range(10))
+    # a brand column: the token, hashed; an empty cell is no brand (null, the out-of-vocabulary row)
+    item = folder / "ml-tiny.item"
+    lines = item.read_text().splitlines()
+    item.write_text("\n".join([lines[0] + "\tstudio:token", *(f"{x}\t{'S' + str(k % 3) if k else ''}"
+                                                               for k, x in enumerate(lines[1:]))]) + "\n")
+    cfg = BuildConfig.model_validate({"recbole": {"brand_field": "studio"}})
+    brands = dict(read_recbole(folder, cfg, strict=True).items.select("item_id", "brand_id").iter_rows())
+    assert brands[stable_id("m0")] is None and brands[stable_id("m1")] == stable_id("S1")
     users = src.users.sort("user_id")
     assert users.height == 10 and users.columns == ["user_id", "segment", "age_bucket"]
     assert set(users["segment"].to_list()) == {stable_id(o) for o in ("student", "writer", "engineer")}
