@@ -73,6 +73,8 @@ import polars as pl
 from features.sources import (
     EVENTS_SCHEMA,
     SourceData,
+    integer_ids,
+    most_frequent_category,
     price_deciles,
     scan_lines,
     stable_id,
@@ -233,9 +235,8 @@ def _ids(labels: pl.Series, field: str, file: str, notes: list[str] | None = Non
     is a non-negative integer (MovieLens' ``196``), else :func:`features.sources.stable_id` of each
     text (as the Amazon format's and the table source's text ids; ``notes`` says which)."""
     text = labels.drop_nulls().unique().sort()
-    as_int = text.str.strip_chars().cast(pl.Int64, strict=False)
-    if text.len() and as_int.null_count() == 0 and bool((as_int >= 0).all()):
-        return pl.DataFrame({"text": text, "id": as_int})
+    if text.len() and integer_ids(text, nonnegative=True):
+        return pl.DataFrame({"text": text, "id": text.str.strip_chars().cast(pl.Int64, strict=False)})
     if notes is not None and text.len():
         notes.append(f"recbole: {field} holds text ids: hashed to 64-bit ids (recsys data id TEXT prints one)")
     return string_ids(labels, field=field, file=file)
@@ -384,9 +385,7 @@ def read_recbole(root: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
     ).cast(EVENTS_SCHEMA)
 
     # one row per item: .item's category where it has one, else the item's most frequent in .inter
-    from_events = (events.group_by("item_id", "category_id").len()
-                   .sort(["item_id", "len", "category_id"], descending=[False, True, False])
-                   .unique("item_id", keep="first", maintain_order=True).select("item_id", "category_id"))
+    from_events = most_frequent_category(events.select("item_id", "category_id"))
     if items is not None:
         cat = (_encode(pl.col("_category"), category_ids) if "_category" in items.columns
                else pl.lit(None, pl.Int64))

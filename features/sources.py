@@ -506,15 +506,41 @@ def _id_mapper(valid: pl.DataFrame, fmt: LineFormat, file: str) -> Callable[[str
     return mapped
 
 
+def most_frequent(frame: pl.DataFrame, key: str, column: str) -> pl.DataFrame:
+    """``key, column``: each key's most frequent non-null value of ``column`` (ties: the smallest).
+
+    Example:
+        >>> most_frequent(pl.DataFrame({"item_id": [1, 1, 1, 2], "category_id": [7, 5, 5, None]}),
+        ...               "item_id", "category_id").rows()
+        [(1, 5)]
+    """
+    return (
+        frame.filter(pl.col(column).is_not_null()).group_by(key, column).len()
+        .sort([key, "len", column], descending=[False, True, False])
+        .unique(key, keep="first", maintain_order=True).select(key, column)
+    )
+
+
 def most_frequent_category(pairs: pl.DataFrame) -> pl.DataFrame:
     """``item_id, category_id`` pairs -> one row per item: its most frequent category (ties: the
     smallest category id)."""
-    return (
-        pairs.group_by("item_id", "category_id").len()
-        .sort(["item_id", "len", "category_id"], descending=[False, True, False])
-        .unique("item_id", keep="first", maintain_order=True)
-        .select("item_id", "category_id")
-    )
+    return most_frequent(pairs, "item_id", "category_id")
+
+
+def integer_ids(text: pl.Series, *, nonnegative: bool = False) -> bool:
+    """Whether a text column of ids holds integers: every non-empty value (spaces stripped) parses
+    as an int64 (and is >= 0 with ``nonnegative``). Such ids are read as the integers themselves;
+    any other text id goes through :func:`string_ids`.
+
+    Example:
+        >>> integer_ids(pl.Series(["196", " 7", "", None])), integer_ids(pl.Series(["196", "B00X"]))
+        (True, False)
+        >>> integer_ids(pl.Series(["-3"])), integer_ids(pl.Series(["-3"]), nonnegative=True)
+        (True, False)
+    """
+    text = text.drop_nulls().str.strip_chars()
+    as_int = text.filter(text != "").cast(pl.Int64, strict=False)
+    return as_int.null_count() == 0 and (not nonnegative or bool((as_int >= 0).all()))
 
 
 def read_lines(path: Path, fmt: LineFormat, cfg: BuildConfig, *, strict: bool) -> SourceData:

@@ -59,7 +59,14 @@ from pathlib import Path
 
 import polars as pl
 
-from features.sources import EVENTS_SCHEMA, SourceData, most_frequent_category, string_ids
+from features.sources import (
+    EVENTS_SCHEMA,
+    SourceData,
+    integer_ids,
+    most_frequent,
+    most_frequent_category,
+    string_ids,
+)
 from features.validate import Check, bad_characters, empty_rejects, split_rejects, with_checks
 from recsys.config import load_config
 from recsys.errors import ConfigError, DataError, clip
@@ -336,9 +343,7 @@ def read_files(table: Table, separator: str) -> pl.DataFrame:
 
 def integer_text(frame: pl.DataFrame, name: str) -> bool:
     """A text column whose non-empty values all parse as int64 (ids read as integers)."""
-    text = frame[name].str.strip_chars()
-    text = text.filter(text != "")
-    return text.cast(pl.Int64, strict=False).null_count() == 0
+    return integer_ids(frame[name])
 
 
 @dataclass(frozen=True)
@@ -514,15 +519,6 @@ def _text_id_roles(tables: dict[str, pl.DataFrame], roles: dict[str, list[Role]]
         ):
             text.add(name)
     return text
-
-
-def most_frequent(frame: pl.DataFrame, key: str, column: str) -> pl.DataFrame:
-    """``key, column``: each key's most frequent non-null value (ties: the smallest)."""
-    return (
-        frame.filter(pl.col(column).is_not_null()).group_by(key, column).len()
-        .sort([key, "len", column], descending=[False, True, False])
-        .unique(key, keep="first", maintain_order=True).select(key, column)
-    )
 
 
 # --------------------------------------------------------------------------------------------
