@@ -9,9 +9,11 @@ For a candidate (query) q and its request's behaviours k_1..k_N (most recent N, 
 paper's). Padded steps get weight 0; an empty history gives v = 0.
 
 Efficiency: the first layer is linear in the concatenation, so with W1 = [A | B | C | P] (four
-D-column blocks) ``W1 x = (A + C) k + (B - C) q + P (k * q)``: the key part is computed once per
-request and shared by its M candidates, the query part once per candidate, and only the product
-part per (candidate, behaviour) pair. :func:`din_attention_reference` is the plain concatenation
+D-column blocks) ``W1 x = (A + C) k + (B - C) q + P (k * q) = (B - C) q + (A + C + P diag(q)) k``:
+the query part is computed once per candidate, and the key and product parts together are one
+matrix per candidate applied to its request's keys, so that a single batched GEMM (``baddbmm``,
+the query part as its bias) writes the [C, N, H] pre-activations: no [C, N, H] tensor of the key
+part is gathered and added (docs/BENCHMARKS.md, "Scoring throughput", has the before and after). :func:`din_attention_reference` is the plain concatenation
 form, kept as the spec for tests.
 
 Shapes: B requests, C candidates (jagged over requests), N padded steps, D key dim, H hidden.
@@ -55,11 +57,11 @@ class DINAttention(nn.Module):
         d = self.dim
         w = self.first.weight  # [H, 4D]
         a, b, c, p = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]  # each [H, D]
-        key_part = keys @ (a + c).T  # [B, N, H]  once per request
         query_part = queries @ (b - c).T + self.first.bias  # [C, H]  once per candidate
         kc = keys[request]  # [C, N, D]  the request's keys, per candidate
-        prod_w = queries.unsqueeze(1) * p.unsqueeze(0)  # [C, H, D]: q_j * P[h, j]
-        h = key_part[request] + query_part.unsqueeze(1) + torch.bmm(kc, prod_w.transpose(1, 2))  # [C, N, H]
+        # per candidate, the key part and the product part are one matrix: (A + C) + q_j * P[h, j]
+        w_c = torch.addcmul((a + c).unsqueeze(0), queries.unsqueeze(1), p.unsqueeze(0))  # [C, H, D]
+        h = torch.baddbmm(query_part.unsqueeze(1), kc, w_c.transpose(1, 2))  # [C, N, H] in one batched GEMM
         scores = self.rest(self.first_act(h)).squeeze(-1)  # [C, N]
         m = mask[request]  # [C, N]
         if self.weighting == "raw":

@@ -220,7 +220,7 @@ def test_din_attention_matches_the_reference(lengths, per_request, weighting, se
     ref = din_attention_reference(att, keys, mask, queries, request)
     assert torch.allclose(fast, ref, atol=1e-5)
     g = torch.randn_like(fast)
-    wrt = [keys, queries, att.first.weight]
+    wrt = [keys, queries, att.first.weight, att.first.bias]
     gf = torch.autograd.grad((fast * g).sum(), wrt, allow_unused=True, materialize_grads=True)
     if not ref.requires_grad:  # every history empty: the reference is a constant zero
         assert all(torch.count_nonzero(x) == 0 for x in gf[:2])
