@@ -42,10 +42,19 @@ everything after the encoder (the same random draws are made, so with ``dropout:
 differs from an uncached scoring, whose masks reach the encoder too.
 
 Cost, per batch of candidates (all requests together, never a loop over candidates): one forward and
-backward for ŷ and the first gradient, 1 (ts) or N (ucb) dropout forwards of the dense part only (the
+backward for ŷ and the first gradient, 1 (ts) or N (ucb) dropout samples of the dense part only (the
 embedding lookups are done once), T − 1 more forward/backward pairs for PGD, one forward for ŷ_e.
 A candidate's score depends on its own embedding only (candidates never see each other), so one
-backward of Σ_c f_c gives every candidate's gradient.
+backward of Σ_c f_c gives every candidate's gradient. The N samples are one batched forward
+(``torch.func.vmap`` over the N masked copies of θ, stacked; :data:`SAMPLE_BUDGET` cuts it into
+chunks of samples when N·C is large), and their masks one ``torch.rand`` call: what does not read θ
+(padding, gathering each candidate's keys, the KSA encoder's planning) runs once, and the per-sample
+Python and dispatch overhead goes. The arithmetic does not shrink: N samples are N times the dense
+part's multiply-adds, so where those dominate (DIN's pair scores on a CPU) batching saves little,
+and where many small ops do (the KSA encoder; any model on a GPU) it saves most. A model vmap cannot
+run (an in-place write of a θ-dependent result into a tensor that is not, or a Python branch on
+one: SIM's soft and KSA-guided search, serving's cached read-outs) scores the same masks one
+sample at a time (:meth:`AGEExplorer.dropout_probs`); ``AGEExplorer(batched=False)`` always does.
 
 Example:
     >>> import numpy as np
@@ -67,13 +76,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from models.embedding import Embedded
 from models.mlp import MLP
@@ -85,6 +96,20 @@ if TYPE_CHECKING:  # models.ctr imports this module
 
 #: Parameter-name prefixes that are not θ: the embedding tables and the gate (θ_s).
 NOT_DENSE = ("embeddings.", "gate.")
+
+#: Dropout samples × candidates per batched forward: the N samples go through ``vmap`` in chunks of
+#: ``max(1, SAMPLE_BUDGET // C)``, so the batched activations (DIN's [chunk, C, L, H] pair scores)
+#: stay about those of a plain scoring of SAMPLE_BUDGET candidates. On the 2-core CPU, 100 candidates:
+#: DIN is fastest in chunks of 4-5 samples (larger ones leave the cache), the full model in one.
+SAMPLE_BUDGET = 512
+
+#: The warning torch gives where an op has no batching rule and vmap loops over the samples (SDPA
+#: on CPU in the KSA encoder): the same kernel per sample, as the sequential pass runs it.
+_NO_BATCH_RULE = "There is a performance drop because we have not yet implemented the batching rule"
+
+#: model -> the kinds of ``given`` (names, whether each is a function) vmap could not run it with.
+#: Kept per model, not per explorer: serving builds an explorer per request.
+_UNBATCHABLE: weakref.WeakKeyDictionary[nn.Module, set[tuple[tuple[str, bool], ...]]] = weakref.WeakKeyDictionary()
 
 
 class ItemGate(nn.Module):
@@ -136,6 +161,25 @@ def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if not n.startswith(NOT_DENSE)}
 
 
+def _keep_masks(theta: Mapping[str, torch.Tensor], samples: int, rate: float,
+                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Bool keep masks ``[samples, *shape]`` per parameter of θ, from the draws ``torch.rand(p.shape) >=
+    rate`` made per sample, per parameter in order (what the sequential pass draws, in its order).
+
+    Where every draw is on the CPU they are one ``torch.rand`` call: its generator fills a tensor
+    element by element, so one draw of the total size is those draws back to back (tested). Elsewhere
+    (a CUDA generator) each is its own call, as the sequential pass makes them.
+    """
+    where = {(generator.device if generator is not None else p.device).type for p in theta.values()}
+    if where == {"cpu"}:
+        sizes = [p.numel() for p in theta.values()]
+        flat = torch.rand(samples, sum(sizes), generator=generator, device="cpu") >= rate  # [N, |θ|]
+        return {n: part.reshape(samples, *p.shape).to(p.device)
+                for (n, p), part in zip(theta.items(), flat.split(sizes, dim=1), strict=True)}
+    draws = [{n: _draw(torch.rand, p.shape, generator, p.device) >= rate for n, p in theta.items()} for _ in range(samples)]
+    return {n: torch.stack([d[n] for d in draws]) for n in theta}
+
+
 class _Score(nn.Module):
     """``forward(emb, given) = model.score(emb, given)``, so that ``functional_call`` can swap θ for a
     masked copy (a ``given`` function that runs a block's read-out then reads the masked weights too)."""
@@ -149,11 +193,16 @@ class _Score(nn.Module):
 
 
 class AGEExplorer:
-    """Scores batches with AGE (module docstring) for a model with ``embed``/``score`` (CTRModel)."""
+    """Scores batches with AGE (module docstring) for a model with ``embed``/``score`` (CTRModel).
 
-    def __init__(self, model: nn.Module, cfg: ExploreConfig) -> None:
+    ``batched=False`` runs the dropout samples one forward after another (the reference the batched
+    pass is tested against; the same masks, so the same scores up to float rounding).
+    """
+
+    def __init__(self, model: nn.Module, cfg: ExploreConfig, *, batched: bool = True) -> None:
         self.model = model
         self.cfg = cfg
+        self.batched = batched
         if cfg.gate == "learned" and getattr(model, "gate", None) is None:
             raise ConfigError("explore.gate 'learned' needs a model trained with model.age.gate=true "
                               "(or use gate 'none' or 'fixed')")
@@ -194,8 +243,43 @@ class AGEExplorer:
                       given: Mapping[str, Given] | None = None) -> torch.Tensor:
         """[samples, C] f(h | θ ⊙ M_k): MC-dropout (Eq. 11) on θ, inverted scaling, the embeddings looked up once.
 
+        The samples run in one batched forward: ``vmap`` over the N masked copies of θ stacked
+        (:data:`SAMPLE_BUDGET` bounds the samples per call); what does not read θ (the padding, the
+        gathers of keys per candidate) is computed once for all of them. A model or ``given`` function
+        vmap cannot run (an in-place write of a masked result into a tensor of the embeddings, a
+        Python branch on one) scores the same masks one sample at a time instead, and that kind of
+        ``given`` is not tried batched again for this model. The masks are drawn as
+        :meth:`_dropout_probs_sequential` draws them, per sample and per parameter in
+        :func:`dense_parameters` order, so a seed gives the same masks either way.
+
         Not thread-safe: ``functional_call`` swaps the model's parameters in place while it runs, so
         nothing else may run the model meanwhile (serving/scorer.py holds a lock)."""
+        if not self.batched:
+            return self._dropout_probs_sequential(emb, samples, generator, given)
+        rate = self.cfg.dropout
+        theta = dense_parameters(self.model)
+        keep = _keep_masks(theta, samples, rate, generator)
+        masked = {f"model.{n}": p * keep[n] / (1.0 - rate) for n, p in theta.items()}  # [N, *shape] each
+        kind = tuple(sorted((name, callable(out)) for name, out in (given or {}).items()))
+        unbatchable = _UNBATCHABLE.setdefault(self.model, set())
+        if samples > 1 and masked and kind not in unbatchable:
+            chunk = max(1, SAMPLE_BUDGET // max(int(emb.cand_offsets[-1]), 1))
+            try:
+                with warnings.catch_warnings():  # SDPA on CPU: vmap loops over the samples, as below
+                    warnings.filterwarnings("ignore", message=_NO_BATCH_RULE)
+                    return vmap(lambda params: self._probs(emb, params, given), chunk_size=chunk)(masked)
+            except (RuntimeError, NotImplementedError):  # a real error recurs below, one sample at a time
+                unbatchable.add(kind)
+        return torch.stack([self._probs(emb, {n: m[k] for n, m in masked.items()}, given) for k in range(samples)])
+
+    def _probs(self, emb: Embedded, params: dict[str, torch.Tensor], given: Mapping[str, Given] | None) -> torch.Tensor:
+        """[C] f(h | params): the score with θ replaced by ``params`` (``model.``-prefixed names)."""
+        return torch.sigmoid(functional_call(self._scorer, params, (emb,), {"given": given}))
+
+    @torch.no_grad()
+    def _dropout_probs_sequential(self, emb: Embedded, samples: int, generator: torch.Generator | None = None,
+                                  given: Mapping[str, Given] | None = None) -> torch.Tensor:
+        """:meth:`dropout_probs` one sample at a time, each mask drawn as it is needed: the reference."""
         rate = self.cfg.dropout
         theta = dense_parameters(self.model)
         out = []
@@ -204,7 +288,7 @@ class AGEExplorer:
             for n, p in theta.items():
                 keep = _draw(torch.rand, p.shape, generator, p.device) >= rate
                 masked[f"model.{n}"] = p * keep / (1.0 - rate)
-            out.append(torch.sigmoid(functional_call(self._scorer, masked, (emb,), {"given": given})))
+            out.append(self._probs(emb, masked, given))
         return torch.stack(out)
 
     def uncertainty(self, emb: Embedded, exploit: torch.Tensor, generator: torch.Generator | None = None,

@@ -8,7 +8,7 @@ builder, as serving does), in eval mode. Timed, alternating, after one warm-up o
 * ``age_ts``: :meth:`models.age.AGEExplorer.score` with the paper's defaults and PGD (T = 3): one
   forward/backward for ŷ and ḡ, one dropout forward, two more PGD forward/backwards, one forward
   for ŷ_e; the embedding lookups once;
-* ``age_ucb``: the same with N = 20 dropout forwards instead of one.
+* ``age_ucb``: the same with N = 20 dropout samples instead of one, in one batched (vmapped) forward.
 
 The gate is ``none`` and the impression threshold off, so every candidate is explored (the worst
 case; a closed gate skips nothing in the batched forward, so the cost does not depend on it).

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import models.age as age_module
+from features.category_index import CategoryIndex
 from models.age import AGEExplorer, dense_parameters
-from models.batch import FeatureSpec, make_batch
+from models.batch import FeatureSpec, hard_search, make_batch
 from models.ctr import build_model
 from pipelines.explore import simulate_explore
 from recsys.config import load_config
@@ -131,6 +133,90 @@ def test_ucb_uncertainty_is_the_spread_of_dropout_samples_around_the_exploit_sco
     # no dropout, no uncertainty, no exploration
     still = AGEExplorer(model, cfg.model_copy(update={"dropout": 0.0})).score(batch, generator=torch.Generator().manual_seed(0))
     assert torch.equal(still.explore, still.exploit) and (still.uncertainty == 0).all()
+
+
+#: DIN + KSA + SIM hard + CAN (configs/models/full.yaml's blocks), small
+FULL = {"embedding": {"dim": 4}, "din": {"attention_hidden": [8], "max_len": 10},
+        "ksa": {"enabled": True, "chunk": 4, "window": 1, "d_model": 16, "heads": 2},
+        "sim": {"enabled": True, "mode": "hard", "k": 5, "heads": 2, "head_dim": 4},
+        "can": {"enabled": True, "mlp": [4, 3], "orders": 2, "max_len": 10,
+                "pairs": [{"induction": "item", "feed": "history.item"}, {"induction": "brand", "feed": "profile.segment"}]},
+        "head": {"hidden": [12, 6]}}
+
+
+def _full_case(seed: int = 0):
+    """The full model and a batch of 3 requests (one without history) with SIM's hard search done."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig.model_validate(FULL), SPEC).eval()
+    rng = np.random.default_rng(seed)
+    lengths = np.array([23, 0, 14])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(offsets[-1])
+    ev = {"item": rng.integers(1, 60, n), "category": rng.integers(1, 4, n), "behavior": rng.integers(0, 4, n),
+          "timestamp": np.sort(rng.integers(0, 10**5, n))}
+    per = np.full(3, 5)
+    cands = {"item": rng.integers(1, 60, 15), "category": rng.integers(1, 4, 15), "brand": rng.integers(1, 5, 15)}
+    index = CategoryIndex.from_arrays(ev["category"], offsets, num_categories=SPEC.sizes["category"])
+    search = hard_search(index, ev, offsets, users=np.arange(3), hist_len=lengths, cand_category=cands["category"],
+                         num_candidates=per, k=model.search_k)
+    batch = make_batch(SPEC, history={f: Jagged(v, offsets) for f, v in ev.items()}, request_time=np.full(3, 10**5 + 10),
+                       candidates=cands, num_candidates=per, profile={"segment": rng.integers(1, 3, 3)}, search=search)
+    return model, batch
+
+
+@pytest.mark.parametrize("name", ["din", "full"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_call", "chunks"])
+def test_batched_dropout_samples_equal_the_sequential_ones(name, chunked, monkeypatch):
+    """The N dropout samples in one vmapped forward (and in chunks of 2 when SAMPLE_BUDGET says so)
+    give the sequential pass's probabilities, δ_y and UCB explore scores for the same seed (1e-5)."""
+    model, batch = (_model(), _batch()) if name == "din" else _full_case()
+    emb = _embedded(model, batch)
+    if chunked:
+        monkeypatch.setattr(age_module, "SAMPLE_BUDGET", 2 * int(batch.num_candidates.sum()))  # 2 samples per vmap call
+    cfg = ExploreConfig(form="ucb", gate="none", lam=50.0, dropout=0.1, samples=5)
+    batched, sequential = AGEExplorer(model, cfg), AGEExplorer(model, cfg, batched=False)
+    got = batched.dropout_probs(emb, 5, torch.Generator().manual_seed(7))
+    want = sequential.dropout_probs(emb, 5, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert () not in age_module._UNBATCHABLE.get(model, set())  # it ran batched, not the fallback
+    exploit = torch.sigmoid(model.score(emb))
+    assert (want - exploit).abs().max() > 1e-3 and (want[0] - want[1]).abs().max() > 1e-3  # the masks differ
+    a = batched.score_embedded(emb, None, torch.Generator().manual_seed(8))
+    b = sequential.score_embedded(emb, None, torch.Generator().manual_seed(8))
+    for field in ("exploit", "uncertainty", "explore", "perturbation"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=1e-5)
+    assert (b.explore - b.exploit).abs().max() > 1e-3
+
+
+def test_masks_drawn_at_once_are_the_per_parameter_draws():
+    """One torch.rand of θ's total size per call gives the draws the sequential pass makes, per
+    sample and per parameter in dense_parameters order, and leaves the generator where they do."""
+    theta = dense_parameters(_full_case()[0])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    keep = age_module._keep_masks(theta, 4, 0.3, g1)
+    for k in range(4):
+        for n, p in theta.items():
+            assert torch.equal(keep[n][k], torch.rand(p.shape, generator=g2) >= 0.3), (k, n)
+    assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+
+
+def test_a_given_function_vmap_cannot_run_falls_back_to_one_sample_at_a_time():
+    """A block output written in place into a tensor of the embeddings (as serving's cached read-outs
+    are) stops vmap; the same masks then run one at a time, with the sequential pass's result."""
+    model, batch = _model(), _batch()
+    emb = _embedded(model, batch)
+    din = model.blocks["din"]
+
+    def in_place(e):
+        out = torch.zeros_like(torch.cat([e.candidate["item"], e.candidate["category"]], -1))
+        out[:] = din(e, torch.repeat_interleave(torch.arange(3), 4))
+        return out
+
+    cfg = ExploreConfig(form="ucb", dropout=0.1, samples=4)
+    got = AGEExplorer(model, cfg).dropout_probs(emb, 4, torch.Generator().manual_seed(1), given={"din": in_place})
+    assert (("din", True),) in age_module._UNBATCHABLE[model]
+    want = AGEExplorer(model, cfg, batched=False).dropout_probs(emb, 4, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_dropout_masks_only_the_dense_parameters():

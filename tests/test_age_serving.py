@@ -313,6 +313,25 @@ def test_cached_readouts_follow_the_moved_query(overrides):
     torch.testing.assert_close(a.explore, a.exploit, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("overrides", [KSA, GUIDED], ids=["ksa", "sim_ksa"])
+def test_batched_dropout_samples_equal_the_sequential_ones_with_and_without_the_cache(overrides):
+    """AGE-UCB with MC-dropout: the N samples in one batched pass (models/age.py) give the sequential
+    pass's δ_y and explore scores (1e-5), the blocks run by the model or read from cached states (whose
+    in-place writes vmap cannot run: those fall back to one sample at a time)."""
+    model, batch, args = _ksa_case(overrides)
+    cache = KSACache(model, budget_bytes=1 << 24)
+    with torch.no_grad():
+        emb = model.embed(batch)
+    cfg = ExploreConfig(form="ucb", samples=4, dropout=0.1, lam=1.0, gate="none")
+    for given in (None, cache.given(*args)):
+        got = AGEExplorer(model, cfg).score_embedded(emb, generator=torch.Generator().manual_seed(2), given=given)
+        want = AGEExplorer(model, cfg, batched=False).score_embedded(emb, generator=torch.Generator().manual_seed(2),
+                                                                     given=given)
+        for field in ("exploit", "uncertainty", "explore", "perturbation"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=1e-5)
+        assert want.uncertainty.max() > 1e-3 and (want.explore - want.exploit).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("name", ["ksa", "sim_ksa"])
 def test_scorer_explores_the_same_with_and_without_the_ksa_cache(name, tmp_path, tiny_data):
     """The serving path end to end: a scorer reading KSA from cached states explores as one that
