@@ -440,6 +440,7 @@ def test_bench_age_cli_json_rows_for_din_and_full():
         assert row["plain_ms"] > 0 and row["age_ts_ms"] > 0 and row["age_ucb_ms"] > 0
         assert row["ts_ratio"] == pytest.approx(row["age_ts_ms"] / row["plain_ms"], rel=0.02)
         assert row["max_abs_diff"] <= 1e-5  # AGE's exploit score is the plain score
+        assert row["age_ucb_sequential_ms"] > 0 and row["ucb_batched_vs_sequential_diff"] <= 1e-5
     assert out["config"]["explore"]["samples"] == 20 and out["config"]["explore"]["attack"] == "pgd"
     bad = run_cli("bench", "age", "--models", "din,nope")
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
