@@ -48,7 +48,7 @@ def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _setup(name: str, data: Path, steps: int, score_requests: int) -> dict[str, Any]:
+def _setup(name: str, data: Path, steps: int, score_requests: int, overrides: list[str]) -> dict[str, Any]:
     """The model, its sharded copy and optimizer, the training batches and the scoring table."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -64,7 +64,7 @@ def _setup(name: str, data: Path, steps: int, score_requests: int) -> dict[str, 
     from recsys.config import load_config
     from recsys.model_schemas import RunConfig
 
-    cfg = load_config(RunConfig, ROOT / "configs" / "models" / f"{name}.yaml")
+    cfg = load_config(RunConfig, ROOT / "configs" / "models" / f"{name}.yaml", overrides)
     tc = cfg.train
     _, spec = dataset_spec(data, cfg)
     torch.manual_seed(tc.seed)
@@ -129,7 +129,7 @@ def _score(s: dict[str, Any]) -> tuple[float, int]:
     return time.perf_counter() - start, len(out["prob"])
 
 
-def one_pass(data: Path, models: list[str], steps: int, score_requests: int) -> dict[str, Any]:
+def one_pass(data: Path, models: list[str], steps: int, score_requests: int, overrides: list[str]) -> dict[str, Any]:
     """Every model once (train then score), in the order given: seconds and examples."""
     import torch.distributed as dist
 
@@ -141,7 +141,7 @@ def one_pass(data: Path, models: list[str], steps: int, score_requests: int) -> 
     try:
         for name in models:
             _note(f"[throughput] {name}: building {steps + 1} batches ...")
-            s = _setup(name, data, steps, score_requests)
+            s = _setup(name, data, steps, score_requests, overrides)
             train_s, train_n = _train_steps(s, steps)
             score_s, score_n = _score(s)
             rows[name] = {"train_s": train_s, "train_examples": train_n, "score_s": score_s, "score_examples": score_n,
@@ -172,7 +172,8 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One pass in a fresh process that imports the library from ``tree`` first."""
     env = {**os.environ, "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, str(Path(__file__).resolve()), str(args.data.resolve()), "--models", args.models,
-           "--steps", str(args.steps), "--score-requests", str(args.score_requests), "--one-pass"]
+           "--steps", str(args.steps), "--score-requests", str(args.score_requests), "--one-pass",
+           *(f"--set={o}" for o in args.set)]
     done = subprocess.run(cmd, env=env, cwd=tree, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -187,7 +188,7 @@ def _worktree(rev: str) -> Path:
     return tree
 
 
-def profile(data: Path, name: str, steps: int, score_requests: int, top: int) -> str:
+def profile(data: Path, name: str, steps: int, score_requests: int, top: int, overrides: list[str]) -> str:
     """The top operators by self CPU time of ``steps`` train steps and one scoring of ``name``."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity
@@ -197,7 +198,7 @@ def profile(data: Path, name: str, steps: int, score_requests: int, top: int) ->
 
     init_single_process_group()
     try:
-        s = _setup(name, data, steps, score_requests)
+        s = _setup(name, data, steps, score_requests, overrides)
         _train_steps(s, 1)
         out = []
         for what, fn in (("train", lambda: _train_steps(s, steps)), ("score", lambda: _score(s))):
@@ -243,6 +244,8 @@ def main() -> None:
     p.add_argument("--against", metavar="REV", help="also measure git revision REV, alternating with this tree")
     p.add_argument("--profile", metavar="NAME", help="print the top operators of NAME's train steps and scoring")
     p.add_argument("--top", type=int, default=15, help="operators listed by --profile (default 15)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every model, e.g. model.ksa.kernel=blocksparse (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -255,11 +258,20 @@ def main() -> None:
     missing = [m for m in models if not (ROOT / "configs" / "models" / f"{m}.yaml").is_file()]
     if missing:
         p.error(f"--models: no configs/models/{missing[0]}.yaml")
+    from recsys.config import load_config
+    from recsys.errors import RecsysError
+    from recsys.model_schemas import RunConfig
+
+    for m in models:  # a bad override stops here, named, before any pass
+        try:
+            load_config(RunConfig, ROOT / "configs" / "models" / f"{m}.yaml", a.set)
+        except RecsysError as exc:
+            p.error(f"--set: {exc}")
     if a.one_pass:
-        print(json.dumps(one_pass(a.data, models, a.steps, a.score_requests)))
+        print(json.dumps(one_pass(a.data, models, a.steps, a.score_requests, a.set)))
         return
     if a.profile:
-        print(profile(a.data, a.profile, a.steps, a.score_requests, a.top))
+        print(profile(a.data, a.profile, a.steps, a.score_requests, a.top, a.set))
         return
     trees = {"this tree": ROOT}
     if a.against:
@@ -269,7 +281,7 @@ def main() -> None:
         for label, tree in trees.items():  # alternate the trees within each repeat
             _note(f"[throughput] pass {r + 1}/{a.repeats}: {label}")
             passes[label].append(_child(tree, a))
-    result: dict[str, Any] = {"machine": _machine(), "data": str(a.data), "steps": a.steps,
+    result: dict[str, Any] = {"machine": _machine(), "data": str(a.data), "steps": a.steps, "overrides": a.set,
                               "score_requests": a.score_requests, "repeats": a.repeats,
                               "libraries": {label: ps[0]["library"] for label, ps in passes.items()},
                               "results": {label: best_of(ps) for label, ps in passes.items()}}

@@ -50,8 +50,16 @@ Kernels, one interface (``kernel=``):
 * ``chunked``: query blocks of P chunks attend to [their users' older summaries | raw events of
   chunks c0 - W .. c1) with a small block mask; blocks are grouped by key length into SDPA calls
   under a score budget. O(n (W C + n/k)) time, O(P C (n/k + W C)) extra memory per call; the n x n
-  mask never exists. (FlexAttention would need ``torch.compile`` with a C++ toolchain on CPU; not
-  used so that CPU and CUDA run the same code.)
+  mask never exists. Every score pays for the mask, and no tile is skipped.
+* ``blocksparse`` (:func:`attend_blocksparse`): per query block, the summaries that every query of
+  the block sees (the n^2/k part) run as mask-free tiles on summary prefixes that consecutive
+  blocks share (views, no gather); only the near keys (the staircase of newer summaries, the raw
+  window and the causal own chunk, at most tile + (P - 1) S + (W + P) C a query) take a mask.
+  Pieces return output and logsumexp and merge exactly (out = sum_p exp(lse_p - lse) out_p); the
+  backward runs each piece with the merged totals. On CPU the pieces run the flash kernel under
+  scaled-dot-product attention (it returns the logsumexp too); elsewhere, explicit matmuls: one
+  plan and one merge on every device. (FlexAttention would need ``torch.compile``, minutes per
+  shape and a C++ toolchain on CPU; the flash kernel gives the mask-free tiles without it.)
 * ``full``: every event attends to every earlier event and no summary: the distillation teacher
   and the full-attention baseline of the benchmark.
 
@@ -79,8 +87,8 @@ from models.jagged import lengths_to_offsets, positions
 from recsys.errors import RecsysError
 from recsys.model_schemas import KSAConfig
 
-Kernel = Literal["reference", "chunked", "full"]
-KERNELS: tuple[str, ...] = ("reference", "chunked", "full")
+Kernel = Literal["reference", "chunked", "blocksparse", "full"]
+KERNELS: tuple[str, ...] = ("reference", "chunked", "blocksparse", "full")
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +335,248 @@ def attend_chunked(q_e, k_e, v_e, k_s, v_s, geo: Geometry, window: int, *,
     return torch.cat(outs)[inverse]
 
 
+# Block-sparse kernel. Queries are laid out by blocks of P chunks, P C rows each (a history's
+# partial last block padded with zero rows), plus one zero row; keys are the pool [k_e ; k_s ; 0].
+# A piece is one batched attention call: queries and keys as ``Rows`` of these, with no mask or
+# with a small additive one. Pieces return (out, logsumexp) and merge exactly:
+# lse = logsumexp_p lse_p, out = sum_p exp(lse_p - lse) out_p.
+
+Rows = torch.Tensor | tuple[int, int, int]  # [G, X] rows (a gather), or (start, G, X): start + g X + x (a view)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    q_rows: Rows
+    k_rows: Rows
+    bias: torch.Tensor | None = None  # [G, 1, Q, L] 0 / -inf (None: every key visible)
+
+
+@dataclass(frozen=True)
+class BlockSparsePlan:
+    """The query layout and the pieces of :func:`attend_blocksparse` for one geometry and window."""
+
+    q_index: torch.Tensor  # [R] rows of [q_e ; 0] in the block layout, R = G P C + 1
+    ev_pos: torch.Tensor  # [N] block-layout row of every event
+    pieces: tuple[_Piece, ...]
+
+
+def _take(pool: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """[G, X, ...] rows of a contiguous ``pool``; a (start, G, X) range is a view."""
+    if isinstance(rows, tuple):
+        start, g, x = rows
+        return pool.narrow(0, start, g * x).unflatten(0, (g, x))
+    return pool[rows]
+
+
+def _add_into(pool: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
+    """pool[rows] += values ([G, X, ...]); repeated rows accumulate."""
+    if isinstance(rows, tuple):
+        _take(pool, rows).add_(values)
+    else:
+        pool.index_add_(0, rows.reshape(-1), values.reshape(-1, *values.shape[2:]))
+
+
+def _probs(qt, kt, piece: _Piece, lse):
+    """Math path: softmax probabilities [G, H, Q, L] of the piece, and the lse used (0 for a row with no key)."""
+    s = torch.matmul(qt, kt.transpose(-1, -2)) * qt.shape[-1] ** -0.5
+    if piece.bias is not None:
+        s = s + piece.bias
+    if lse is None:
+        lse = s.logsumexp(-1)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (s - lse[..., None]).exp(), lse
+
+
+def _piece_forward(q, k, v, piece: _Piece, flash: bool):
+    """[G, Q, H, dh] x [G, L, H, dh] -> out [G, Q, H, dh], lse [G, Q, H].
+
+    A query that sees no key of the piece (only padding can: a real query sees itself in the near
+    piece) gets out 0 and lse 0 from either path, and no gradient reaches it.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [G, H, X, dh] views
+    if flash:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, attn_mask=piece.bias)
+    else:
+        p, lse = _probs(qt, kt, piece, None)
+        out = torch.matmul(p, vt)
+    return out.transpose(1, 2), lse.transpose(1, 2)  # [G, Q, H, dh], [G, Q, H]
+
+
+def _piece_backward(g, q, k, v, out, lse, piece: _Piece, flash: bool):
+    """Gradients of the piece's share of a softmax whose totals (``out``, ``lse``) span every piece:
+    with them, the piece's probabilities are those of the whole softmax."""
+    args = [t.transpose(1, 2) for t in (g, q, k, v, out)]  # [G, H, X, dh]
+    lse_t = lse.transpose(1, 2).contiguous()  # [G, H, Q]
+    if flash:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *args, lse_t, 0.0, False, attn_mask=piece.bias)
+    else:
+        gt, qt, kt, vt, ot = args
+        p, _ = _probs(qt, kt, piece, lse_t)
+        ds = p * (torch.matmul(gt, vt.transpose(-1, -2)) - (gt * ot).sum(-1, keepdim=True))
+        scale = qt.shape[-1] ** -0.5
+        grads = (torch.matmul(ds, kt) * scale, torch.matmul(ds.transpose(-1, -2), qt) * scale,
+                 torch.matmul(p.transpose(-1, -2), gt))
+    return [t.transpose(1, 2) for t in grads]  # [G, X, H, dh]
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Event queries over the union of their pieces' keys, merged by logsumexp; exact backward."""
+
+    @staticmethod
+    def forward(ctx, q_e, k_e, v_e, k_s, v_s, plan: BlockSparsePlan, flash: bool):
+        zero = q_e.new_zeros((1,) + q_e.shape[1:])
+        q = torch.cat([q_e, zero])[plan.q_index]  # [R, H, dh] block layout
+        k, v = torch.cat([k_e, k_s, zero]), torch.cat([v_e, v_s, zero])  # key pool
+        lse = q.new_full(q.shape[:2], float("-inf"))  # [R, H]
+        parts = []
+        for piece in plan.pieces:
+            o, l_ = _piece_forward(_take(q, piece.q_rows), _take(k, piece.k_rows), _take(v, piece.k_rows), piece, flash)
+            parts.append((o, l_))
+            merged = torch.logaddexp(_take(lse, piece.q_rows), l_)
+            if isinstance(piece.q_rows, tuple):
+                _take(lse, piece.q_rows).copy_(merged)
+            else:
+                lse[piece.q_rows] = merged  # rows repeat only at the zero row
+        lse = lse.masked_fill(torch.isinf(lse), 0.0)  # the zero row, if no piece covers it: finite for backward
+        out = torch.zeros_like(q)
+        for piece, (o, l_) in zip(plan.pieces, parts, strict=True):
+            _add_into(out, piece.q_rows, (l_ - _take(lse, piece.q_rows)).exp()[..., None] * o)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.flash, ctx.n = plan, flash, q_e.shape[0]
+        return out[plan.ev_pos]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, n = ctx.plan, ctx.n
+        g = torch.zeros_like(q)
+        g[plan.ev_pos] = grad  # padded query rows get no gradient, so they add nothing below
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for piece in plan.pieces:
+            gq, gk, gv = _piece_backward(_take(g, piece.q_rows), _take(q, piece.q_rows), _take(k, piece.k_rows),
+                                         _take(v, piece.k_rows), _take(out, piece.q_rows), _take(lse, piece.q_rows),
+                                         piece, ctx.flash)
+            _add_into(dq, piece.q_rows, gq)
+            _add_into(dk, piece.k_rows, gk)
+            _add_into(dv, piece.k_rows, gv)
+        return dq[plan.ev_pos], dk[:n], dv[:n], dk[n:-1], dv[n:-1], None, None
+
+
+def plan_blocksparse(geo: Geometry, window: int, *, block_chunks: int = 8, tile: int = 128,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                     gather_rows: int = 1 << 16) -> BlockSparsePlan:
+    """The query layout and pieces of :func:`attend_blocksparse`: a host plan on the lengths, then
+    index tensors and the near piece's mask (in ``dtype``) on ``device``. Histories with as many
+    summary tiles share one call on gathered prefixes while that gathers at most ``gather_rows``
+    rows; past that, one call each on views."""
+    C, S, W, P = geo.chunk, geo.summaries, window, block_chunks
+    PC = P * C
+    lengths = geo.lengths.astype(np.int64)
+    n_ev, n_sum = int(lengths.sum()), int(geo.num_chunks.sum()) * S
+    n_chunks = -(-lengths // C)  # incl. a partial one
+    blocks_per = -(-n_chunks // P)
+    hist = np.repeat(np.arange(len(lengths)), blocks_per)
+    first = np.concatenate([[0], np.cumsum(blocks_per)])[:-1]  # first block of each history
+    G = len(hist)
+    c0 = (np.arange(G) - first[hist]) * P  # first chunk of each block
+    nq = np.minimum(PC, lengths[hist] - c0 * C)  # real queries of each block
+    x = np.arange(PC)[None]
+    real = x < nq[:, None]  # [G, PC]
+    ev_id = geo.ev_offsets[hist][:, None] + c0[:, None] * C + x  # [G, PC] event row of each query slot
+    q_index = np.append(np.where(real, ev_id, n_ev), n_ev)  # [R]; padding reads the zero row
+    ev_pos = np.empty(n_ev, dtype=np.int64)
+    ev_pos[ev_id[real]] = (np.arange(G)[:, None] * PC + x)[real]
+    blk0 = np.arange(G) * PC  # block-layout row of each block's first query
+    sum0 = n_ev + geo.sum_offsets[hist]  # pool row of the history's summary 0
+    tiles = np.maximum(c0 - W, 0) * S // tile  # whole tiles of the summaries every query of the block sees
+    T = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    pieces: list[_Piece] = []
+    # far: consecutive blocks of one history with as many whole tiles share one summary prefix
+    if G and tiles.max() > 0:
+        starts = np.flatnonzero(np.diff(hist * (int(tiles.max()) + 1) + tiles, prepend=-1))
+        ends = np.append(starts[1:], G)
+        q_len = blk0[ends - 1] + PC - blk0[starts]
+        for t in np.unique(tiles[starts][tiles[starts] > 0]):
+            pick = tiles[starts] == t
+            sel, lens, width = starts[pick], q_len[pick], int(t) * tile
+            if len(sel) == 1 or len(sel) * width > gather_rows:  # views of the queries and of the summary prefix
+                pieces.extend(_Piece((int(blk0[j]), 1, int(q)), (int(sum0[j]), 1, width)) for j, q in zip(sel, lens, strict=True))
+            else:  # histories with as many tiles, in one call on gathered prefixes
+                qx = np.arange(lens.max())[None]
+                q_rows = np.where(qx < lens[:, None], blk0[sel][:, None] + qx, G * PC)
+                pieces.append(_Piece(T(q_rows), T(sum0[sel][:, None] + np.arange(width)[None])))
+    # near: the summaries past the whole tiles, up to those of chunk c0 + P - 2 - W, then the raw
+    # events of chunks c0 - W .. the block's own, with a mask
+    s_lo = tiles * tile
+    n_s = np.maximum(np.minimum(np.maximum(c0 + P - 1 - W, 0), geo.num_chunks[hist]) * S - s_lo, 0)
+    r_st = np.maximum(c0 - W, 0) * C  # first raw event
+    n_r = c0 * C + nq - r_st
+    width = int((n_s + n_r).max()) if G else 0
+    if width:
+        kk = torch.arange(width, device=device)[None]  # [1, L] key slots: n_s summaries, then n_r raw events
+        ns_, nr_, r_st_ = (T(a)[:, None] for a in (n_s, n_r, r_st))
+        k_rows = torch.where(kk < ns_, T(sum0 + s_lo)[:, None] + kk, T(geo.ev_offsets[hist] + r_st)[:, None] + kk - ns_)
+        k_rows = torch.where(kk < ns_ + nr_, k_rows, n_ev + n_sum)
+        i = T(c0 * C)[:, None] + torch.arange(PC, device=device)[None]  # [G, Q] query event index in its history
+        cw = i // C - W  # its chunk - W
+        # visible slots: [0, a) summaries below (c - W) S, [b, e) raw events (c - W) C .. i
+        a = (cw * S - T(s_lo)[:, None]).clamp(min=0).minimum(ns_)
+        b = ns_ + (cw * C - r_st_).clamp(min=0)
+        e = torch.where(T(real), ns_ + i - r_st_ + 1, b)
+        below = torch.arange(width + 1, device=device)[:, None] > kk  # [L+1, L] row r: slots < r (rows copy fast)
+        mask = below[a.clamp(max=width)] | (below[e.clamp(max=width)] & ~below[b.clamp(max=width)])  # [G, Q, L]
+        zero, off = (torch.tensor(v, dtype=dtype, device=device) for v in (0.0, float("-inf")))
+        bias = torch.where(mask, zero, off)[:, None]  # [G, 1, Q, L]
+        pieces.append(_Piece((0, G, PC), k_rows, bias=bias))
+    return BlockSparsePlan(q_index=T(q_index), ev_pos=T(ev_pos), pieces=tuple(pieces))
+
+
+def attend_blocksparse(q_e, k_e, v_e, k_s, v_s, geo: Geometry, window: int, *, block_chunks: int = 8,
+                       tile: int = 128, flash: bool | None = None, plan: BlockSparsePlan | None = None):
+    """Event queries, block-sparse: the summaries a whole block sees run as mask-free tiles, the
+    masked remainder is small, and fully masked tiles are never computed. Returns [N, H, dh].
+
+    Queries go by blocks of P = ``block_chunks`` chunks. The keys of a block [c0, c0 + P) split in two:
+
+    * far: the summaries of chunks < c0 - W, which every query of the block sees, rounded down to
+      whole tiles of ``tile`` summaries. Consecutive blocks with as many tiles share one call on
+      one summary prefix (views, when one history has that many tiles): no mask, no gather. This
+      is the part that grows as n^2 / k, at the per-score cost of mask-free flash attention.
+    * near, with a mask: the summaries past the last whole tile up to those of chunk
+      c0 + P - 2 - W (the staircase), and the raw events of chunks c0 - W to the block's own
+      (window and causal triangle). At most ``tile`` + (P - 1) S + (W + P) C keys a query.
+
+    Defaults, measured on the benchmark's model (C 8, S 1, W 16) on 2 CPU cores: P = 8 and a
+    tile of 128 summaries. Tiles of 32 to 128 and P of 4 to 16 timed alike at n = 4k and 16k; with
+    128, a history of under 1,152 events has no whole tile and runs as one masked call, which
+    was the fastest at n = 1k.
+
+    Splitting the near keys further (the raw chunks every query of the block sees and the own
+    block's causal square as mask-free pieces) was measured and did not pay on CPU: those tiles are
+    64 x 64 to 64 x 120, where the flash kernel's cost per score is set by the tile's size
+    (3-5x a long tile's), with or without a mask, and two more calls and merges cost more than
+    the mask saves.
+
+    Each piece returns its output and logsumexp; they merge exactly, and each piece's backward runs
+    with the merged totals. On CPU the pieces run PyTorch's flash kernel
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward, what
+    ``scaled_dot_product_attention`` runs, which also return the logsumexp); elsewhere, or with
+    ``flash=False``, the same pieces run as explicit matmuls and softmax (exact, more memory).
+    ``plan``: :func:`plan_blocksparse` of this geometry and window (layers with one window share it).
+
+    Memory: the near piece is built whole: gathered keys and values of L d / (P C) floats per event
+    each and a mask of L floats per event (L its key width: 326 at the benchmark's model, about
+    4 KB per event in all), where ``chunked`` bounds each call by a score budget.
+    """
+    if q_e.shape[0] == 0:
+        return q_e
+    flash = q_e.device.type == "cpu" if flash is None else flash
+    if plan is None:
+        plan = plan_blocksparse(geo, window, block_chunks=block_chunks, tile=tile, dtype=q_e.dtype, device=q_e.device)
+    return _BlockSparseAttention.apply(q_e, k_e, v_e, k_s, v_s, plan, flash)
+
 # --------------------------------------------------------------------------------------------
 # The encoder and the read-out
 
@@ -365,6 +615,7 @@ class KSAEncoder(nn.Module):
         dh = self.cfg.d_model // self.cfg.heads
         rot_e, rot_s = rotation(pos_e, dh, x.dtype), rotation(pos_s, dh, x.dtype)
         attention = []
+        plans: dict[int, BlockSparsePlan] = {}
         for layer in self.layers:
             q_e, k_e, v_e = layer.project(x, rot_e, summary=False)
             if kernel == "full":
@@ -377,6 +628,11 @@ class KSAEncoder(nn.Module):
                 a_e, a_s = attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo, layer.window)
             elif kernel == "chunked":
                 a_e = attend_chunked(q_e, k_e, v_e, k_s, v_s, geo, layer.window)
+                a_s = attend_summaries(q_s, k_e, v_e, k_s, v_s, geo)
+            elif kernel == "blocksparse":
+                if layer.window not in plans:  # the plan depends on the lengths and the window only
+                    plans[layer.window] = plan_blocksparse(geo, layer.window, dtype=x.dtype, device=dev)
+                a_e = attend_blocksparse(q_e, k_e, v_e, k_s, v_s, geo, layer.window, plan=plans[layer.window])
                 a_s = attend_summaries(q_s, k_e, v_e, k_s, v_s, geo)
             else:
                 raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

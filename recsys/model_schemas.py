@@ -79,8 +79,10 @@ class KSAConfig(Schema):
         False, description="add a learned key with a zero value to the read-out, so that attention can put its "
         "weight nowhere and the output can grow with how much of the history matches (softmax alone averages)",
     )
-    kernel: Literal["chunked", "reference"] = Field(
-        "chunked", description="attention kernel: chunked (efficient) or reference (dense mask; small n only)"
+    kernel: Literal["chunked", "blocksparse", "reference"] = Field(
+        "chunked", description="attention kernel: chunked (efficient, one masked call per block of chunks), "
+        "blocksparse (efficient; the summaries a whole block sees run as mask-free tiles, a small mask covers "
+        "only the near keys) or reference (dense mask; small n only)",
     )
     distill: DistillConfig = Field(default_factory=DistillConfig)
 

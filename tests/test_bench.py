@@ -143,8 +143,8 @@ def test_bench_train_in_process_and_its_text(tiny_data, tmp_path):
 # --------------------------------------------------------------------------------------------
 # recsys bench ksa
 
-KSA_ROW = {"n", "ksa_ms", "full_ms", "speedup", "ksa_state_bytes", "full_kv_bytes", "state_ratio",
-           "append_p50_ms", "append_p99_ms"}
+KSA_ROW = {"n", "ksa_ms", "full_ms", "speedup", "blocksparse_ms", "blocksparse_speedup", "ksa_state_bytes",
+           "full_kv_bytes", "state_ratio", "append_p50_ms", "append_p99_ms"}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,7 @@ def test_bench_ksa_cli_json_fields_and_relations(ksa_result):
         assert set(row) == KSA_ROW
         assert row["ksa_ms"] > 0 and row["full_ms"] > 0
         assert row["speedup"] == pytest.approx(row["full_ms"] / row["ksa_ms"], rel=1e-2, abs=1e-3)
+        assert row["blocksparse_speedup"] == pytest.approx(row["full_ms"] / row["blocksparse_ms"], rel=1e-2, abs=1e-3)
         assert row["ksa_state_bytes"] > 0 and row["full_kv_bytes"] > 0
         assert row["state_ratio"] == row["ksa_state_bytes"] / row["full_kv_bytes"]
         assert 0 < row["append_p50_ms"] <= row["append_p99_ms"]
@@ -190,13 +191,15 @@ def test_format_bench_ksa_table_and_targets(ksa_result):
     r, _ = ksa_result
     text = format_bench_ksa(r)
     assert "recsys bench ksa" in text and "append p99" in text
-    assert text.count("not measured") == 3  # no n = 16k or 54k in this run
-    row = {"ksa_ms": 10.0, "full_ms": 50.0, "speedup": 5.0, "ksa_state_bytes": 100, "full_kv_bytes": 1000,
-           "state_ratio": 0.1, "append_p50_ms": 1.0, "append_p99_ms": 3.0}
-    fake = {**r, "rows": [{**row, "n": 16000}, {**row, "n": 54000, "speedup": 2.0}]}
+    assert text.count("not measured") == 4  # no n = 4k, 16k or 54k in this run
+    row = {"ksa_ms": 10.0, "full_ms": 50.0, "speedup": 5.0, "blocksparse_ms": 25.0, "blocksparse_speedup": 2.0,
+           "ksa_state_bytes": 100, "full_kv_bytes": 1000, "state_ratio": 0.1, "append_p50_ms": 1.0, "append_p99_ms": 3.0}
+    fake = {**r, "rows": [{**row, "n": 4000, "speedup": 0.5, "blocksparse_speedup": 1.5}, {**row, "n": 16000},
+                          {**row, "n": 54000, "speedup": 2.0}]}
     targets = format_bench_ksa(fake).split("targets:")[1].splitlines()[1:]
-    assert [line.split()[-1] for line in targets] == ["met", "met", "MISSED"]
-    assert "5.00x" in targets[0] and "0.100 (1/10.0)" in targets[1] and "3.000 ms" in targets[2]
+    assert [line.split()[-1] for line in targets] == ["met", "met", "met", "MISSED"]
+    assert "1.50x blocksparse" in targets[0] and "5.00x chunked" in targets[1]  # the faster kernel counts
+    assert "0.100 (1/10.0)" in targets[2] and "3.000 ms" in targets[3]
 
 
 @pytest.mark.parametrize(("command", "args", "message"), [

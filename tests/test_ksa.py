@@ -1,5 +1,5 @@
-"""KSA: the mask rule, reference vs chunked kernels (forward and backward), the block in the composed
-model, the incremental per-user state against a full encode, and its bytes."""
+"""KSA: the mask rule, reference vs chunked and block-sparse kernels (forward and backward), the
+block in the composed model, the incremental per-user state against a full encode, and its bytes."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from models.ksa import (
     KSAEncoder,
     KSAState,
     allowed,
+    attend_blocksparse,
     attend_chunked,
     attend_reference,
     attend_summaries,
     full_kv_bytes,
+    plan_blocksparse,
 )
 from recsys.config import load_config
 from recsys.errors import ConfigError, RecsysError
@@ -63,7 +65,7 @@ def test_every_older_chunk_is_seen_exactly_once_raw_or_summarised(C, S, W):
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels: reference vs chunked, forward and backward
+# Kernels: reference vs chunked and blocksparse, forward and backward
 
 
 def _qkv(n_events: int, n_summ: int, seed: int, heads: int = 2, dh: int = 4):
@@ -72,18 +74,29 @@ def _qkv(n_events: int, n_summ: int, seed: int, heads: int = 2, dh: int = 4):
     return [make(n_events) for _ in range(3)], [make(n_summ) for _ in range(3)]
 
 
+def _events(kernel, q_e, k_e, v_e, k_s, v_s, geo, W, block_chunks, budget):
+    """Event outputs of an efficient kernel; ``budget`` also picks the block-sparse tile."""
+    if kernel == "chunked":
+        return attend_chunked(q_e, k_e, v_e, k_s, v_s, geo, W, block_chunks=block_chunks, score_budget=budget)
+    tile = {1: 1, 500: 3}.get(budget, 64)
+    return attend_blocksparse(q_e, k_e, v_e, k_s, v_s, geo, W, block_chunks=block_chunks, tile=tile,
+                              flash=kernel == "blocksparse")
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "blocksparse", "blocksparse-math"])
 @given(
     lengths=st.lists(st.integers(0, 70), min_size=1, max_size=4),
     C=st.integers(1, 6), S=st.integers(1, 3), W=st.integers(0, 4),
     block_chunks=st.integers(1, 5), budget=st.sampled_from([1, 500, 1 << 24]), seed=st.integers(0, 99),
 )
 @settings(max_examples=60, deadline=None)
-def test_chunked_kernel_equals_the_dense_mask_reference(lengths, C, S, W, block_chunks, budget, seed):
+def test_efficient_kernels_equal_the_dense_mask_reference(kernel, lengths, C, S, W, block_chunks, budget, seed):
+    """chunked, and blocksparse with PyTorch's flash kernel or with explicit matmuls (its path off CPU)."""
     S = min(S, C)
     geo = Geometry(lengths=np.array(lengths), chunk=C, summaries=S)
     (q_e, k_e, v_e), (q_s, k_s, v_s) = _qkv(sum(lengths), int(geo.num_chunks.sum()) * S, seed)
     ref_e, ref_s = attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo, W)
-    got_e = attend_chunked(q_e, k_e, v_e, k_s, v_s, geo, W, block_chunks=block_chunks, score_budget=budget)
+    got_e = _events(kernel, q_e, k_e, v_e, k_s, v_s, geo, W, block_chunks, budget)
     got_s = attend_summaries(q_s, k_e, v_e, k_s, v_s, geo)
     torch.testing.assert_close(got_e, ref_e, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got_s, ref_s, atol=1e-12, rtol=1e-10)
@@ -98,6 +111,40 @@ def test_chunked_kernel_equals_the_dense_mask_reference(lengths, C, S, W, block_
         a = torch.zeros_like(inputs[0]) if a is None else a
         b = torch.zeros_like(inputs[0]) if b is None else b
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_blocksparse_equals_the_reference_on_long_histories_with_shared_tiles(flash):
+    """Several long histories: blocks of different histories share summary tiles (a gathered
+    piece), whole tiles plus a remainder, partial last chunks; forward and backward."""
+    lengths = [0, 531, 7, 498, 33, 500]
+    geo = Geometry(lengths=np.array(lengths), chunk=4, summaries=2)
+    (q_e, k_e, v_e), (q_s, k_s, v_s) = _qkv(sum(lengths), int(geo.num_chunks.sum()) * 2, 7)
+    ref, _ = attend_reference(q_e, k_e, v_e, q_s, k_s, v_s, geo, 5)
+    got = attend_blocksparse(q_e, k_e, v_e, k_s, v_s, geo, 5, block_chunks=4, tile=16, flash=flash)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = [q_e, k_e, v_e, k_s, v_s]
+    for a, b in zip(torch.autograd.grad((ref * w).sum(), inputs), torch.autograd.grad((got * w).sum(), inputs), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+def test_blocksparse_masks_only_the_near_keys():
+    """At n = 16000 (the benchmark's model) most scores run with no mask: the summaries a whole
+    block sees. The masked scores stay below tile + (P - 1) S + (W + P) C per query, against about
+    n / 2k summaries per query for the rest (parity with the reference is tested above)."""
+    n, C, S, W, P, tile = 16000, 8, 1, 16, 8, 64
+    plan = plan_blocksparse(Geometry(lengths=np.array([n]), chunk=C, summaries=S), W, block_chunks=P, tile=tile)
+    scores = {"masked": 0, "free": 0}
+    for piece in plan.pieces:
+        if isinstance(piece.q_rows, tuple):
+            groups, queries = piece.q_rows[1], piece.q_rows[2]
+        else:
+            groups, queries = piece.q_rows.shape
+        keys = piece.k_rows[2] if isinstance(piece.k_rows, tuple) else piece.k_rows.shape[1]
+        scores["masked" if piece.bias is not None else "free"] += groups * queries * keys
+    assert scores["masked"] <= n * (tile + (P - 1) * S + (W + P) * C)
+    assert scores["free"] > 3 * scores["masked"]
 
 
 def test_summaries_carry_history_beyond_the_window():
@@ -120,15 +167,16 @@ def test_summaries_carry_history_beyond_the_window():
     assert grad0[0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("kernel", ["chunked", "blocksparse"])
 @given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4), seed=st.integers(0, 50))
 @settings(max_examples=25, deadline=None)
-def test_encoder_parity_through_layers_forward_and_backward(lengths, seed):
+def test_encoder_parity_through_layers_forward_and_backward(kernel, lengths, seed):
     cfg = KSAConfig(enabled=True, chunk=3, summaries=2, window=1, wide_window=3, layers=["summary", "wide"], d_model=8, heads=2)
     torch.manual_seed(seed)
     enc = KSAEncoder(cfg=cfg).double()
     x = torch.randn(sum(lengths), 8, dtype=torch.float64, requires_grad=True)
     a = enc(x, np.array(lengths), kernel="reference")
-    b = enc(x, np.array(lengths), kernel="chunked")
+    b = enc(x, np.array(lengths), kernel=kernel)
     torch.testing.assert_close(b.events, a.events)
     torch.testing.assert_close(b.summaries, a.summaries)
     if sum(lengths):
@@ -182,8 +230,10 @@ def _ksa_model(**ksa):
     return build_model(load_config(ModelConfig, overrides=overrides), SPEC)
 
 
-def test_ksa_model_reads_the_whole_history_and_handles_empty_ones():
-    model = _ksa_model(chunk=4, window=1)
+@pytest.mark.parametrize("kernel", ["chunked", "blocksparse"])
+def test_ksa_model_reads_the_whole_history_and_handles_empty_ones(kernel):
+    model = _ksa_model(chunk=4, window=1, kernel=kernel)
+    assert model.blocks["ksa"].kernel == kernel
     assert model.history_len is None and sorted(model.blocks) == ["din", "ksa"]
     batch = _batch([0, 37, 5], [2, 3, 1])
     logits = model(batch)

@@ -35,6 +35,7 @@ def test_one_run_reports_train_and_score_rates_for_each_model(tiny_data):
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--models", "din,nope"], "no configs/models/nope.yaml"),
+    (["--set", "model.ksa.kernel=nope"], "--set: "),
 ])
 def test_bad_arguments_are_named(tiny_data, args, message):
     done = _run(str(tiny_data), *args)
