@@ -62,6 +62,7 @@ Kernels, one interface (``kernel=``):
   shape and a C++ toolchain on CPU; the flash kernel gives the mask-free tiles without it.)
 * ``full``: every event attends to every earlier event and no summary: the distillation teacher
   and the full-attention baseline of the benchmark.
+* ``auto`` (the default): ``blocksparse`` on CPU, ``chunked`` on other devices (:func:`resolve_kernel`).
 
 Serving: :class:`KSAState` keeps, per layer, the K/V of the raw window and current chunk and all
 summary K/V; ``append`` costs O(layers (W C + n/k)) per event; ``score`` equals a full encode.
@@ -87,8 +88,17 @@ from models.jagged import lengths_to_offsets, positions
 from recsys.errors import RecsysError
 from recsys.model_schemas import KSAConfig
 
-Kernel = Literal["reference", "chunked", "blocksparse", "full"]
-KERNELS: tuple[str, ...] = ("reference", "chunked", "blocksparse", "full")
+Kernel = Literal["auto", "reference", "chunked", "blocksparse", "full"]
+KERNELS: tuple[str, ...] = ("auto", "reference", "chunked", "blocksparse", "full")
+
+
+def resolve_kernel(kernel: Kernel, device: torch.device) -> Kernel:
+    """``auto``: ``blocksparse`` on CPU, where its mask-free tiles run PyTorch's flash kernel and it
+    was measured faster than ``chunked`` at every length (docs/BENCHMARKS.md, "KSA"); ``chunked``
+    elsewhere (there the block-sparse pieces fall back to explicit matmuls). Any other name as is."""
+    if kernel != "auto":
+        return kernel
+    return "blocksparse" if device.type == "cpu" else "chunked"
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,8 +613,9 @@ class KSAEncoder(nn.Module):
                                     for w in windows)
         self.final_norm = nn.RMSNorm(cfg.d_model)
 
-    def forward(self, x: torch.Tensor, lengths: np.ndarray, *, kernel: Kernel = "chunked") -> Encoded:
+    def forward(self, x: torch.Tensor, lengths: np.ndarray, *, kernel: Kernel = "auto") -> Encoded:
         C, S = self.cfg.chunk, self.cfg.summaries
+        kernel = resolve_kernel(kernel, x.device)
         geo = Geometry(lengths=np.asarray(lengths, dtype=np.int64), chunk=C, summaries=S)
         dev = x.device
         lens = torch.as_tensor(geo.lengths, device=dev)

@@ -79,10 +79,11 @@ class KSAConfig(Schema):
         False, description="add a learned key with a zero value to the read-out, so that attention can put its "
         "weight nowhere and the output can grow with how much of the history matches (softmax alone averages)",
     )
-    kernel: Literal["chunked", "blocksparse", "reference"] = Field(
-        "chunked", description="attention kernel: chunked (efficient, one masked call per block of chunks), "
-        "blocksparse (efficient; the summaries a whole block sees run as mask-free tiles, a small mask covers "
-        "only the near keys) or reference (dense mask; small n only)",
+    kernel: Literal["auto", "chunked", "blocksparse", "reference"] = Field(
+        "auto", description="attention kernel: auto (blocksparse on CPU, chunked elsewhere: the faster one measured "
+        "on each), chunked (efficient, one masked call per block of chunks), blocksparse (efficient; the summaries a "
+        "whole block sees run as mask-free tiles, a small mask covers only the near keys) or reference (dense mask; "
+        "small n only)",
     )
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
