@@ -692,9 +692,16 @@ class KSAReadout(nn.Module):
         h, dh = self.heads, self.head_dim
         klen = key_offsets[1:] - key_offsets[:-1]  # [R]
         kmax = max(int(klen.max()) if r else 0, 1)
-        k = rope((self.key(key_states) + self.key(self.gap(key_gap))).view(-1, h, dh), rotation(key_pos, dh, key_states.dtype))  # [K_total, H, dh]
+        # key(state) + key(gap) as one projection of the sum (the key map has no bias)
+        k = rope(self.key(key_states + self.gap(key_gap)).view(-1, h, dh), rotation(key_pos, dh, key_states.dtype))  # [K_total, H, dh]
         v = self.value(key_states).view(-1, h, dh)
         q = rope(self.query(query).view(-1, h, dh), rotation(n[cand_request], dh, query.dtype))  # [Cq, H, dh]
+        if r == 1 and kmax == len(k) and len(k):  # one request with a history (serving): no padding, no mask
+            kd, vd = k[None], v[None]
+            if self.sink is not None:
+                kd, vd = torch.cat([self.sink[None, None], kd], 1), torch.cat([vd.new_zeros(1, 1, h, dh), vd], 1)
+            out = _sdpa(q[None], kd, vd, None)[0]  # [Cq, H, dh]
+            return self.out(out.reshape(len(query), h * dh))
         # pad keys per request [R, Kmax]; candidates per request [R, Mmax]
         row = torch.repeat_interleave(torch.arange(r, device=n.device), klen)
         col = positions(klen)
