@@ -150,7 +150,7 @@ class CTRModel(nn.Module):
             self._check_given(given, len(request))
         else:
             given = {}
-        parts = [emb.profile[request], *emb.candidate.values()]  # [C, P*D], F x [C, D]
+        parts = [emb.profile.index_select(0, request), *emb.candidate.values()]  # [C, P*D], F x [C, D]
         parts += [given[name] if name in given else block(emb, request) for name, block in self.blocks.items()]
         return self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # [C]
 

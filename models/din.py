@@ -58,7 +58,8 @@ class DINAttention(nn.Module):
         w = self.first.weight  # [H, 4D]
         a, b, c, p = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]  # each [H, D]
         query_part = queries @ (b - c).T + self.first.bias  # [C, H]  once per candidate
-        kc = keys[request]  # [C, N, D]  the request's keys, per candidate
+        kc = keys.index_select(0, request)  # [C, N, D]  the request's keys, per candidate (index_select: its
+        # backward is an index_add, several times faster on CPU than advanced indexing's index_put)
         # per candidate, the key part and the product part are one matrix: (A + C) + q_j * P[h, j]
         w_c = torch.addcmul((a + c).unsqueeze(0), queries.unsqueeze(1), p.unsqueeze(0))  # [C, H, D]
         h = torch.baddbmm(query_part.unsqueeze(1), kc, w_c.transpose(1, 2))  # [C, N, H] in one batched GEMM

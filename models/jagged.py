@@ -41,7 +41,7 @@ def tail(values: torch.Tensor, offsets: torch.Tensor, n: int) -> tuple[torch.Ten
     keep = lengths.clamp(max=n)  # [B]
     new_offsets = lengths_to_offsets(keep)
     start = offsets[1:] - keep  # [B] first kept row of each sequence
-    return values[torch.repeat_interleave(start, keep) + positions(keep)], new_offsets
+    return values.index_select(0, torch.repeat_interleave(start, keep) + positions(keep)), new_offsets
 
 
 def positions(lengths: torch.Tensor) -> torch.Tensor:

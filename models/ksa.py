@@ -92,13 +92,17 @@ Kernel = Literal["auto", "reference", "chunked", "blocksparse", "full"]
 KERNELS: tuple[str, ...] = ("auto", "reference", "chunked", "blocksparse", "full")
 
 
-def resolve_kernel(kernel: Kernel, device: torch.device) -> Kernel:
-    """``auto``: ``blocksparse`` on CPU, where its mask-free tiles run PyTorch's flash kernel and it
-    was measured faster than ``chunked`` at every length (docs/BENCHMARKS.md, "KSA"); ``chunked``
-    elsewhere (there the block-sparse pieces fall back to explicit matmuls). Any other name as is."""
+def resolve_kernel(kernel: Kernel, x: torch.Tensor) -> Kernel:
+    """``auto``: ``blocksparse`` for tokens ``x`` on CPU, where its mask-free tiles run PyTorch's
+    flash kernel and it was measured faster than ``chunked`` at every length (docs/BENCHMARKS.md,
+    "KSA"); ``chunked`` elsewhere (there the block-sparse pieces fall back to explicit matmuls) and
+    under ``torch.func`` transforms (AGE's vmap over dropout masks), which its custom autograd
+    Function does not support. Any other name as is."""
     if kernel != "auto":
         return kernel
-    return "blocksparse" if device.type == "cpu" else "chunked"
+    if x.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return "chunked"
+    return "blocksparse"
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,7 +619,7 @@ class KSAEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: np.ndarray, *, kernel: Kernel = "auto") -> Encoded:
         C, S = self.cfg.chunk, self.cfg.summaries
-        kernel = resolve_kernel(kernel, x.device)
+        kernel = resolve_kernel(kernel, x)
         geo = Geometry(lengths=np.asarray(lengths, dtype=np.int64), chunk=C, summaries=S)
         dev = x.device
         lens = torch.as_tensor(geo.lengths, device=dev)
@@ -762,7 +766,7 @@ class KSABlock(nn.Module):
         reps = torch.unique(src)  # [U] requests whose histories get encoded
         rep_len = lengths[reps]
         rows = torch.repeat_interleave(hoff[:-1][reps], rep_len) + positions(rep_len)  # [N]
-        x = self.tokens(h["item"][rows], h["category"][rows], h["behavior"][rows], emb.hist_interval[rows])
+        x = self.tokens(*(t.index_select(0, rows) for t in (h["item"], h["category"], h["behavior"], emb.hist_interval)))
         enc = self.encoder(x, rep_len.cpu().numpy(), kernel=self.kernel)  # host copy: kernels plan blocks on it
         self.last = enc if self.record else None
         # keys of request r: summaries [0, ns) and raw events [r0, n) of its source's encode
