@@ -13,7 +13,7 @@ D-column blocks) ``W1 x = (A + C) k + (B - C) q + P (k * q) = (B - C) q + (A + C
 the query part is computed once per candidate, and the key and product parts together are one
 matrix per candidate applied to its request's keys, so that a single batched GEMM (``baddbmm``,
 the query part as its bias) writes the [C, N, H] pre-activations: no [C, N, H] tensor of the key
-part is gathered and added (docs/BENCHMARKS.md, "Scoring throughput", has the before and after). :func:`din_attention_reference` is the plain concatenation
+part is gathered and added (docs/BENCHMARKS.md, "Throughput", has the before and after). :func:`din_attention_reference` is the plain concatenation
 form, kept as the spec for tests.
 
 Shapes: B requests, C candidates (jagged over requests), N padded steps, D key dim, H hidden.

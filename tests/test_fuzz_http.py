@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from models.export import save_export
-from serving.decode import field_path
+from serving.decode import Explore, field_path
 from serving.http import DECODE_IN_THREAD_BYTES, create_app
 from serving.limits import Limits
 from serving.scorer import Scorer
@@ -47,9 +47,9 @@ REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions" / "http"
 #: decoder process, so that path is fuzzed too.
 FUZZ_LIMITS = Limits(max_body_bytes=4 * DECODE_IN_THREAD_BYTES, max_candidates=40, max_history_events=300)
 FIELDS = ("user_id", "timestamp", "candidates", "history", "events", "impressions", "item_id", "category_id",
-          "brand_id", "price_bucket", "behavior", "event_id", "attributes")
+          "brand_id", "price_bucket", "behavior", "event_id", "attributes", "explore", *Explore.__annotations__)
 #: The endpoints that read a JSON body, and the top-level fields their errors may start with.
-BODY_ROUTES = {"/v1/score": ("user_id", "timestamp", "candidates", "history"), "/v1/events": ("events", "impressions")}
+BODY_ROUTES = {"/v1/score": ("user_id", "timestamp", "candidates", "history", "explore"), "/v1/events": ("events", "impressions")}
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 MAX_ERROR = 600
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck))
