@@ -34,6 +34,7 @@ from hypothesis import seed as hypothesis_seed  # noqa: E402
 
 from tests.test_fuzz_http import (  # noqa: E402
     CHECKS,
+    FUZZ_EXPERIMENT,
     FUZZ_LIMITS,
     RawRequest,
     check_answer,
@@ -63,6 +64,9 @@ def make_export(tmp: Path) -> Path:
 def start_server(export: Path, log: Path) -> tuple[subprocess.Popen, str]:
     flags = [f"--{name.replace('_', '-')}={getattr(FUZZ_LIMITS, name)}"
              for name in ("max_body_bytes", "max_candidates", "max_history_events")]
+    experiment = log.parent / "fuzz_experiment.json"  # the tests' experiment: A/B fields and /v1/feedback fuzzed
+    experiment.write_text(json.dumps(FUZZ_EXPERIMENT))
+    flags += ["--experiments", str(experiment), "--ab-log", str(log.parent / "ablog")]
     proc = subprocess.Popen([sys.executable, "-u", "-m", "recsys.cli", "--quiet", "serve", "--export", str(export),
                              "--port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     line = proc.stdout.readline()

@@ -46,7 +46,7 @@ import pickle
 import platform
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -305,7 +305,7 @@ def _check_entry(root: Path, rel: Any, entry: Any, where: str) -> None:
         raise DataError("sha256 mismatch (export was modified after it was written)", file=str(file))
 
 
-def load_export(path: str | Path, *, embeddings: str | None = None) -> Export:
+def load_export(path: str | Path, *, embeddings: str | None = None, overrides: Sequence[str] = ()) -> Export:
     """Verify (:func:`verify_export`) and load an export for scoring.
 
     Args:
@@ -313,6 +313,9 @@ def load_export(path: str | Path, *, embeddings: str | None = None) -> Export:
         embeddings: the precision to run the tables at (:func:`models.quant.quantize_embeddings`);
             None: the manifest's ``embeddings`` (``recsys export --embeddings``), fp32 for exports
             written before it existed.
+        overrides: ``KEY=VALUE`` changes of the export's config (:func:`recsys.config.load_config`)
+            that keep the weights' shapes (an A/B arm's parameter override, e.g.
+            ``model.sim.topk=50``); a change the weights do not fit is a DataError.
 
     Raises:
         DataError: the export fails verification, a file does not parse, the weights do not fit
@@ -323,15 +326,16 @@ def load_export(path: str | Path, *, embeddings: str | None = None) -> Export:
     if embeddings is not None:
         check_precision(embeddings, "embeddings")
     root = Path(path)
-    return _load(root, verify_export(root), embeddings=embeddings)
+    return _load(root, verify_export(root), embeddings=embeddings, overrides=overrides)
 
 
-def _load(root: Path, manifest: dict[str, Any], *, embeddings: str | None = None) -> Export:
+def _load(root: Path, manifest: dict[str, Any], *, embeddings: str | None = None,
+          overrides: Sequence[str] = ()) -> Export:
     for rel in REQUIRED:
         if rel not in manifest["files"]:
             raise DataError(f"does not list {rel}, which every export has", file=str(root / MANIFEST))
     try:
-        cfg = load_config(RunConfig, root / "config.yaml")
+        cfg = load_config(RunConfig, root / "config.yaml", overrides)
     except ConfigError as exc:
         raise DataError(f"config does not load: {exc}", file=str(root / "config.yaml")) from None
     raw_spec = _read_json(root / "spec.json")
@@ -343,7 +347,7 @@ def _load(root: Path, manifest: dict[str, Any], *, embeddings: str | None = None
             raise DataError(f"not a precision; expected one of {', '.join(PRECISIONS)}", file=str(root / MANIFEST),
                             field="embeddings", value=embeddings)
     model = build_model(cfg.model, spec)
-    load_weights(model, root / WEIGHTS, what="config.yaml + spec.json")
+    load_weights(model, root / WEIGHTS, what="config.yaml + spec.json" + "".join(f" + {o}" for o in overrides))
     quantize_embeddings(model.eval(), embeddings)
 
     vocabs = {p.stem: Vocab.load(root / "vocab", p.stem) for p in sorted((root / "vocab").glob("*.parquet"))}

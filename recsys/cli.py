@@ -248,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "for the command, or on the cluster at RAY_ADDRESS (which needs --state redis://...)")
     scale.add_argument("--replicas", type=int, default=None, metavar="N",
                        help="Ray Serve replicas (with --ray); default 2")
+    ab = serve.add_argument_group("A/B experiments (docs/EXPERIMENTS.md)")
+    ab.add_argument("--experiments", type=Path, action="append", default=[], metavar="PATH",
+                    help="an experiment config (configs/experiments/*.yaml) or a directory of them; repeatable. "
+                    "Score answers then carry request_id, experiment and arm; POST /v1/feedback takes clicks")
+    ab.add_argument("--ab-log", type=Path, default=None, metavar="DIR",
+                    help="where exposures and feedback are written (Parquet partitions by date and experiment, "
+                    "read by `recsys ab report`); default none: experiments route but log nothing")
+    ab.add_argument("--force-experiments", action="store_true",
+                    help="accept a config that changes a started experiment's assignment (salt, weights, coverage, "
+                    "layer, targeting); users move between arms and the report mixes them")
+    ab.add_argument("--ab-memory-mb", type=float, default=8192, metavar="MB",
+                    help="the most memory the arms' models may take together (every distinct model counted once, "
+                    "the service's own included); default 8192")
     serve.set_defaults(handler=_cmd_serve)
 
     demo = groups.add_parser(
@@ -606,6 +619,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.ray and args.embeddings is not None:  # the replicas load the export as it is
         raise RecsysError(f"--embeddings {args.embeddings} with --ray: Ray Serve replicas serve the export's own "
                           "precision; record it with `recsys export --embeddings`")
+    if not (math.isfinite(args.ab_memory_mb) and args.ab_memory_mb > 0):
+        raise RecsysError(f"--ab-memory-mb must be a finite number > 0, got {args.ab_memory_mb}")
+    if (args.ab_log is not None or args.force_experiments) and not args.experiments:
+        raise RecsysError(f"{'--ab-log' if args.ab_log is not None else '--force-experiments'} needs --experiments")
+    if args.ray and args.experiments:
+        raise RecsysError("--experiments with --ray: Ray Serve replicas do not route experiments yet; serve them "
+                          "from one process")
     if args.ray:
         return _cmd_serve_ray(args, limits)
     from serving.http import AUTO_STATE, serve
@@ -613,7 +633,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
     serve(args.export, host=args.host, port=args.port, limits=limits, state=state,
           ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20),
-          durable=not args.not_durable, embeddings=args.embeddings)
+          durable=not args.not_durable, embeddings=args.embeddings, experiments=args.experiments,
+          ab_log=args.ab_log, force_experiments=args.force_experiments,
+          ab_memory_bytes=int(args.ab_memory_mb * 2**20))
     return 0
 
 

@@ -88,6 +88,21 @@ class Explore(TypedDict):
 EXPLORE = TypeAdapter(Explore)
 
 
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+#: A user attribute for an experiment's targeting (serving/ab.py): a short name and a scalar.
+Attributes = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)],
+                            str | bool | int | Annotated[float, Field(allow_inf_nan=False)]],
+                       Field(max_length=32)]
+
+
+@with_config(_STRICT)
+class ForceArm(TypedDict):
+    """QA: serve this arm of this experiment whatever the assignment (logged as forced)."""
+
+    experiment: Name
+    arm: Name
+
+
 @with_config(_STRICT)
 class ScoreRequest(TypedDict):
     user_id: Id
@@ -95,9 +110,37 @@ class ScoreRequest(TypedDict):
     candidates: Annotated[list[Candidate], Field(min_length=1)]
     history: NotRequired[list[Event] | None]
     explore: NotRequired[Explore | None]
+    attributes: NotRequired[Attributes | None]
+    force_arm: NotRequired[ForceArm | None]
 
 
 SCORE_REQUEST = TypeAdapter(ScoreRequest)
+
+
+@with_config(_STRICT)
+class FeedbackRequest(TypedDict):
+    """A click on an item shown by a scored request (``POST /v1/feedback``)."""
+
+    request_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="the score answer's request_id")]
+    item_id: Id
+    timestamp: NotRequired[Id | None]
+
+
+FEEDBACK_REQUEST = TypeAdapter(FeedbackRequest)
+
+
+def decode_feedback_request(body: bytes, limits: Limits, *, now: float) -> tuple[int, Any]:
+    """``(200, feedback)`` or ``(status, one-line reason)``, as :func:`decode_score_request`."""
+    try:
+        request = FEEDBACK_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        return (400 if any(e.get("type") == "json_invalid" for e in errors) else 422), describe_errors(errors)
+    if request.get("timestamp") is not None:
+        problem = timestamp_problem("timestamp", request["timestamp"], limits, now=now)
+        if problem is not None:
+            return 422, problem
+    return 200, request
 
 #: A client event id: what makes a retried batch a no-op (printable, at most 128 characters).
 EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]

@@ -43,7 +43,7 @@ a few milliseconds of validation, are decoded in the thread.
 Example:
     >>> from serving.limits import Limits
     >>> sorted(_request_schema(Limits(max_candidates=5), now=0)[0]["properties"])
-    ['candidates', 'explore', 'history', 'timestamp', 'user_id']
+    ['attributes', 'candidates', 'explore', 'force_arm', 'history', 'timestamp', 'user_id']
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -74,11 +74,14 @@ from starlette.requests import ClientDisconnect
 
 from models.export import load_export
 from recsys.errors import RecsysError
+from serving.ab import DEFAULT_MEMORY_BYTES, ABError, ABRouter
 from serving.batching import MicroBatcher
 from serving.decode import (
     EVENTS_REQUEST,
+    FEEDBACK_REQUEST,
     SCORE_REQUEST,
     decode_events_request,
+    decode_feedback_request,
     decode_score_request,
     exit_with,
     show,
@@ -126,6 +129,21 @@ class ScoreResponse(BaseModel):
     impressions: list[int] | None = Field(
         None, description="with explore: each candidate's impression count in the state store (0s without one)")
     explore: ExploreApplied | None = Field(None, description="with explore: the policy applied")
+    request_id: str | None = Field(None, description="with experiments: this answer's id, for POST /v1/feedback")
+    experiment: str | None = Field(None, description="with experiments: the first experiment (by layer) the user is "
+                                                     "in, null when none")
+    arm: str | None = Field(None, description="with experiments: the user's arm in `experiment`")
+    assignments: list[dict[str, Any]] | None = Field(
+        None, description="with experiments: every experiment the user is in: {experiment, arm, forced}")
+    policy: str | None = Field(None, description="with experiments: the ranking policy applied (greedy, age-ts, "
+                                                 "age-ucb, epsilon)")
+
+
+class FeedbackResponse(BaseModel):
+    recorded: bool = Field(description="false for a repeated click on the same item of the same request")
+    duplicate: bool
+    position: int = Field(description="the item's position in the answer")
+    experiments: list[str] = Field(description="the experiments whose logs record the click")
 
 
 class EventsResponse(BaseModel):
@@ -182,12 +200,14 @@ class _Refused(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
+def create_app(scorer: Scorer, *, limits: Limits | None = None, ab: ABRouter | None = None) -> FastAPI:
     """The FastAPI app serving ``scorer`` (see the module docstring for the endpoints).
 
     Args:
         scorer: the loaded export.
         limits: per-request limits and concurrency (default :class:`~serving.limits.Limits()`).
+        ab: A/B experiments (serving/ab.py): requests are routed by arm, exposures logged, and
+            ``POST /v1/feedback`` and ``GET /v1/experiments`` exist.
     """
     limits = Limits() if limits is None else limits
     threads = ThreadPoolExecutor(max_workers=limits.max_in_flight, thread_name_prefix="recsys-score")
@@ -198,14 +218,21 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         stats["ksa_cache"] = scorer.ksa.stats
     if scorer.live is not None:
         stats["live"] = lambda: {"users": scorer.live.users, "bytes": scorer.live.nbytes, "evictions": scorer.live.evictions}
+    if ab is not None and ab.log is not None:
+        stats["ab_log"] = ab.log.stats
+    if ab is not None:
+        stats["ab"] = lambda: dict(ab.counts)
     metrics = Metrics(stats)
-    batcher = MicroBatcher(scorer.score_many, max_batch=limits.max_batch, max_wait_s=limits.batch_wait_ms / 1e3,
+    # one dispatcher for every arm's model: a batch is split by scorer (the arms' models differ)
+    batcher = MicroBatcher(_by_scorer, max_batch=limits.max_batch, max_wait_s=limits.batch_wait_ms / 1e3,
                            on_batch=metrics.batch_size.observe, wait_for="announced")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(batcher.close)  # uvicorn has drained the requests: nothing is queued
+        if ab is not None:
+            await asyncio.to_thread(ab.close)  # the exposures still queued reach the disk
         threads.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(decoders.shutdown)
         if scorer.ksa is not None and scorer.live is not None:  # the states a restart would re-encode
@@ -278,8 +305,19 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
             return 500, _dumps({"error": "body: a decoder process died while decoding it (logged by the server); retry"})
         if status != 200:
             return status, _dumps({"error": request})
+        route = None
+        if ab is not None:
+            try:
+                route = ab.route(request, now=now)
+            except ABError as exc:
+                return exc.status, _dumps({"error": exc.message})
+        elif request.get("force_arm") is not None:
+            return 422, _dumps({"error": "force_arm: this service runs no experiments (recsys serve --experiments)"})
         try:
-            scored = batcher.submit(request)  # one model call with the requests that arrive meanwhile
+            if route is None:
+                scored = batcher.submit((scorer, request))  # one model call with the requests that arrive meanwhile
+            else:
+                scored = batcher.submit((route.scorer, ab.request_for(request, route)))
             metrics.scored.inc(len(scored.scores))
             metrics.observe_cold(scored)
             if scored.explored is not None:
@@ -292,7 +330,21 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
             return 503, _dumps({"error": f"state store: {exc}; retry"})
         except RecsysError as exc:  # e.g. history required by an export without a history store
             return 422, _dumps({"error": str(exc).removeprefix("requests[0].")})
-        return 200, _dumps(_score_answer(scorer.name, scored))
+        if route is None:
+            return 200, _dumps(_score_answer(scorer.name, scored))
+        answer = _score_answer(route.scorer.name, scored)
+        answer.update(ab.finish(request, route, scored, now=now))  # the arm's order; exposures logged
+        return 200, _dumps(answer)
+
+    def take_feedback(body: bytes) -> tuple[int, bytes]:
+        now = time.time()
+        status, fb = decode_feedback_request(body, limits, now=now)
+        if status != 200:
+            return status, _dumps({"error": fb})
+        try:
+            return 200, _dumps(ab.feedback(fb["request_id"], fb["item_id"], fb.get("timestamp"), now=now))
+        except ABError as exc:
+            return exc.status, _dumps({"error": exc.message})
 
     def ingest(body: bytes) -> tuple[int, bytes]:
         """Decode, check and durably log one batch of events (in a worker thread)."""
@@ -340,6 +392,21 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None) -> FastAPI:
         )
         async def events(request: Request) -> Response:
             return await _in_a_slot(request, ingest, "request")
+
+    if ab is not None:
+        @app.post(
+            "/v1/feedback", response_model=FeedbackResponse,
+            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                "schema": FEEDBACK_REQUEST.json_schema(ref_template="#/components/schemas/{model}")}}}},
+            responses={400: error, 404: error, 413: error, 415: error, 422: error, 503: error},
+        )
+        async def feedback(request: Request) -> Response:
+            return await _in_a_slot(request, take_feedback, "request")
+
+        @app.get("/v1/experiments")
+        async def experiments() -> dict[str, Any]:
+            """The loaded experiments, their arms' models and the models' memory."""
+            return await asyncio.to_thread(ab.describe)
 
     @app.post(
         "/v1/score", response_model=ScoreResponse,
@@ -448,6 +515,18 @@ async def _acquire(slots: asyncio.Semaphore, timeout: float) -> bool:
     return True
 
 
+def _by_scorer(items: list[tuple[Scorer, dict[str, Any]]]) -> list[Scored]:
+    """Score ``(scorer, request)`` pairs: one ``score_many`` call per scorer, answers in order."""
+    out: list[Scored | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, (s, _) in enumerate(items):
+        groups.setdefault(id(s), []).append(i)
+    for rows in groups.values():
+        for i, scored in zip(rows, items[rows[0]][0].score_many([items[i][1] for i in rows]), strict=True):
+            out[i] = scored
+    return out
+
+
 def _dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
 
@@ -493,7 +572,9 @@ def default_state(export_path: str | Path) -> Path:
 def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           limits: Limits | None = None, state: str | Path | None = None,
           ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES,
-          durable: bool = True, embeddings: str | None = None) -> None:
+          durable: bool = True, embeddings: str | None = None, experiments: Sequence[str | Path] = (),
+          ab_log: str | Path | None = None, force_experiments: bool = False,
+          ab_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
@@ -513,6 +594,11 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         embeddings: the precision of the tables' lookups (fp32, fp16, int8, int4:
             :func:`models.quant.quantize_embeddings`); None: the export's own (``recsys export
             --embeddings``, else fp32).
+        experiments: A/B experiment configs (files, or directories of ``*.yaml``; serving/ab.py).
+        ab_log: the directory of exposure and feedback logs (None: nothing logged; needed by
+            ``recsys ab report``).
+        force_experiments: accept a config that reassigns a started experiment's users.
+        ab_memory_bytes: the most memory the arms' models may take together.
 
     Raises:
         RecsysError: the port is outside 0..65535, the export fails verification, the state store
@@ -530,7 +616,21 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         scorer = Scorer.live_from(export, store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
         print(f"state: {store.url} ({store.last_seq():,} events logged); POST /v1/events appends", file=sys.stderr,
               flush=True)
-    app = create_app(scorer, limits=limits)
+    ab = None
+    if experiments:
+        def make_scorer(path: str | None, precision: str | None, overrides: list[str]) -> Scorer:
+            other = load_export(path or export_path, embeddings=precision or embeddings, overrides=overrides)
+            if scorer.live is None:
+                return Scorer(other, ksa_cache_bytes=ksa_cache_bytes)
+            return Scorer.live_from(other, scorer.live.store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
+
+        ab = ABRouter.load(scorer, experiments, log_dir=ab_log, force=force_experiments, memory_bytes=ab_memory_bytes,
+                           make_scorer=make_scorer)
+        described = ab.describe()
+        print(f"experiments: {', '.join(e['name'] for e in described['experiments'])}; models "
+              f"{described['model_bytes'] / 2**20:,.0f} MiB of {ab_memory_bytes / 2**20:,.0f} MiB; "
+              f"log: {ab_log or 'none (--ab-log DIR to log exposures)'}", file=sys.stderr, flush=True)
+    app = create_app(scorer, limits=limits, ab=ab)
     # The export's objects live as long as the process: keep them out of the collector's full
     # passes, which a large request's many small objects trigger (each pass holds the GIL).
     gc.collect()

@@ -58,7 +58,7 @@ class Metrics:
     Args:
         stats: ``name -> callable() -> dict[str, int]`` read at every scrape, each exported as
             ``recsys_{name}_{key}`` (e.g. ``{"ksa_cache": cache.stats}``); keys ending in ``bytes``,
-            ``users`` and ``budget_bytes`` are gauges, the others counters.
+            ``users``, ``budget_bytes`` and ``rows_queued`` are gauges, the others counters.
     """
 
     def __init__(self, stats: dict[str, Callable[[], dict[str, int]]] | None = None) -> None:
@@ -101,7 +101,7 @@ class Metrics:
 class _StatsCollector(Collector):
     """Counters and gauges read from ``stats()`` dicts at scrape time."""
 
-    GAUGES = ("bytes", "users", "budget_bytes")
+    GAUGES = ("bytes", "users", "budget_bytes", "rows_queued")
 
     def __init__(self, stats: dict[str, Callable[[], dict[str, int]]]) -> None:
         self.stats = stats

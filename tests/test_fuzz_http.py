@@ -34,7 +34,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from models.export import save_export
-from serving.decode import Explore, field_path
+from recsys.ab_schemas import ExperimentConfig
+from serving.ab import ABRouter
+from serving.ab_log import ABLog
+from serving.decode import Explore, ForceArm, field_path
 from serving.http import DECODE_IN_THREAD_BYTES, create_app
 from serving.limits import Limits
 from serving.scorer import Scorer
@@ -47,9 +50,17 @@ REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions" / "http"
 #: decoder process, so that path is fuzzed too.
 FUZZ_LIMITS = Limits(max_body_bytes=4 * DECODE_IN_THREAD_BYTES, max_candidates=40, max_history_events=300)
 FIELDS = ("user_id", "timestamp", "candidates", "history", "events", "impressions", "item_id", "category_id",
-          "brand_id", "price_bucket", "behavior", "event_id", "attributes", "explore", *Explore.__annotations__)
+          "brand_id", "price_bucket", "behavior", "event_id", "attributes", "explore", *Explore.__annotations__,
+          "force_arm", *ForceArm.__annotations__, "request_id")
 #: The endpoints that read a JSON body, and the top-level fields their errors may start with.
-BODY_ROUTES = {"/v1/score": ("user_id", "timestamp", "candidates", "history", "explore"), "/v1/events": ("events", "impressions")}
+BODY_ROUTES = {"/v1/score": ("user_id", "timestamp", "candidates", "history", "explore", "attributes", "force_arm"),
+               "/v1/events": ("events", "impressions"), "/v1/feedback": ("request_id", "item_id", "timestamp")}
+#: The fuzzed server runs this experiment (a greedy and an ε-greedy arm), so that the A/B fields
+#: of the score request and POST /v1/feedback are fuzzed too.
+FUZZ_EXPERIMENT = {"name": "fuzz", "start": "2000-01-01T00:00:00Z", "slots": 2, "arms": [
+    {"name": "control", "weight": 0.5}, {"name": "eps", "weight": 0.5, "policy": {"kind": "epsilon", "epsilon": 0.5}}]}
+#: What a score answer of a service with experiments adds
+AB_FIELDS = {"request_id", "experiment", "arm", "assignments", "policy"}
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 MAX_ERROR = 600
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck))
@@ -145,10 +156,16 @@ def check_answer(request: RawRequest, status: int, headers: dict[str, str], cont
         assert status == 200 and set(answer) == {"accepted", "duplicates", "last_seq", "impressions"}, answer
         assert answer["accepted"] + answer["duplicates"] == len(sent["events"]), answer
         assert answer["impressions"] == len(sent.get("impressions") or []), answer
+    elif api and request.path == "/v1/feedback":
+        assert status == 200 and set(answer) == {"recorded", "duplicate", "position", "experiments"}, answer
+        assert answer["recorded"] != answer["duplicate"] and answer["position"] >= 0, answer
     elif api:
         explored = {"explore_scores", "explored", "impressions", "explore"} if sent.get("explore") is not None else set()
+        ab = AB_FIELDS if "request_id" in answer else set()  # a service with experiments
         assert status == 200 and set(answer) == {"scores", "model", "cold", "unknown_user", "no_history",
-                                                 "unknown_items", "ranking", *explored}, answer
+                                                 "unknown_items", "ranking", *explored, *ab}, answer
+        if ab:
+            assert re.fullmatch(r"[0-9a-f]{32}", answer["request_id"]) and answer["policy"] in {"greedy", "epsilon"}, answer
         assert len(answer["scores"]) == len(sent["candidates"]) and all(0 <= s <= 1 for s in answer["scores"])
         assert sorted(answer["ranking"]) == list(range(len(sent["candidates"]))), answer
         if explored:
@@ -184,7 +201,12 @@ odd_numbers = st.sampled_from(["1e400", "-1e400", "NaN", "Infinity", "-0", "0.0"
 def mutated(draw: st.DrawFn) -> bytes:
     """A valid request with one value, anywhere, replaced by an odd number or any JSON value."""
     body = _valid_body(draw(st.integers(1, 3)), draw(st.integers(0, 3)))
+    if draw(st.booleans()):  # the A/B fields
+        body["attributes"] = {"segment": 1, "country": "de"}
+        body["force_arm"] = {"experiment": "fuzz", "arm": draw(st.sampled_from(["control", "eps"]))}
     paths: list[tuple[Any, Any]] = [(body, k) for k in body]
+    for k in ("attributes", "force_arm"):
+        paths += [(body[k], key) for key in body.get(k, ())]
     for c in body["candidates"]:
         paths += [(c, k) for k in c] + [(c, "category_id")]
     for e in body["history"]:
@@ -249,17 +271,29 @@ def mutated_events(draw: st.DrawFn) -> bytes:
     return json.dumps(body).replace(json.dumps(marker), draw(odd_numbers)).encode()
 
 
+@st.composite
+def mutated_feedback(draw: st.DrawFn) -> bytes:
+    """A well-formed feedback (for a request id the server never gave: 404) with one value replaced."""
+    body = {"request_id": "0" * 32, "item_id": 5, "timestamp": 1_700_000_000}
+    key = draw(st.sampled_from([*body, "extra"]))
+    marker = "\x00MARK\x00"
+    body[key] = marker if draw(st.booleans()) else draw(json_values)
+    return json.dumps(body).replace(json.dumps(marker), draw(odd_numbers)).encode()
+
+
 def garbage_requests() -> st.SearchStrategy[RawRequest]:
     score = st.builds(RawRequest, st.just("POST"), st.just("/v1/score"), content_types, garbage_bodies())
     events = st.builds(RawRequest, st.just("POST"), st.just("/v1/events"), content_types,
                        st.one_of(garbage_bodies(), mutated_events(), mutated_events()))
     elsewhere = st.builds(
         RawRequest, st.sampled_from(METHODS),
-        st.sampled_from(["/v1/score", "/v1/score/", "/healthz", "/v1/SCORE", "/", "/v1/events", "/openapi.json", "/%0a",
+        st.sampled_from(["/v1/score", "/v1/score/", "/healthz", "/v1/feedback", "/v1/experiments", "/v1/SCORE", "/", "/v1/events", "/openapi.json", "/%0a",
                          "/v1/%00score", "/v1/score%3F"])
         | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30).map(lambda p: "/" + p),
         content_types, st.binary(max_size=100))
-    return st.one_of(score, score, score, events, events, elsewhere)
+    feedback = st.builds(RawRequest, st.just("POST"), st.just("/v1/feedback"), content_types,
+                         st.one_of(garbage_bodies(), mutated_feedback()))
+    return st.one_of(score, score, score, events, events, feedback, elsewhere)
 
 
 def save_regression(request: RawRequest, root: Path = REGRESSIONS) -> Path:
@@ -280,7 +314,9 @@ def fuzz_server(tmp_path_factory, tiny_data):
     tmp = tmp_path_factory.mktemp("fuzz_http")
     save_export(make_run(tmp, tiny_data)[0], tmp / "export")
     with open_store(tmp / "state.sqlite") as store:  # a live scorer: POST /v1/events is fuzzed too
-        with running(create_app(Scorer.load(tmp / "export", state=store), limits=FUZZ_LIMITS)) as base:
+        scorer = Scorer.load(tmp / "export", state=store)
+        ab = ABRouter(scorer, [ExperimentConfig(**FUZZ_EXPERIMENT)], log=ABLog(tmp / "ablog"))
+        with running(create_app(scorer, limits=FUZZ_LIMITS, ab=ab)) as base:
             yield base
 
 
