@@ -86,7 +86,7 @@ def served(export, requests, tmp_path_factory):
             status, answer = post(base + "/v1/score", r)
             assert status == 200, answer
             answers.append(answer)
-        yield {"base": base, "log": log, "configs": [load_config(ExperimentConfig, p) for p in paths],
+        yield {"base": base, "log": log, "configs": [load_config(ExperimentConfig, p) for p in paths], "paths": paths,
                "answers": answers, "server_log": tmp / "server.log"}
 
 
@@ -237,6 +237,26 @@ def test_logs_are_partitions_polars_reads(served, requests):
 
     started = json.loads((log / "experiments" / "ranking.json").read_text())
     assert started["assignment"]["arms"] == [["control", 0.34], ["eps", 0.33], ["ts", 0.33]]
+
+
+def test_the_report_and_the_estimate_read_the_served_log(served, requests, tmp_path):
+    """Runs after the log test (the rows are on disk): the report counts exactly the users the
+    answers assigned, forced requests left out; the ε arm's propensities feed the estimate."""
+    from pipelines.ab_report import ab_estimate, ab_report
+
+    report = ab_report("ranking", served["log"], config=served["paths"][0], out=tmp_path)
+    want: dict[str, set[int]] = {}
+    for r, a in zip(requests, served["answers"], strict=True):
+        arm = next(x["arm"] for x in a["assignments"] if x["experiment"] == "ranking")
+        want.setdefault(arm, set()).add(r["user_id"])
+    assert {a["name"]: a["users"] for a in report["arms"]} == {k: len(v) for k, v in want.items()}
+    for a in report["arms"]:  # 4 slots a request; the other tests scored some users again
+        assert a["impressions"] % 4 == 0 and a["impressions"] >= 4 * sum(
+            1 for x in served["answers"] for y in x["assignments"] if y["experiment"] == "ranking" and y["arm"] == a["name"])
+    assert report["accounting"]["forced_requests"] >= 3  # the force_arm test's requests
+    assert (tmp_path / "ranking_lift.png").stat().st_size > 0
+    est = ab_estimate("ranking", served["log"], target="greedy", arm="eps", config=served["paths"][0])
+    assert est["rows"] > 0 and est["ips"] is not None and est["snips"] is not None
 
 
 def _day(ts: int) -> str:
