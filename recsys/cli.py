@@ -295,6 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     sexplore.add_argument("--json", action="store_true", help="print the result as JSON (policies: {name: {clicks_mean, ...}})")
     _add_common(sexplore)
     sexplore.set_defaults(handler=_cmd_simulate_explore)
+    sab = sim_cmds.add_parser(
+        "ab", help="the A/B report against the truth: A/A false positives, interval coverage, SRM detection",
+        formatter_class=fmt,
+        description="Serves the synthetic world's users through a real `recsys serve --experiments` process running\n"
+        "many A/A experiments (one layer each) and A/B replicates (greedy against another policy) at once, draws\n"
+        "clicks from the true probabilities, posts them to /v1/feedback, and runs `recsys ab report` on the real logs.\n"
+        "Prints the A/A rejection rate, how often the A/B intervals cover the true lift, and how often a copy of\n"
+        "the logs with a leaky assignment is flagged by the SRM test, each with its 95% interval; writes\n"
+        "OUT/result.json. The world and model are prepared once (OUT/prepared) and reused. See docs/EXPERIMENTS.md.",
+        epilog="example: recsys simulate ab --config configs/sim/ab_small.yaml --json",
+    )
+    sab.add_argument("--config", type=Path, default=None,
+                     help="a simulation config (default configs/sim/ab.yaml; ab_small.yaml runs in minutes)")
+    sab.add_argument("--out", type=Path, default=None,
+                     help="output directory (default out/ab_sim/NAME; its result is replaced with --overwrite)")
+    sab.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_common(sab)
+    sab.set_defaults(handler=_cmd_simulate_ab)
 
     bench = groups.add_parser("bench", help="benchmarks (figures for docs/BENCHMARKS.md)",
                               description="Benchmarks that print figures; each compares against a baseline in the same run.")
@@ -467,6 +485,68 @@ def build_parser() -> argparse.ArgumentParser:
     bquant.add_argument("--split", choices=["train", "valid", "test"], default="test", help="default test")
     bquant.add_argument("--json", action="store_true", help="print one JSON object (rows: precision, table_bytes, ...)")
     bquant.set_defaults(handler=_cmd_bench_quant)
+
+    abtest = groups.add_parser(
+        "ab", help="A/B experiments: the report of a logged experiment, off-policy estimates",
+        description="Read the exposure and feedback logs that `recsys serve --experiments ... --ab-log DIR` writes\n"
+        "(docs/EXPERIMENTS.md, \"Report\" and \"Off-policy estimates\").")
+    ab_cmds = abtest.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+    ab_cmds.required = True
+    areport = ab_cmds.add_parser(
+        "report", help="per-arm CTR, lift with intervals, SRM check, CUPED, accounting",
+        formatter_class=fmt,
+        description="Per arm: users, requests, impressions (shown, non-forced exposures in [start, end)), clicks\n"
+        "(feedback joined to them) and CTR. Per treatment: the relative CTR lift against the control (the first\n"
+        "arm) with users as the unit (delta method on the log ratio), its interval and p-value; the same with\n"
+        "CUPED (the users' pre-period CTR as covariate) and, with --sequential, an always-valid interval. A\n"
+        "sample ratio mismatch (users per arm against the weights, chi2 p < 0.001) is flagged loudly.\n"
+        "Duplicated, forced, out-of-window and unjoinable rows are counted, never silently dropped.\n"
+        "Writes OUT/NAME_report.json and OUT/NAME_lift.png (the cumulative lift by day).",
+        epilog="example: recsys ab report --experiment ranker_v2 --log out/ab --config configs/experiments/ranker_v2.yaml",
+    )
+    areport.add_argument("--experiment", required=True, metavar="NAME", help="the experiment's name")
+    areport.add_argument("--log", type=Path, required=True, metavar="DIR", help="the log directory (serve's --ab-log)")
+    areport.add_argument("--config", type=Path, default=None, metavar="YAML",
+                         help="the experiment config (arm weights, start, end); default the weights recorded in "
+                         "DIR/experiments/NAME.json, with the start at the first logged exposure")
+    areport.add_argument("--json", action="store_true", help="print the report as JSON")
+    areport.add_argument("--out", type=Path, default=None, metavar="DIR",
+                         help="where NAME_report.json and NAME_lift.png go (default LOG/reports)")
+    areport.add_argument("--alpha", type=float, default=0.05, help="1 - the intervals' confidence (default 0.05)")
+    areport.add_argument("--sequential", action="store_true",
+                         help="add always-valid intervals (normal mixture SPRT) that stay valid however often "
+                         "the report is looked at")
+    areport.add_argument("--tau2", type=float, default=0.0025,
+                         help="--sequential: the mixing variance on the log-ratio scale (default 0.0025: lifts of "
+                         "about +-5%%)")
+    areport.add_argument("--skip-bad-files", action="store_true",
+                         help="leave out unreadable Parquet files (listed in the report) instead of failing")
+    areport.add_argument("--metric", choices=("ctr",), default="ctr", help="the metric (default ctr: clicks per impression)")
+    areport.set_defaults(handler=_cmd_ab_report)
+    aestimate = ab_cmds.add_parser(
+        "estimate", help="off-policy (IPS, SNIPS) estimate of another ranking's CTR from randomised arms",
+        formatter_class=fmt,
+        description="Estimate the CTR per impression that a target ranking would have had, from logged exposures\n"
+        "with propensities (epsilon arms; AGE arms have none and are refused). Each shown row is weighted\n"
+        "by pi_target(item at position) / propensity (item-position click model); intervals by the CLT over\n"
+        "requests (IPS) and the delta method (SNIPS). Prints the effective sample size and the logged CTR.",
+        epilog="example: recsys ab estimate --experiment explore_eps --log out/ab --target greedy --arm eps",
+    )
+    aestimate.add_argument("--experiment", required=True, metavar="NAME", help="the experiment's name")
+    aestimate.add_argument("--log", type=Path, required=True, metavar="DIR", help="the log directory (serve's --ab-log)")
+    aestimate.add_argument("--target", required=True, metavar="POLICY",
+                           help="greedy (rank by score) or epsilon:E (greedy, a uniform order with probability E)")
+    aestimate.add_argument("--arm", default=None, help="only this arm's requests (default every arm with propensities)")
+    aestimate.add_argument("--slots", type=int, default=None, metavar="K",
+                           help="the target's first K positions (default each request's shown positions)")
+    aestimate.add_argument("--config", type=Path, default=None, metavar="YAML",
+                           help="the experiment config (its window and arms); default the logged arms from the first "
+                           "exposure on")
+    aestimate.add_argument("--alpha", type=float, default=0.05, help="1 - the intervals' confidence (default 0.05)")
+    aestimate.add_argument("--skip-bad-files", action="store_true",
+                           help="leave out unreadable Parquet files (listed) instead of failing")
+    aestimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    aestimate.set_defaults(handler=_cmd_ab_estimate)
     return parser
 
 
@@ -834,6 +914,23 @@ def _cmd_simulate_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate_ab(args: argparse.Namespace) -> int:
+    from pipelines.sim_ab import format_ab_sim, simulate_ab
+    from recsys.sim_schemas import AbSimConfig
+
+    path = args.config or config_dir() / "sim" / "ab.yaml"
+    if not Path(path).is_file():
+        raise RecsysError(f"simulation config {path} not found (configs: {config_dir() / 'sim'})")
+    cfg = load_config(AbSimConfig, path, args.overrides)
+    out = args.out or Path("out/ab_sim") / cfg.name
+    result = simulate_ab(cfg, config_dir=config_dir(), out=out, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "seeds"}, indent=2))
+    else:
+        print(format_ab_sim(result))
+    return 0
+
+
 def _cmd_bench_can(args: argparse.Namespace) -> int:
     from pipelines.bench_can import bench_can, format_bench_can
 
@@ -846,6 +943,51 @@ def _cmd_bench_quant(args: argparse.Namespace) -> int:
 
     return _run_bench(args, {}, lambda: bench_quant(data=args.data, run=args.run, export=args.export, split=args.split),
                       format_bench_quant)
+
+
+def _check_alpha_flag(alpha: float) -> None:
+    if not 0 < alpha < 1:
+        raise RecsysError(f"--alpha must be in (0, 1), got {alpha}")
+
+
+def _cmd_ab_report(args: argparse.Namespace) -> int:
+    from pipelines.ab_report import ab_report, format_ab_report
+
+    _check_alpha_flag(args.alpha)
+    if not (math.isfinite(args.tau2) and args.tau2 > 0):
+        raise RecsysError(f"--tau2 must be a finite number > 0, got {args.tau2}")
+    report = ab_report(args.experiment, args.log, config=args.config, out=args.out, alpha=args.alpha,
+                       sequential=args.sequential, tau2=args.tau2, skip_bad_files=args.skip_bad_files,
+                       metric=args.metric)
+    if args.json:
+        if report["srm"]["srm"]:  # the table shows it first; JSON readers get it on stderr
+            print(f"recsys: warning: SAMPLE RATIO MISMATCH in {args.experiment} (chi2 p = "
+                  f"{report['srm']['p_value']:.2g}); the lifts are not trustworthy", file=sys.stderr)
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_ab_report(report))
+    return 0
+
+
+def _cmd_ab_estimate(args: argparse.Namespace) -> int:
+    from pipelines.ab_report import ab_estimate, format_ab_estimate, parse_target
+
+    _check_alpha_flag(args.alpha)
+    try:
+        parse_target(args.target)
+    except ValueError as exc:
+        raise RecsysError(f"--target: {exc}") from None
+    if args.slots is not None and args.slots < 1:
+        raise RecsysError(f"--slots must be >= 1, got {args.slots}")
+    try:
+        result = ab_estimate(args.experiment, args.log, target=args.target, arm=args.arm, slots=args.slots,
+                             config=args.config, alpha=args.alpha, skip_bad_files=args.skip_bad_files)
+    except RecsysError:
+        raise
+    except ValueError as exc:  # an unknown --arm
+        raise RecsysError(str(exc)) from exc
+    print(json.dumps(result, indent=2) if args.json else format_ab_estimate(result))
+    return 0
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -94,3 +94,48 @@ class ExploreSimConfig(Schema):
             except ValidationError as exc:
                 raise ValueError(f"policies[{p.name}].explore: {explain_first(ExploreConfig, exc)}") from None
         return self
+
+
+class AbSimConfig(Schema):
+    """``recsys simulate ab --config FILE`` (pipelines/sim_ab.py): every key below.
+
+    Per seed: one served day-stream of the world's users through a real ``recsys serve
+    --experiments`` process, in which ``aa`` A/A experiments (one per layer: independent hashes of
+    the same users) and ``ab`` A/B replicates (disjoint ranges of one layer: greedy control against
+    ``treatment``) run at once; clicks come from the world's true probabilities.
+    """
+
+    name: str = Field("ab", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    world: str = Field("small", description="synthetic world: a preset of configs/synth or a YAML path")
+    world_set: list[str] = Field(default_factory=list, description="overrides of the world config (KEY=VALUE)")
+    model: str = Field("din", description="the served model: a config of configs/models or a YAML path")
+    model_set: list[str] = Field(default_factory=list, description="overrides of the model config (KEY=VALUE)")
+    seeds: int = Field(3, ge=1, le=100, description="repetitions: seed s draws the traffic, the clicks and the salts")
+    seed: int = Field(0, ge=0, description="the first seed")
+    days: int = Field(7, ge=2, description="simulated days: the world's last `days` days")
+    pre_days: int = Field(1, ge=0, description="of which the first are before the experiments start (CUPED's covariate)")
+    requests_per_day: int = Field(300, ge=10, description="score requests per simulated day (users drawn at random)")
+    slots: int = Field(5, ge=1, description="positions shown per request (the top of the answer's ranking)")
+    aa: int = Field(20, ge=0, le=200, description="A/A experiments per seed, one layer each")
+    ab: int = Field(10, ge=0, le=100, description="A/B replicates per seed, disjoint ranges of one layer")
+    treatment: dict[str, Any] = Field(default_factory=lambda: {"kind": "epsilon", "epsilon": 0.5},
+                                      description="the A/B treatment arm's policy (recsys.ab_schemas.PolicySpec); "
+                                      "the control is greedy")
+    leak: float = Field(0.1, gt=0, lt=1, description="SRM check: share of treatment users relabelled as control "
+                                                     "in a copy of each A/A experiment's log")
+    alpha: float = Field(0.05, gt=0, lt=1)
+    clients: int = Field(4, ge=1, le=64, description="concurrent HTTP clients")
+
+    @model_validator(mode="after")
+    def _check(self) -> AbSimConfig:
+        from recsys.ab_schemas import PolicySpec
+
+        try:
+            PolicySpec.model_validate(self.treatment)
+        except ValidationError as exc:
+            raise ValueError(f"treatment: {explain_first(PolicySpec, exc)}") from None
+        if self.pre_days >= self.days:
+            raise ValueError(f"pre_days ({self.pre_days}) must be below days ({self.days}): the experiments need days")
+        if self.aa + self.ab == 0:
+            raise ValueError("aa and ab are both 0: nothing to simulate")
+        return self
