@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     bload.add_argument("--clients", default="1,8,32", metavar="N,N", help="concurrent clients per row (default 1,8,32)")
     bload.add_argument("--batching", choices=("on", "off", "both"), default="both",
                        help="server micro-batching: on (--max-batch 32), off (--max-batch 1), or a row of each (default)")
+    bload.add_argument("--experiments", choices=("on", "off", "both"), default="off",
+                       help="A/B assignment and exposure logging (two experiments in two layers, --ab-log): on, off "
+                       "(default), or a row of each, next to each other (their p99 difference is the A/B overhead)")
     bload.add_argument("--bad-share", default="0", metavar="F,F",
                        help="shares of malformed requests, one row each (default 0)")
     bload.add_argument("--events-share", type=float, default=0.1, metavar="F", help="share of event batches (default 0.1)")
@@ -877,7 +880,9 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
     if not clients or not bad:
         raise RecsysError("--clients and --bad-share: give at least one value each")
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.batching]
-    rows = [Row(clients=c, batching=m, bad_share=b) for b in bad for c in clients for m in modes]
+    ab = {"on": [True], "off": [False], "both": [False, True]}[args.experiments]
+    rows = [Row(clients=c, batching=m, bad_share=b, experiments=e) for b in bad for c in clients for m in modes
+            for e in ab]
     if args.export is not None and args.model != "full":
         raise RecsysError("--export and --model: give one of them (--model names the export to make)")
 

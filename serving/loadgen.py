@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,18 @@ class Row:
     clients: int
     batching: bool
     bad_share: float = 0.0
+    experiments: bool = False  # serve LOAD_EXPERIMENTS with an --ab-log (assignment and logging on)
+
+
+#: The experiments of a row with ``experiments``: two layers, so that every score request is
+#: assigned twice and logs its candidates twice, one arm re-ranking (ε-greedy) as a real test would.
+LOAD_EXPERIMENTS = (
+    {"name": "load_aa", "layer": "split", "start": "2000-01-01T00:00:00Z", "slots": 10,
+     "arms": [{"name": "control", "weight": 0.5}, {"name": "copy", "weight": 0.5}]},
+    {"name": "load_eps", "layer": "ranking", "start": "2000-01-01T00:00:00Z", "slots": 10,
+     "arms": [{"name": "control", "weight": 0.5},
+              {"name": "epsilon", "weight": 0.5, "policy": {"kind": "epsilon", "epsilon": 0.1}}]},
+)
 
 
 def bench_load(export_dir: str | Path, workdir: str | Path, rows: Sequence[Row], *, duration: float = 15.0,
@@ -92,6 +105,15 @@ def bench_load(export_dir: str | Path, workdir: str | Path, rows: Sequence[Row],
             Path(f"{state}{suffix}").unlink(missing_ok=True)
         user_ids = _log_users(state, lengths, items, cats, np.random.default_rng(seed))
         flags = ["--state", str(state), "--max-in-flight", "64", "--max-batch", "32" if row.batching else "1"]
+        if row.experiments:
+            exp_dir, ab_log = workdir / f"experiments-{k}", workdir / f"ablog-{k}"
+            for path in (exp_dir, ab_log):
+                if path.exists():
+                    shutil.rmtree(path)
+            exp_dir.mkdir()
+            for e in LOAD_EXPERIMENTS:
+                (exp_dir / f"{e['name']}.yaml").write_text(json.dumps(e), encoding="utf-8")
+            flags += ["--experiments", str(exp_dir), "--ab-log", str(ab_log)]
         with server_process(serve_command(export_dir, *flags), workdir / f"server-{k}.log") as server:
             base, pid = server.base, server.proc.pid
             load = _Load(base, user_ids, items, cats, candidates=candidates, events_share=events_share,
@@ -104,9 +126,11 @@ def bench_load(export_dir: str | Path, workdir: str | Path, rows: Sequence[Row],
             rss_end = _rss(pid)
         calls = after[1] - before[1]
         result.update({"clients": row.clients, "batching": row.batching, "bad_share": row.bad_share,
+                       "experiments": row.experiments,
                        "rss_start_mb": rss_start, "rss_end_mb": rss_end,
                        "mean_batch": round((after[0] - before[0]) / calls, 2) if calls else None})
-        note(f"[bench load] {row.clients} clients, batching {'on' if row.batching else 'off'}, bad {row.bad_share}: "
+        note(f"[bench load] {row.clients} clients, batching {'on' if row.batching else 'off'}, bad {row.bad_share}, "
+             f"experiments {'on' if row.experiments else 'off'}: "
              f"{result['requests_per_s']} req/s, score p99 {result['score_ms']['p99']} ms, errors {result['errors']}")
         out.append(result)
     config = {"duration": duration, "max_requests": max_requests, "events_share": events_share,
@@ -262,11 +286,12 @@ def format_bench_load(r: dict[str, Any]) -> str:
     lines = [f"load test: model {c['model']}, {c['candidates']} candidates, {c['users']} users with "
              f"{c['history_lengths'][0]}..{c['history_lengths'][-1]} events, events share {c['events_share']}, "
              f"{c['duration']:g} s per row",
-             f"{'clients':>7} {'batching':>8} {'bad':>5} {'req/s':>7} {'score/s':>8} {'p50':>8} {'p95':>8} {'p99':>8} "
+             f"{'clients':>7} {'batching':>8} {'A/B':>4} {'bad':>5} {'req/s':>7} {'score/s':>8} {'p50':>8} {'p95':>8} {'p99':>8} "
              f"{'ev p99':>8} {'batch':>6} {'errors':>6} {'RSS MiB start->end':>20}"]
     for row in r["rows"]:
         s = row["score_ms"]
-        lines.append(f"{row['clients']:>7} {'on' if row['batching'] else 'off':>8} {row['bad_share']:>5.2f} "
+        lines.append(f"{row['clients']:>7} {'on' if row['batching'] else 'off':>8} "
+                     f"{'on' if row.get('experiments') else 'off':>4} {row['bad_share']:>5.2f} "
                      f"{row['requests_per_s']:>7.1f} {row['score_requests_per_s']:>8.1f} {s['p50'] or 0:>8.2f} "
                      f"{s['p95'] or 0:>8.2f} {s['p99'] or 0:>8.2f} {row['events_ms']['p99'] or 0:>8.2f} "
                      f"{row['mean_batch'] or 0:>6.2f} {row['errors']:>6} "

@@ -99,3 +99,24 @@ def test_bench_load_checks_its_flags(tmp_path):
                                            "comma-separated numbers, got 'a,b' and '0'\n")
     r = run_cli("bench", "load", "--export", str(tmp_path), "--bad-share", "0.95")
     assert r.returncode == 2 and "events share (0.1) and bad share (0.95) must be in [0, 1)" in r.stderr
+
+
+def test_bench_load_with_experiments_logs_every_score_request(export_dir, tmp_path):
+    """--experiments both: a row without and a row with A/B assignment and logging, the second's
+    exposures on disk (2 experiments x 5 candidates a score request), no errors either way."""
+    import polars as pl
+
+    r = run_cli("bench", "load", "--export", str(export_dir), "--clients", "2", "--batching", "on",
+                "--experiments", "both", "--duration", "2", "--users", "3", "--max-history", "60", "--candidates", "5",
+                "--events-share", "0", "--workdir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert [(row["experiments"], row["errors"]) for row in rows] == [(False, 0), (True, 0)]
+    assert not list((tmp_path / "load").glob("ablog-0"))
+    exposures = pl.scan_parquet(tmp_path / "load" / "ablog-1" / "exposures", hive_partitioning=True,
+                                hive_schema={"date": pl.Date, "experiment": pl.String}).collect()
+    assert set(exposures["experiment"]) == {"load_aa", "load_eps"}
+    # the warm-up's requests are logged too: at least the timed ones, 5 rows per experiment each
+    per = exposures.group_by("experiment").agg(pl.col("request_id").n_unique(), pl.len())
+    assert all(n == 5 * k for k, n in per.select("request_id", "len").rows())
+    assert per["request_id"].min() >= rows[1]["score_ms"]["n"]
