@@ -279,7 +279,6 @@ class ABRouter:
         (``ranking`` replaced for an ε-greedy arm)."""
         request_id = secrets.token_hex(16)
         scores = np.asarray(scored.scores)  # [M]
-        greedy = np.argsort(-scores, kind="stable")
         if route.policy.kind == "epsilon":
             order, propensity = epsilon_order(scores, epsilon=route.policy.epsilon, seed=int(request_id, 16))
             policy = "epsilon"
@@ -303,32 +302,7 @@ class ABRouter:
                 self._recent.popitem(last=False)
             self.counts["requests"] += 1
         if self.log is not None:
-            greedy_pos = np.empty(len(scores), dtype=np.int32)
-            greedy_pos[greedy] = np.arange(len(scores), dtype=np.int32)
-            explore = scored.explore_scores
-            columns = {
-                "request_id": pa.array([request_id] * len(items), pa.string()),
-                "served_at": np.full(len(items), now), "timestamp": np.full(len(items), route.timestamp, np.int64),
-                "user_id": np.full(len(items), int(request["user_id"]), np.int64),
-                "model": pa.array([route.model] * len(items), pa.string()),
-                "policy": pa.array([policy] * len(items), pa.string()),
-                "position": np.arange(len(items), dtype=np.int32), "item_id": items,
-                "score": scores[order],
-                "explore_score": (pa.nulls(len(items), pa.float64()) if explore is None
-                                  else pa.array(np.asarray(explore)[order], pa.float64())),
-                "explored": (np.asarray(scored.explored)[order] if scored.explored is not None
-                             else np.zeros(len(items), bool)),
-                "greedy_position": greedy_pos[order],
-                "propensity": pa.nulls(len(items), pa.float64()) if propensity is None else propensity,
-                "candidates": np.full(len(items), len(items), np.int32),
-            }
-            for a in route.assignments or (Assignment(NO_EXPERIMENT, ""),):
-                n_shown = shown.get(a.experiment, len(items))
-                table = pa.table({**columns, "arm": pa.array([a.arm] * len(items), pa.string()),
-                                  "forced": np.full(len(items), a.forced),
-                                  "shown": np.arange(len(items)) < n_shown}).select(EXPOSURE_SCHEMA.names)
-                if not self.log.put("exposures", a.experiment, table.cast(EXPOSURE_SCHEMA)):
-                    self.counts["exposures_dropped"] += 1
+            self._log_exposures(request_id, request, route, scored, policy, order, propensity, items, shown, now)
         return answer
 
     def feedback(self, request_id: str, item_id: int, timestamp: int | None, *, now: float) -> dict[str, Any]:
@@ -369,6 +343,44 @@ class ABRouter:
             self.log.close()
 
     # --- internals
+
+    def _log_exposures(self, request_id: str, request: Mapping[str, Any], route: Route, scored: Scored, policy: str,
+                       order: np.ndarray, propensity: np.ndarray | None, items: np.ndarray, shown: dict[str, int],
+                       now: float) -> None:
+        """One exposure table per assignment (``_none`` outside all), queued without waiting.
+
+        The columns are typed arrays built once per request; an assignment only swaps ``arm``,
+        ``forced`` and ``shown`` (no schema inference, no cast: this runs on the request path)."""
+        m = len(items)
+        scores = np.asarray(scored.scores, dtype=np.float64)  # [M]
+        greedy_pos = np.empty(m, dtype=np.int32)
+        greedy_pos[np.argsort(-scores, kind="stable")] = np.arange(m, dtype=np.int32)
+        explore, explored = scored.explore_scores, scored.explored
+
+        def repeat(value: str) -> pa.Array:
+            return pa.array([value] * m, pa.string())
+
+        columns = {
+            "request_id": repeat(request_id), "served_at": pa.array(np.full(m, now, np.float64)),
+            "timestamp": pa.array(np.full(m, route.timestamp, np.int64)),
+            "user_id": pa.array(np.full(m, int(request["user_id"]), np.int64)),
+            "model": repeat(route.model), "policy": repeat(policy),
+            "position": pa.array(np.arange(m, dtype=np.int32)), "item_id": pa.array(items),
+            "score": pa.array(scores[order]),
+            "explore_score": (pa.nulls(m, pa.float64()) if explore is None
+                              else pa.array(np.asarray(explore, dtype=np.float64)[order])),
+            "explored": pa.array(np.asarray(explored, dtype=bool)[order] if explored is not None else np.zeros(m, bool)),
+            "greedy_position": pa.array(greedy_pos[order]),
+            "propensity": pa.nulls(m, pa.float64()) if propensity is None else pa.array(propensity, pa.float64()),
+            "candidates": pa.array(np.full(m, m, np.int32)),
+        }
+        positions = np.arange(m)
+        for a in route.assignments or (Assignment(NO_EXPERIMENT, ""),):
+            columns.update(arm=repeat(a.arm), forced=pa.array(np.full(m, a.forced)),
+                           shown=pa.array(positions < shown.get(a.experiment, m)))
+            table = pa.Table.from_arrays([columns[name] for name in EXPOSURE_SCHEMA.names], schema=EXPOSURE_SCHEMA)
+            if not self.log.put("exposures", a.experiment, table):
+                self.counts["exposures_dropped"] += 1
 
     def _slots(self, experiment: str, m: int) -> int:
         slots = self.by_name[experiment].slots
