@@ -56,7 +56,6 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.ab_schemas import (
-    EXPOSURE_SCHEMA,
     FEEDBACK_SCHEMA,
     NO_EXPERIMENT,
     ExperimentConfig,
@@ -66,7 +65,7 @@ from recsys.assign import assign, check_layers
 from recsys.config import load_config
 from recsys.errors import ConfigError
 from recsys.io import write_json
-from serving.ab_log import ABLog
+from serving.ab_log import ABLog, Columns
 from serving.scorer import Scored, Scorer
 
 #: Requests remembered for feedback (request id -> user, shown items, assignments)
@@ -347,39 +346,31 @@ class ABRouter:
     def _log_exposures(self, request_id: str, request: Mapping[str, Any], route: Route, scored: Scored, policy: str,
                        order: np.ndarray, propensity: np.ndarray | None, items: np.ndarray, shown: dict[str, int],
                        now: float) -> None:
-        """One exposure table per assignment (``_none`` outside all), queued without waiting.
+        """One exposure batch per assignment (``_none`` outside all), queued without waiting.
 
-        The columns are typed arrays built once per request; an assignment only swaps ``arm``,
-        ``forced`` and ``shown`` (no schema inference, no cast: this runs on the request path)."""
+        The rows go as numpy columns and scalars (:class:`serving.ab_log.Columns`): the log's
+        writer thread turns a partition's batches into one Arrow table, off the request path."""
         m = len(items)
         scores = np.asarray(scored.scores, dtype=np.float64)  # [M]
         greedy_pos = np.empty(m, dtype=np.int32)
         greedy_pos[np.argsort(-scores, kind="stable")] = np.arange(m, dtype=np.int32)
         explore, explored = scored.explore_scores, scored.explored
-
-        def repeat(value: str) -> pa.Array:
-            return pa.array([value] * m, pa.string())
-
-        columns = {
-            "request_id": repeat(request_id), "served_at": pa.array(np.full(m, now, np.float64)),
-            "timestamp": pa.array(np.full(m, route.timestamp, np.int64)),
-            "user_id": pa.array(np.full(m, int(request["user_id"]), np.int64)),
-            "model": repeat(route.model), "policy": repeat(policy),
-            "position": pa.array(np.arange(m, dtype=np.int32)), "item_id": pa.array(items),
-            "score": pa.array(scores[order]),
-            "explore_score": (pa.nulls(m, pa.float64()) if explore is None
-                              else pa.array(np.asarray(explore, dtype=np.float64)[order])),
-            "explored": pa.array(np.asarray(explored, dtype=bool)[order] if explored is not None else np.zeros(m, bool)),
-            "greedy_position": pa.array(greedy_pos[order]),
-            "propensity": pa.nulls(m, pa.float64()) if propensity is None else pa.array(propensity, pa.float64()),
-            "candidates": pa.array(np.full(m, m, np.int32)),
+        common = {
+            "request_id": request_id, "served_at": float(now), "timestamp": int(route.timestamp),
+            "user_id": int(request["user_id"]), "model": route.model, "policy": policy,
+            "position": np.arange(m, dtype=np.int32), "item_id": items, "score": scores[order],
+            "explore_score": None if explore is None else np.asarray(explore, dtype=np.float64)[order],
+            "explored": np.asarray(explored, dtype=bool)[order] if explored is not None else False,
+            "greedy_position": greedy_pos[order],
+            "propensity": None if propensity is None else np.asarray(propensity, dtype=np.float64),
+            "candidates": m,
         }
         positions = np.arange(m)
         for a in route.assignments or (Assignment(NO_EXPERIMENT, ""),):
-            columns.update(arm=repeat(a.arm), forced=pa.array(np.full(m, a.forced)),
-                           shown=pa.array(positions < shown.get(a.experiment, m)))
-            table = pa.Table.from_arrays([columns[name] for name in EXPOSURE_SCHEMA.names], schema=EXPOSURE_SCHEMA)
-            if not self.log.put("exposures", a.experiment, table):
+            n_shown = shown.get(a.experiment, m)
+            rows = Columns(m, {**common, "arm": a.arm, "forced": a.forced,
+                               "shown": True if n_shown >= m else positions < n_shown})
+            if not self.log.put("exposures", a.experiment, rows):
                 self.counts["exposures_dropped"] += 1
 
     def _slots(self, experiment: str, m: int) -> int:

@@ -75,7 +75,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -157,6 +157,23 @@ def _schema_difference(got: pa.Schema, want: pa.Schema) -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Rows given as column values, turned into Arrow by the writer thread, off the request path.
+
+    Each of the stream schema's columns is a numpy array of ``rows`` values, a scalar repeated
+    ``rows`` times, or None (all null). :meth:`ABLog.put` checks the names, lengths and kinds
+    (a cheap check); the writer builds one table from all the batches of a partition.
+
+    Example:
+        >>> Columns(2, {"item_id": np.array([5, 6]), "arm": "control"}).rows
+        2
+    """
+
+    rows: int
+    values: dict[str, Any]
+
+
 @dataclass
 class _Batch:
     """Rows accepted by one put (or left by a failed write): ``seq`` orders them for flush()."""
@@ -165,7 +182,11 @@ class _Batch:
     arrived: float  # time.monotonic() when the oldest of its rows was accepted
     stream: str
     experiment: str
-    table: pa.Table
+    table: pa.Table | Columns
+
+    @property
+    def rows(self) -> int:
+        return self.table.rows if isinstance(self.table, Columns) else self.table.num_rows
 
 
 class ABLog:
@@ -238,16 +259,17 @@ class ABLog:
             stream: ``"exposures"`` or ``"feedback"``.
             experiment: the partition's experiment name (``""``: :data:`recsys.ab_schemas.NO_EXPERIMENT`).
             table: rows with exactly the stream's schema (:data:`recsys.ab_schemas.EXPOSURE_SCHEMA`
-                or :data:`recsys.ab_schemas.FEEDBACK_SCHEMA`); each row goes to the UTC day of
-                its ``timestamp``.
+                or :data:`recsys.ab_schemas.FEEDBACK_SCHEMA`), as a pyarrow Table or as
+                :class:`Columns` (converted by the writer thread: cheaper on the caller's path);
+                each row goes to the UTC day of its ``timestamp``.
 
         Returns:
             True when the rows were queued; False when they would take the queue past
             ``max_queue_rows``: then they are dropped and counted (``{stream}_rows_dropped``).
 
         Raises:
-            TypeError: ``table`` is not a pyarrow Table of the stream's schema (the message names
-                the columns that differ).
+            TypeError: ``table`` is not a pyarrow Table of the stream's schema, or Columns of its
+                names with arrays of its length and kinds (the message names what differs).
             ValueError: an unknown stream, an experiment name that is not a path-safe name, a null
                 ``timestamp`` or one outside years 1..9999.
             RuntimeError: the log is closed.
@@ -263,15 +285,15 @@ class ABLog:
             >>> log.close()
         """
         schema = _check_stream(stream)
+        if isinstance(table, Columns):
+            return self._put_columns(stream, schema, experiment, table)
         if not isinstance(table, pa.Table):
-            raise TypeError(f"ab log put({stream!r}, {experiment!r}): table must be a pyarrow.Table, "
+            raise TypeError(f"ab log put({stream!r}, {experiment!r}): table must be a pyarrow.Table or Columns, "
                             f"not {type(table).__name__}")
         if not table.schema.equals(schema):
             raise TypeError(f"ab log put({stream!r}, {experiment!r}): table's columns differ from the {stream} "
                             f"schema: {_schema_difference(table.schema, schema)}")
-        if experiment and not _NAME.match(experiment):
-            raise ValueError(f"ab log put({stream!r}): experiment {experiment!r} must match {NAME_PATTERN} "
-                             "(it names a directory)")
+        self._check_name(stream, experiment)
         n = table.num_rows
         if n:
             # checked here, not at write: a row the writer cannot place would be retried forever
@@ -280,10 +302,52 @@ class ABLog:
                 raise ValueError(f"ab log put({stream!r}, {experiment!r}): timestamp has {ts.null_count} null "
                                  f"value(s) of {n}; every row needs its time (it picks the date partition)")
             lo, hi = pc.min_max(ts).values()
-            if lo.as_py() < _MIN_TIMESTAMP or hi.as_py() > _MAX_TIMESTAMP:
-                bad = lo.as_py() if lo.as_py() < _MIN_TIMESTAMP else hi.as_py()
-                raise ValueError(f"ab log put({stream!r}, {experiment!r}): timestamp {bad} is outside years "
-                                 f"1..9999 (unix seconds {_MIN_TIMESTAMP}..{_MAX_TIMESTAMP}); milliseconds?")
+            self._check_time(stream, experiment, lo.as_py(), hi.as_py())
+        return self._enqueue(stream, experiment, table, n)
+
+    def _check_name(self, stream: str, experiment: str) -> None:
+        if experiment and not _NAME.match(experiment):
+            raise ValueError(f"ab log put({stream!r}): experiment {experiment!r} must match {NAME_PATTERN} "
+                             "(it names a directory)")
+
+    @staticmethod
+    def _check_time(stream: str, experiment: str, lo: int, hi: int) -> None:
+        if lo < _MIN_TIMESTAMP or hi > _MAX_TIMESTAMP:
+            bad = lo if lo < _MIN_TIMESTAMP else hi
+            raise ValueError(f"ab log put({stream!r}, {experiment!r}): timestamp {bad} is outside years "
+                             f"1..9999 (unix seconds {_MIN_TIMESTAMP}..{_MAX_TIMESTAMP}); milliseconds?")
+
+    def _put_columns(self, stream: str, schema: pa.Schema, experiment: str, cols: Columns) -> bool:
+        """:meth:`put` of :class:`Columns`: names, lengths, kinds and times checked, nothing converted."""
+        where = f"ab log put({stream!r}, {experiment!r})"
+        self._check_name(stream, experiment)
+        if set(cols.values) != set(schema.names):
+            missing = [n for n in schema.names if n not in cols.values]
+            extra = [n for n in cols.values if n not in schema.names]
+            raise TypeError(f"{where}: columns differ from the {stream} schema: "
+                            + "; ".join(x for x in (missing and f"missing {', '.join(missing)}",
+                                                    extra and f"unexpected {', '.join(extra)}") if x))
+        n = int(cols.rows)
+        for field in schema:
+            value = cols.values[field.name]
+            kind = _KINDS[str(field.type)]
+            if isinstance(value, np.ndarray):
+                if value.shape != (n,) or value.dtype.kind not in kind:
+                    raise TypeError(f"{where}: {field.name} is an array of shape {value.shape} and dtype "
+                                    f"{value.dtype} (want ({n},) of kind {kind!r} for {field.type})")
+            elif value is None:
+                if field.name == "timestamp":
+                    raise ValueError(f"{where}: timestamp is null; every row needs its time (it picks the date "
+                                     "partition)")
+            elif np.asarray(value).dtype.kind not in kind:
+                raise TypeError(f"{where}: {field.name} = {value!r} is not a {field.type} value")
+        if n:
+            ts = cols.values["timestamp"]
+            lo, hi = (int(ts.min()), int(ts.max())) if isinstance(ts, np.ndarray) else (int(ts), int(ts))
+            self._check_time(stream, experiment, lo, hi)
+        return self._enqueue(stream, experiment, cols, n)
+
+    def _enqueue(self, stream: str, experiment: str, table: pa.Table | Columns, n: int) -> bool:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"ab log {self.root}: closed; cannot put {n} {stream} rows after close()")
@@ -358,7 +422,7 @@ class ABLog:
             self._cond.notify_all()
             lost = {}
             for b in self._pending + self._inflight:
-                lost[b.stream] = lost.get(b.stream, 0) + b.table.num_rows
+                lost[b.stream] = lost.get(b.stream, 0) + b.rows
             for stream, n in lost.items():
                 self._counts[f"{stream}_rows_dropped"] += n
             message = (f"ab log {self.root}: close(timeout={timeout}) gave up with {self._queued:,} rows unwritten "
@@ -383,7 +447,7 @@ class ABLog:
             for stream in SCHEMAS:
                 out[f"{stream}_rows_queued"] = 0
             for b in self._pending + self._inflight:
-                out[f"{b.stream}_rows_queued"] += b.table.num_rows
+                out[f"{b.stream}_rows_queued"] += b.rows
         return out
 
     # --- the writer's side
@@ -415,9 +479,9 @@ class ABLog:
                 self._flush_asked = False
                 batches, self._pending, self._inflight = self._pending, [], self._pending
             try:
-                written, failed = self._write(batches)
+                written, failed, dropped = self._write(batches)
             except Exception as e:  # a bug, not the disk: keep the rows and the thread
-                written, failed = {}, batches
+                written, failed, dropped = {}, batches, {}
                 self._record_error(f"ab log {self.root}: writer failed: {type(e).__name__}: {e}")
             with self._cond:
                 self._inflight = []
@@ -431,19 +495,30 @@ class ABLog:
                 for stream, n in written.items():
                     self._counts[f"{stream}_rows_written"] += n
                     self._queued -= n
+                for stream, n in dropped.items():
+                    self._counts[f"{stream}_rows_dropped"] += n
+                    self._queued -= n
                 self._cond.notify_all()
 
-    def _write(self, batches: list[_Batch]) -> tuple[dict[str, int], list[_Batch]]:
-        """Write ``batches`` as one file per partition; return rows written by stream, and what
-        failed (as batches to retry)."""
+    def _write(self, batches: list[_Batch]) -> tuple[dict[str, int], list[_Batch], dict[str, int]]:
+        """Write ``batches`` as one file per partition; return rows written by stream, what failed
+        (as batches to retry), and rows dropped by stream (they could not be converted)."""
         groups: dict[tuple[str, str], list[_Batch]] = {}
         for b in batches:
             groups.setdefault((b.stream, b.experiment), []).append(b)
         written: dict[str, int] = {}
+        dropped: dict[str, int] = {}
         failed: list[_Batch] = []
         for (stream, experiment), group in groups.items():
-            table = pa.concat_tables([b.table for b in group])
             seq, arrived = min(b.seq for b in group), min(b.arrived for b in group)
+            try:
+                table = _as_table(SCHEMAS[stream], [b.table for b in group])
+            except Exception as e:  # a caller's bug that put()'s checks let through: drop, never retry forever
+                n = sum(b.rows for b in group)
+                dropped[stream] = dropped.get(stream, 0) + n
+                self._record_error(f"ab log: {n} {stream} rows of {experiment} could not be converted and were "
+                                   f"dropped: {type(e).__name__}: {e}")
+                continue
             for day, part in _split_by_day(table):
                 where = partition_dir(self.root, stream, day * _SECONDS_PER_DAY, experiment)
                 try:
@@ -460,7 +535,7 @@ class ABLog:
                 written[stream] = written.get(stream, 0) + part.num_rows
                 with self._cond:
                     self._counts[f"{stream}_files_written"] += 1
-        return written, failed
+        return written, failed, dropped
 
     def _write_file(self, where: Path, table: pa.Table) -> None:
         """One new part file in ``where``: written in staging, fsync'd, renamed, directory fsync'd."""
@@ -541,3 +616,49 @@ def _split_by_day(table: pa.Table) -> Iterable[tuple[int, pa.Table]]:
     taken = table.take(pa.array(order))
     for s, e in zip(starts, ends, strict=True):
         yield int(sorted_days[s]), taken.slice(s, e - s)
+
+
+#: numpy dtype kinds accepted for each Arrow type of the schemas (strings: Python str or objects)
+_KINDS = {"string": "OUS", "double": "fiu", "int64": "iu", "int32": "iu", "bool": "b"}
+
+
+def _as_table(schema: pa.Schema, parts: list[pa.Table | Columns]) -> pa.Table:
+    """One table of ``schema`` from tables and :class:`Columns` (in order)."""
+    tables: list[pa.Table] = []
+    pending: list[Columns] = []
+    for part in parts:
+        if isinstance(part, Columns):
+            pending.append(part)
+            continue
+        if pending:
+            tables.append(_columns_table(schema, pending))
+            pending = []
+        tables.append(part)
+    if pending:
+        tables.append(_columns_table(schema, pending))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _columns_table(schema: pa.Schema, group: list[Columns]) -> pa.Table:
+    n = sum(c.rows for c in group)
+    arrays = []
+    for field in schema:
+        values = [c.values[field.name] for c in group]
+        if all(v is None for v in values):
+            arrays.append(pa.nulls(n, field.type))
+            continue
+        if pa.types.is_string(field.type):
+            flat: list[Any] = []
+            for c, v in zip(group, values, strict=True):
+                flat.extend(v.tolist() if isinstance(v, np.ndarray) else [v] * c.rows)
+            arrays.append(pa.array(flat, field.type))
+            continue
+        dtype = np.dtype(field.type.to_pandas_dtype())
+        data = np.concatenate([np.asarray(v, dtype) if isinstance(v, np.ndarray)
+                               else np.full(c.rows, 0 if v is None else v, dtype)
+                               for c, v in zip(group, values, strict=True)])
+        nulls = [v is None for v in values]
+        mask = np.concatenate([np.full(c.rows, null) for c, null in zip(group, nulls, strict=True)]) if any(nulls) else None
+        arrays.append(pa.array(data, field.type, mask=mask))
+    return pa.Table.from_arrays(arrays, schema=schema)
+

@@ -221,7 +221,7 @@ def test_wrong_input_is_refused_with_its_difference(tmp_path):
         log.put("feedback", "e", good.select(FEEDBACK_SCHEMA.names[::-1]))
     with pytest.raises(TypeError, match=r"missing served_at, .*; unexpected received_at, kind"):
         log.put("exposures", "e", good)  # the other stream's schema
-    with pytest.raises(TypeError, match=r"table must be a pyarrow.Table, not dict"):
+    with pytest.raises(TypeError, match=r"table must be a pyarrow.Table or Columns, not dict"):
         log.put("feedback", "e", good.to_pydict())
     with pytest.raises(ValueError, match=r"stream 'clicks': not a log stream \(streams: exposures, feedback\)"):
         log.put("clicks", "e", good)
@@ -334,3 +334,46 @@ def test_writers_on_one_root_never_share_a_file_name(tmp_path):
     df = read(tmp_path, "feedback")
     # every row once: the two logs' 2 x 30 x 50, the subprocess's 1000 flushed + 30 x 3000 later
     assert df.height == 2 * 30 * 50 + 1000 + 30 * 3000 == df["request_id"].n_unique()
+
+
+def test_columns_are_converted_by_the_writer_like_tables(tmp_path):
+    """Columns (arrays, repeated scalars, None for nulls) mixed with tables in one partition read
+    back as the equal table would; bad Columns are refused at put, naming the column."""
+    log = ABLog(tmp_path, flush_seconds=3600)
+    n = 4
+    cols = {"request_id": "c" * 32, "served_at": 1.5, "timestamp": T0 + 5, "user_id": 9, "arm": "ts", "forced": False,
+            "model": "m@abc", "policy": "epsilon", "position": np.arange(n, dtype=np.int32),
+            "shown": np.array([True, True, False, False]), "item_id": np.arange(10, 10 + n),
+            "score": np.linspace(0.1, 0.4, n), "explore_score": None, "explored": False,
+            "greedy_position": np.array([1, 0, 2, 3], dtype=np.int32), "propensity": np.full(n, 0.25),
+            "candidates": n}
+    from serving.ab_log import Columns
+
+    table = exposures(ids("t", 3), [T0 + 1] * 3)
+    assert log.put("exposures", "mix", table)
+    assert log.put("exposures", "mix", Columns(n, cols))
+    assert log.put("exposures", "mix", Columns(2, {**cols, "request_id": "d" * 32, "position": np.arange(2, dtype=np.int32),
+                                                   "shown": True, "item_id": np.array([1, 2]), "score": np.zeros(2),
+                                                   "explore_score": np.array([0.5, 0.6]), "greedy_position": np.zeros(2, np.int32),
+                                                   "propensity": None}))
+    with pytest.raises(TypeError, match="missing received_at, kind"):
+        log.put("feedback", "mix", Columns(1, {k: v for k, v in cols.items() if k in FEEDBACK_SCHEMA.names[:-1]}))
+    with pytest.raises(TypeError, match=r"item_id is an array of shape \(3,\)"):
+        log.put("exposures", "mix", Columns(n, {**cols, "item_id": np.arange(3)}))
+    with pytest.raises(TypeError, match="score = 'x' is not a double"):
+        log.put("exposures", "mix", Columns(n, {**cols, "score": "x"}))
+    with pytest.raises(ValueError, match="timestamp is null"):
+        log.put("exposures", "mix", Columns(n, {**cols, "timestamp": None}))
+    log.close()
+    assert len(log_files(tmp_path, "exposures")) == 1  # one partition, one file
+    got = read(tmp_path, "exposures").sort("request_id", "position")
+    assert got.height == 3 + n + 2 and log.stats()["exposures_rows_written"] == 9
+    c = got.filter(pl.col("request_id") == "c" * 32)
+    assert c["item_id"].to_list() == [10, 11, 12, 13] and c["shown"].to_list() == [True, True, False, False]
+    assert c["explore_score"].null_count() == n and c["propensity"].to_list() == [0.25] * n
+    assert set(c["arm"]) == {"ts"} and set(c["candidates"]) == {n} and set(c["user_id"]) == {9}
+    d = got.filter(pl.col("request_id") == "d" * 32)
+    assert d["explore_score"].to_list() == [0.5, 0.6] and d["propensity"].null_count() == 2
+    assert d["shown"].to_list() == [True, True]
+    assert_frame_equal(got.filter(pl.col("request_id").str.starts_with("t-")).sort("request_id"),
+                       expected(table, "mix").sort("request_id"))
