@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--ab-memory-mb", type=float, default=8192, metavar="MB",
                     help="the most memory the arms' models may take together (every distinct model counted once, "
                     "the service's own included); default 8192")
+    ab.add_argument("--ab-feedback-requests", type=int, default=100_000, metavar="N",
+                    help="the last N score requests remembered for POST /v1/feedback (older ones answer 404); "
+                    "about 2 KB each at 100 candidates; default 100000")
     serve.set_defaults(handler=_cmd_serve)
 
     demo = groups.add_parser(
@@ -704,6 +707,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           "precision; record it with `recsys export --embeddings`")
     if not (math.isfinite(args.ab_memory_mb) and args.ab_memory_mb > 0):
         raise RecsysError(f"--ab-memory-mb must be a finite number > 0, got {args.ab_memory_mb}")
+    if args.ab_feedback_requests < 1:
+        raise RecsysError(f"--ab-feedback-requests must be >= 1, got {args.ab_feedback_requests}")
     if (args.ab_log is not None or args.force_experiments) and not args.experiments:
         raise RecsysError(f"{'--ab-log' if args.ab_log is not None else '--force-experiments'} needs --experiments")
     if args.ray and args.experiments:
@@ -718,7 +723,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20),
           durable=not args.not_durable, embeddings=args.embeddings, experiments=args.experiments,
           ab_log=args.ab_log, force_experiments=args.force_experiments,
-          ab_memory_bytes=int(args.ab_memory_mb * 2**20))
+          ab_memory_bytes=int(args.ab_memory_mb * 2**20), ab_feedback_requests=args.ab_feedback_requests)
     return 0
 
 

@@ -74,7 +74,7 @@ from starlette.requests import ClientDisconnect
 
 from models.export import load_export
 from recsys.errors import RecsysError
-from serving.ab import DEFAULT_MEMORY_BYTES, ABError, ABRouter
+from serving.ab import DEFAULT_MEMORY_BYTES, DEFAULT_RECENT_REQUESTS, ABError, ABRouter
 from serving.batching import MicroBatcher
 from serving.decode import (
     EVENTS_REQUEST,
@@ -574,7 +574,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES,
           durable: bool = True, embeddings: str | None = None, experiments: Sequence[str | Path] = (),
           ab_log: str | Path | None = None, force_experiments: bool = False,
-          ab_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+          ab_memory_bytes: int = DEFAULT_MEMORY_BYTES, ab_feedback_requests: int = DEFAULT_RECENT_REQUESTS) -> None:
     """Verify and load the export, then serve it over HTTP until interrupted.
 
     Prints ``serving EXPORT on http://HOST:PORT`` when ready (``port=0``: a free port, printed).
@@ -599,6 +599,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
             ``recsys ab report``).
         force_experiments: accept a config that reassigns a started experiment's users.
         ab_memory_bytes: the most memory the arms' models may take together.
+        ab_feedback_requests: the last requests remembered for ``POST /v1/feedback``.
 
     Raises:
         RecsysError: the port is outside 0..65535, the export fails verification, the state store
@@ -625,7 +626,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
             return Scorer.live_from(other, scorer.live.store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
 
         ab = ABRouter.load(scorer, experiments, log_dir=ab_log, force=force_experiments, memory_bytes=ab_memory_bytes,
-                           make_scorer=make_scorer)
+                           make_scorer=make_scorer, recent_requests=ab_feedback_requests)
         described = ab.describe()
         print(f"experiments: {', '.join(e['name'] for e in described['experiments'])}; models "
               f"{described['model_bytes'] / 2**20:,.0f} MiB of {ab_memory_bytes / 2**20:,.0f} MiB; "

@@ -180,6 +180,7 @@ def test_experiments_endpoint_and_metrics(served):
     arms = {a["name"]: a for a in d["experiments"][0]["arms"]}
     assert arms["int8"]["model"].endswith(":int8") and arms["control"]["model"] != arms["int8"]["model"]
     assert d["model_bytes"] == sum(m["bytes"] for m in d["models"].values()) > 0
+    assert 0 < d["feedback_window"]["requests"] <= d["feedback_window"]["max_requests"] == 100_000
     import urllib.request
 
     with urllib.request.urlopen(served["base"] + "/metrics", timeout=10) as resp:
@@ -378,3 +379,18 @@ def test_an_arms_parameter_override_loads_the_same_weights(export, requests):
     assert max(diffs) > 1e-4  # a shorter history window changes some scores
     with pytest.raises(DataError, match="model.embedding.dim=16"):
         load_export(export, overrides=["model.embedding.dim=16"])
+
+
+def test_feedback_for_a_request_older_than_the_window_is_404(export, requests, tmp_path):
+    path = write_config(tmp_path / "ranking.yaml", RANKING)
+    command = serve_command(export, "--no-state", "--experiments", str(path), "--ab-feedback-requests", "2")
+    with server_process(command, tmp_path / "server.log") as (base, _):
+        answers = [post(base + "/v1/score", r)[1] for r in requests[:3]]
+        first = [requests[0]["candidates"][i]["item_id"] for i in answers[0]["ranking"]]
+        status, fb = post(base + "/v1/feedback", {"request_id": answers[0]["request_id"], "item_id": first[0]})
+        assert status == 404 and "among its last 2" in fb["error"]
+        last = [requests[2]["candidates"][i]["item_id"] for i in answers[2]["ranking"]]
+        assert post(base + "/v1/feedback", {"request_id": answers[2]["request_id"], "item_id": last[0]})[0] == 200
+    r = run_cli("serve", "--export", str(export), "--no-state", "--experiments", str(path),
+                "--ab-feedback-requests", "0")
+    assert r.returncode == 2 and "--ab-feedback-requests must be >= 1, got 0" in r.stderr
