@@ -48,7 +48,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import yaml
-from scipy.stats import binomtest
+from scipy.stats import binomtest, chi2, ncx2
 
 from features.synth import _ID_MULT, DAY, raw_ids
 from pipelines.ablation import model_config_path
@@ -309,7 +309,7 @@ def simulate_ab(cfg: AbSimConfig, *, config_dir: Path, out: str | Path, overwrit
         if seed_dir.exists():
             shutil.rmtree(seed_dir)
         seeds.append(run_seed(cfg, sw, export, s, seed_dir))
-    result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **summarize(seeds, alpha=cfg.alpha),
+    result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **summarize(seeds, alpha=cfg.alpha, leak=cfg.leak),
               "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
     write_json(out / "result.json", result)
     return result
@@ -322,7 +322,21 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": k / n, "ci": [ci.low, ci.high]}
 
 
-def summarize(seeds: list[dict[str, Any]], *, alpha: float) -> dict[str, Any]:
+def srm_power(users: int, leak: float) -> float:
+    """The SRM test's power against a 50/50 split with ``leak`` of the treatment users moved to
+    control, at ``users`` users: the chance that a noncentral chi-square with 1 degree of
+    freedom and noncentrality ``users * leak**2`` exceeds the test's critical value.
+
+    Example:
+        >>> round(srm_power(1000, 0.1), 2), round(srm_power(4000, 0.1), 2)
+        (0.45, 1.0)
+    """
+    from pipelines.ab_report import SRM_P
+
+    return float(ncx2.sf(chi2.isf(SRM_P, 1), 1, users * leak**2))
+
+
+def summarize(seeds: list[dict[str, Any]], *, alpha: float, leak: float) -> dict[str, Any]:
     """The measured rates (each with its 95% Clopper-Pearson interval) over all seeds."""
     rows = [r for s in seeds for r in s["experiments"]]
     aa = [r for r in rows if r["kind"] == "aa" and r["rejected"] is not None]
@@ -340,6 +354,7 @@ def summarize(seeds: list[dict[str, Any]], *, alpha: float) -> dict[str, Any]:
                              if ab else None),
         "cuped_variance_reduction_mean": _mean([r.get("cuped_variance_reduction") for r in rows]),
         "srm_broken_flagged": _rate(sum(r["broken_srm"] for r in broken), len(broken)),
+        "srm_broken_expected": _mean([srm_power(sum(r["broken_users"]), leak) for r in broken]),
         "srm_false_alarm": _rate(sum(bool(r["srm"]) for r in rows), len(rows)),
         "requests": sum(s["served"]["requests"] for s in seeds),
         "clicks": sum(s["served"]["clicks"] for s in seeds),
@@ -369,6 +384,8 @@ def format_ab_sim(result: dict[str, Any]) -> str:
                      f"{result['ab_true_lift_mean']:+.3%}, estimated {result['ab_estimated_lift_mean']:+.3%} (means over replicates)")
     if result["cuped_variance_reduction_mean"] is not None:
         lines.append(f"CUPED variance reduction (mean):  {result['cuped_variance_reduction_mean']:.1%}")
-    lines += [f"SRM flagged, broken copies:       {rate(result['srm_broken_flagged'])}  (should be ~1)",
+    expected = result.get("srm_broken_expected")
+    lines += [f"SRM flagged, broken copies:       {rate(result['srm_broken_flagged'])}  (the test's power at these "
+              f"sizes: {'n/a' if expected is None else f'{expected:.3f}'})",
               f"SRM flagged, untouched:           {rate(result['srm_false_alarm'])}  (should be ~0)"]
     return "\n".join(lines)
