@@ -34,7 +34,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NotRequired
 
 import numpy as np
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from pydantic import (
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    with_config,
+)
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from recsys.types import BEHAVIOR_CODE
@@ -89,10 +97,25 @@ EXPLORE = TypeAdapter(Explore)
 
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+def _scalar(value: Any) -> str | bool | int | float:
+    """One validator for an attribute's value (a union of four types would report four errors,
+    each under a path that is not in the body)."""
+    if isinstance(value, str) and len(value) > 256:
+        raise ValueError(f"expected a string of at most 256 characters, got one of {len(value)}")
+    if isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise ValueError(f"expected a string, a finite number or a boolean, got {show(value)}")
+
+
 #: A user attribute for an experiment's targeting (serving/ab.py): a short name and a scalar.
-Attributes = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)],
-                            str | bool | int | Annotated[float, Field(allow_inf_nan=False)]],
-                       Field(max_length=32)]
+Attributes = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=64)],
+         Annotated[Any, PlainValidator(_scalar),
+                   WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 256}, {"type": "number"},
+                                             {"type": "boolean"}]})]],
+    Field(max_length=32)]
 
 
 @with_config(_STRICT)
@@ -388,6 +411,8 @@ def _describe(e: dict[str, Any]) -> str:
         return f"{path}: expected a JSON object{got}"
     if kind == "list_type":
         return f"{path}: expected a list{got}"
+    if kind == "value_error":  # our validators' messages carry what they got
+        return f"{path}: {str(e.get('msg', kind)).removeprefix('Value error, ')}"
     return f"{path}: {e.get('msg', kind)}{got}"
 
 
