@@ -273,7 +273,7 @@ def _leaky_copy(log: Path, experiment: str, dest: Path, *, leak: float, seed: in
     for stream, frame, schema in (("exposures", exp, EXPOSURE_SCHEMA), ("feedback", fb, FEEDBACK_SCHEMA)):
         if frame is None or frame.is_empty():
             continue
-        frame = frame.with_columns(arm=pl.when(pl.col("user_id").is_in(leaked) & (pl.col("arm") == "treatment"))
+        frame = frame.with_columns(arm=pl.when(pl.col("user_id").is_in(leaked.implode()) & (pl.col("arm") == "treatment"))
                                    .then(pl.lit("control")).otherwise(pl.col("arm")))
         for (day,), part in frame.group_by("date"):
             where = partition_dir(dest, stream, int(dt.datetime.combine(day, dt.time(), dt.UTC).timestamp()), experiment)

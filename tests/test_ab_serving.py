@@ -394,3 +394,19 @@ def test_feedback_for_a_request_older_than_the_window_is_404(export, requests, t
     r = run_cli("serve", "--export", str(export), "--no-state", "--experiments", str(path),
                 "--ab-feedback-requests", "0")
     assert r.returncode == 2 and "--ab-feedback-requests must be >= 1, got 0" in r.stderr
+
+
+def test_two_layers_that_change_the_same_thing_are_refused(export, tmp_path):
+    """Orthogonal layers must change different things: a user in both would need two policies."""
+    from models.export import load_export
+    from serving.scorer import Scorer
+
+    scorer = Scorer(load_export(export))
+    other = {**RANKING, "name": "other", "layer": "elsewhere"}
+    paths = [write_config(tmp_path / "a.yaml", RANKING), write_config(tmp_path / "b.yaml", other)]
+    with pytest.raises(ConfigError, match="'ranking' .* and 'other' .* both change the ranking policy while both run"):
+        ABRouter.load(scorer, paths, log_dir=None)
+    # one after the other in time: accepted
+    write_config(paths[0], {**RANKING, "end": "2001-01-01T00:00:00Z"})
+    write_config(paths[1], {**other, "start": "2001-01-01T00:00:00Z"})
+    ABRouter.load(scorer, paths, log_dir=None).close()
