@@ -905,15 +905,20 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
                              "--max-history": args.max_history}, run, format_bench_load)
 
 
+def _sim_config(args: argparse.Namespace, schema: type, default: str) -> Any:
+    """A simulation config: ``--config`` (default ``configs/sim/DEFAULT``) with ``--set``."""
+    path = args.config or config_dir() / "sim" / default
+    if not Path(path).is_file():
+        raise RecsysError(f"simulation config {path} not found (configs: {config_dir() / 'sim'})")
+    return load_config(schema, path, args.overrides)
+
+
 def _cmd_simulate_explore(args: argparse.Namespace) -> int:
     from pipelines.explore import format_explore, simulate_explore
     from recsys.io import check_output_dir
     from recsys.sim_schemas import ExploreSimConfig
 
-    path = args.config or config_dir() / "sim" / "explore.yaml"
-    if not Path(path).is_file():
-        raise RecsysError(f"simulation config {path} not found (configs: {config_dir() / 'sim'})")
-    cfg = load_config(ExploreSimConfig, path, args.overrides)
+    cfg = _sim_config(args, ExploreSimConfig, "explore.yaml")
     out = args.out or Path("out/explore") / cfg.name
     check_output_dir(out, overwrite=args.overwrite)
     result = simulate_explore(cfg, config_dir=config_dir(), out=out, overwrite=args.overwrite)
@@ -928,10 +933,7 @@ def _cmd_simulate_ab(args: argparse.Namespace) -> int:
     from pipelines.sim_ab import format_ab_sim, simulate_ab
     from recsys.sim_schemas import AbSimConfig
 
-    path = args.config or config_dir() / "sim" / "ab.yaml"
-    if not Path(path).is_file():
-        raise RecsysError(f"simulation config {path} not found (configs: {config_dir() / 'sim'})")
-    cfg = load_config(AbSimConfig, path, args.overrides)
+    cfg = _sim_config(args, AbSimConfig, "ab.yaml")
     out = args.out or Path("out/ab_sim") / cfg.name
     result = simulate_ab(cfg, config_dir=config_dir(), out=out, overwrite=args.overwrite)
     if args.json:
