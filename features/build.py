@@ -40,7 +40,13 @@ import yaml
 from features.category_index import FILE_NAME as CATEGORY_INDEX
 from features.category_index import CategoryIndex
 from features.history import HistoryStore, write_history
-from features.requests import SPLITS, requests_from_impressions, sampled_requests, split_by_time
+from features.requests import (
+    SPLITS,
+    list_series,
+    requests_from_impressions,
+    sampled_requests,
+    split_by_time,
+)
 from features.sources import SourceData, most_frequent_category, read_source
 from features.validate import write_rejects
 from features.vocab import Vocab
@@ -51,7 +57,7 @@ from recsys.io import atomic_output_dir, check_output_dir, write_json
 from recsys.metrics import auc
 from recsys.progress import Steps, note
 from recsys.schemas import BuildConfig
-from recsys.types import BEHAVIORS
+from recsys.types import BEHAVIORS, OOV_INDEX
 
 ITEM_FEATURES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
@@ -82,20 +88,14 @@ def build(
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with timer("vocabularies"):
-            vocabs = fit_vocabs(src, cfg)
-            (tmp / "vocab").mkdir()
-            for v in vocabs.values():
-                v.save(tmp / "vocab")
+            vocabs = fit_vocabs(src, cfg)  # the whole span: where the time cut is comes from the requests
             items = item_table(src, vocabs)
             users = user_table(src, vocabs)
         with timer("history"):
             (tmp / "history").mkdir()
             events = build_history(src.events.lazy(), vocabs, tmp / "history" / "history.arrow")
             store = HistoryStore.open(tmp / "history" / "history.arrow")
-            CategoryIndex.build(store, num_categories=vocabs["category_id"].size).write(tmp / "history" / CATEGORY_INDEX)
             users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
-            items.write_parquet(tmp / "items.parquet")
-            users.write_parquet(tmp / "users.parquet")
         with timer("requests"), _naming_the_source(src):
             item_cols = [c for c in items.columns if c not in ("item", "item_id")]
             if src.impressions is not None:
@@ -117,6 +117,18 @@ def build(
                      "item", *item_cols, "position", "label", "true_prob"]
             requests = requests.select(order)
             parts, cuts = split_by_time(requests, cfg.split)
+        if cfg.vocab.fit_on == "train":
+            with timer("training-span vocabularies"):
+                vocabs, items, parts = _refit_on_training_span(src, cfg, vocabs, events, parts, cuts["valid_from"],
+                                                               tmp / "history" / "history.arrow")
+                store = HistoryStore.open(tmp / "history" / "history.arrow")
+        with timer("write"):
+            (tmp / "vocab").mkdir()
+            for v in vocabs.values():
+                v.save(tmp / "vocab")
+            CategoryIndex.build(store, num_categories=vocabs["category_id"].size).write(tmp / "history" / CATEGORY_INDEX)
+            items.write_parquet(tmp / "items.parquet")
+            users.write_parquet(tmp / "users.parquet")
             (tmp / "requests").mkdir()
             for name, part in parts.items():
                 part.write_parquet(tmp / "requests" / f"{name}.parquet", compression="zstd")
@@ -172,26 +184,87 @@ def _why_no_events(src: SourceData) -> str:
 # Vocabularies and tables
 
 
-def fit_vocabs(src: SourceData, cfg: BuildConfig) -> dict[str, Vocab]:
-    """user_id, item_id, category_id always; brand_id, price_bucket, segment, age_bucket where present."""
+def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None) -> dict[str, Vocab]:
+    """user_id, item_id, category_id always; brand_id, price_bucket, segment, age_bucket where present.
+
+    ``before`` (unix seconds) fits the item, category and brand vocabularies, and their frequency
+    thresholds, on what was seen before that time only: events and impressions before it, and the
+    catalog rows of the items seen then. Users, profile values and price buckets are always fit on
+    the whole source: the user vocabulary keys the history store, the others are static attributes.
+    """
     mc = cfg.vocab.min_count
 
     def ids(column: str, *frames: pl.DataFrame | None) -> pl.Series:
         return pl.concat([f[column] for f in frames if f is not None and column in f.columns])
 
+    events, impressions, catalog = src.events, src.impressions, src.items
+    if before is not None:
+        events = events.filter(pl.col("timestamp") < before)
+        impressions = None if impressions is None else impressions.filter(pl.col("timestamp") < before)
+    item_vocab = Vocab.fit("item_id", ids("item_id", events, impressions), min_count=mc.item_id)
+    if before is not None and catalog is not None:
+        catalog = catalog.filter(pl.col("item_id").is_in(item_vocab.table["raw"].slice(1).implode()))
     vocabs = {
         "user_id": Vocab.fit("user_id", ids("user_id", src.events, src.impressions, src.users)),
-        "item_id": Vocab.fit("item_id", ids("item_id", src.events, src.impressions), min_count=mc.item_id),
-        "category_id": Vocab.fit("category_id", ids("category_id", src.events, src.items), min_count=mc.category_id),
+        "item_id": item_vocab,
+        "category_id": Vocab.fit("category_id", ids("category_id", events, catalog), min_count=mc.category_id),
     }
-    if src.items is not None and "brand_id" in src.items.columns:
-        vocabs["brand_id"] = Vocab.fit("brand_id", src.items["brand_id"], min_count=mc.brand_id)
+    if catalog is not None and "brand_id" in catalog.columns:
+        vocabs["brand_id"] = Vocab.fit("brand_id", catalog["brand_id"], min_count=mc.brand_id)
     if src.items is not None and "price_bucket" in src.items.columns:
         vocabs["price_bucket"] = Vocab.fit("price_bucket", src.items["price_bucket"])
     if src.users is not None:
         for column in PROFILE_FEATURES:
             vocabs[column] = Vocab.fit(column, src.users[column])
     return vocabs
+
+
+# Vocabularies refit on the training span, and the columns whose indices they change.
+REFIT = {"item_id": ("item",), "category_id": ("category",), "brand_id": ("brand",)}
+
+
+def _refit_on_training_span(
+    src: SourceData, cfg: BuildConfig, whole: dict[str, Vocab], events: pl.DataFrame,
+    parts: dict[str, pl.DataFrame], valid_from: int, history: Path,
+) -> tuple[dict[str, Vocab], pl.DataFrame, dict[str, pl.DataFrame]]:
+    """Refit the item, category and brand vocabularies on the training span (before ``valid_from``)
+    and move every index the whole-span ones wrote to the new ones: the history store (rewritten at
+    ``history``), the requests' candidate lists and the item table. An id first seen in the valid or
+    test span, or seen too rarely before it, maps to the out-of-vocabulary row.
+
+    Returns:
+        The vocabularies, the item table and the request splits, re-indexed.
+    """
+    vocabs = fit_vocabs(src, cfg, before=valid_from)
+    remap = {name: _index_map(whole[name], vocabs[name]) for name in REFIT if name in vocabs}
+    write_history(
+        history,
+        num_users=vocabs["user_id"].size,
+        user=events["user"].to_numpy(),
+        item=remap["item_id"][events["item"].to_numpy()],
+        category=remap["category_id"][events["category"].to_numpy()],
+        behavior=events["behavior"].to_numpy(),
+        timestamp=events["timestamp"].to_numpy(),
+        presorted=True,
+    )
+    columns = {c: remap[name] for name, cols in REFIT.items() if name in remap for c in cols}
+    parts = {s: _remap_lists(p, {c: m for c, m in columns.items() if c in p.columns}) for s, p in parts.items()}
+    return vocabs, item_table(src, vocabs), parts
+
+
+def _index_map(old: Vocab, new: Vocab) -> np.ndarray:
+    """[old.size] the new index of each old index (OOV where the new vocabulary lacks the id)."""
+    return new.encode(old.table["raw"]).fill_null(OOV_INDEX).to_numpy().astype(np.int32)
+
+
+def _remap_lists(df: pl.DataFrame, maps: dict[str, np.ndarray]) -> pl.DataFrame:
+    """``df`` with each list column in ``maps`` mapped element-wise through its index array."""
+    out = {}
+    for c, m in maps.items():
+        flat = df[c].explode().to_numpy()
+        offsets = np.concatenate([[0], df[c].list.len().cum_sum().to_numpy()]).astype(np.int64)
+        out[c] = list_series(c, m[flat], offsets, df.schema[c].inner)
+    return df.with_columns(**out)
 
 
 def item_table(src: SourceData, vocabs: dict[str, Vocab]) -> pl.DataFrame:
@@ -292,6 +365,9 @@ def make_report(
         "requests": {s: parts[s].height for s in SPLITS},
         "candidates": {s: int(parts[s]["item"].list.len().sum() or 0) for s in SPLITS},
         "positives": {s: int(parts[s]["label"].list.sum().sum() or 0) for s in SPLITS},
+        "candidates_out_of_vocabulary": {  # new items in valid and test when vocab.fit_on is train
+            s: int((parts[s]["item"].explode() == OOV_INDEX).sum() or 0) for s in SPLITS
+        },
         "split": {"valid_from": _iso(cuts["valid_from"]), "test_from": _iso(cuts["test_from"])},
         "history_length": {
             "per_user": _quantiles(store.lengths()[1:]),

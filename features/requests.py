@@ -72,11 +72,11 @@ def _with_item_features(requests: pl.DataFrame, items: pl.DataFrame, columns: li
     out = {}
     for c in columns:
         values = items[c].to_numpy()[flat]
-        out[c] = _list_series(c, values, offsets, pl.Int32)
+        out[c] = list_series(c, values, offsets, pl.Int32)
     return requests.with_columns(**out)
 
 
-def _list_series(name: str, values: np.ndarray, offsets: np.ndarray, dtype: pl.DataType) -> pl.Series:
+def list_series(name: str, values: np.ndarray, offsets: np.ndarray, dtype: pl.DataType) -> pl.Series:
     """A list column from flat values and offsets [n+1] (zero-copy into Arrow)."""
     arr = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
     return pl.Series(name, arr).cast(pl.List(dtype))
@@ -116,9 +116,9 @@ def sampled_requests(
     requests = pos.select(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("request_id"), "user", "user_id", "timestamp", "hist_len"
     ).with_columns(
-        _list_series("item", cands.ravel(), offsets, pl.Int32),
-        _list_series("position", np.full(n * (1 + k), -1), offsets, pl.Int32),
-        _list_series("label", labels.ravel(), offsets, pl.Int8),
+        list_series("item", cands.ravel(), offsets, pl.Int32),
+        list_series("position", np.full(n * (1 + k), -1), offsets, pl.Int32),
+        list_series("label", labels.ravel(), offsets, pl.Int8),
         pl.lit(None, pl.List(pl.Float32)).alias("true_prob"),
     )
     return _with_item_features(requests, items, item_columns)

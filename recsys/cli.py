@@ -1014,11 +1014,15 @@ def format_report(r: dict[str, Any]) -> str:
     for reason, n in r.get("rejects_by_reason", {}).items():
         lines.append(f"      {n:>8,}  {reason}")
     lines.append(f"  users {r['users']:,}   items {r['items']:,}   categories {r['categories']:,}   events {r['events']:,}")
-    lines.append("  split       requests   candidates   positives   rate" + ("    oracle AUC" if "oracle_auc" in r else ""))
+    oov = r.get("candidates_out_of_vocabulary")  # absent from reports written before issue 19
+    lines.append("  split       requests   candidates   positives   rate" + ("   unknown items" if oov else "")
+                 + ("    oracle AUC" if "oracle_auc" in r else ""))
     for s, n in r["requests"].items():
         c, p = r["candidates"][s], r["positives"][s]
         rate = f"{p / c:.4f}" if c else "   -  "
         row = f"  {s:<9} {n:>10,} {c:>12,} {p:>11,}   {rate}"
+        if oov:
+            row += f"   {oov[s] / c:>12.2%}" if c else f"   {'-':>12}"
         if "oracle_auc" in r:
             auc = r["oracle_auc"][s]
             row += f"    {auc:.4f}" if auc is not None else "    -"

@@ -200,6 +200,12 @@ class MinCountConfig(Schema):
 
 class VocabConfig(Schema):
     min_count: MinCountConfig = Field(default_factory=MinCountConfig)
+    fit_on: Literal["train", "all"] = Field(
+        "train", description="train: the item, category and brand vocabularies and their min_count are fit on the "
+        "training span only (before the valid split), so an id first seen later maps to the out-of-vocabulary "
+        "row, as it would for a model trained on the past; all: on the whole source, valid and test included "
+        "(the behaviour before issue 19, a leak of future frequency when a min_count is above 1)",
+    )
 
 
 class SplitConfig(Schema):

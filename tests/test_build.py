@@ -47,7 +47,7 @@ def test_vocabularies_have_an_oov_row_and_frequency_order(tiny_data):
 
 
 def test_min_count_sends_rare_ids_to_oov(tiny_world, tmp_path):
-    cfg = load_config(BuildConfig, overrides=["vocab.min_count.item_id=5"])
+    cfg = load_config(BuildConfig, overrides=["vocab.min_count.item_id=5", "vocab.fit_on=all"])
     build(f"synth:{tiny_world}", tmp_path / "d", cfg)
     v = Vocab.load(tmp_path / "d" / "vocab", "item_id")
     assert (v.table["count"][1:] >= 5).all() and v.table["count"][0] > 0
@@ -61,6 +61,45 @@ def test_min_count_sends_rare_ids_to_oov(tiny_world, tmp_path):
     assert (store.item == OOV_INDEX).sum() == events.filter(pl.col("item_id").is_in(list(rare))).height
     items = req["item"].explode().to_list()
     assert all(raw_of[i] not in rare for i in items if i != OOV_INDEX)
+
+
+def test_vocabularies_are_fit_on_the_training_span_only(tiny_world, tmp_path):
+    cfg = load_config(BuildConfig, overrides=["vocab.min_count.item_id=2"])
+    build(f"synth:{tiny_world}", tmp_path / "d", cfg)
+    data = tmp_path / "d"
+    valid_from = json.loads((data / "dataset.json").read_text())["split"]["valid_from"]
+    events = pl.read_parquet(tiny_world / "events.parquet")
+    imp = pl.read_parquet(tiny_world / "impressions.parquet")
+    seen = pl.concat([f.select("item_id", "timestamp") for f in (events, imp)]).filter(pl.col("timestamp") < valid_from)
+    counts = seen["item_id"].value_counts()
+    v = Vocab.load(data / "vocab", "item_id")
+    assert set(v.table["raw"][1:]) == set(counts.filter(pl.col("count") >= 2)["item_id"])
+    # the frequency threshold counts the training span: some ids pass it only with valid and test
+    everywhere = pl.concat([events["item_id"], imp["item_id"]]).value_counts()
+    assert everywhere.filter(pl.col("count") >= 2).height > v.size - 1
+
+    # an item seen only in the test span is the out-of-vocabulary row everywhere it appears
+    test = pl.read_parquet(data / "requests" / "test.parquet")
+    shown = test.select("request_id", "item", "category", "position").explode("item", "category", "position").join(
+        imp.select("request_id", "position", "item_id"), on=["request_id", "position"]).join(
+        pl.read_parquet(tiny_world / "items.parquet").select("item_id", "category_id"), on="item_id")
+    assert shown.height == test["item"].list.len().sum()
+    new = shown.filter(~pl.col("item_id").is_in(seen["item_id"].unique().implode()))
+    assert new.height > 0 and (new["item"] == OOV_INDEX).all()
+    old = shown.filter(pl.col("item_id").is_in(v.table["raw"].slice(1).implode()))
+    assert (old["item"] != OOV_INDEX).all()
+    # ... and keeps the category the catalog gives it, where that category was seen before
+    cats = Vocab.load(data / "vocab", "category_id")
+    assert np.array_equal(new["category"].to_numpy(), cats.encode(new["category_id"]).to_numpy())
+    assert (new["category"] != OOV_INDEX).any()
+    store = HistoryStore.open(data / "history" / "history.arrow")
+    unknown = events.filter(~pl.col("item_id").is_in(v.table["raw"].slice(1).implode()))
+    assert unknown.height > 0 and (store.item == OOV_INDEX).sum() == unknown.height
+    report = json.loads((data / "report.json").read_text())
+    for split in ("train", "valid", "test"):
+        part = pl.read_parquet(data / "requests" / f"{split}.parquet")
+        assert report["candidates_out_of_vocabulary"][split] == (part["item"].explode() == OOV_INDEX).sum()
+    assert report["candidates_out_of_vocabulary"]["test"] >= new.height
 
 
 def test_requests_match_the_impressions(tiny_world, tiny_data):

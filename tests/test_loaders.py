@@ -25,6 +25,10 @@ from tests.conftest import run_cli, shared_file
 SPLITS = ("train", "valid", "test")
 
 
+# Every id of the file in the vocabularies, to check the loader's mapping of each line (the default
+# fits them on the training span, so an id first seen in valid or test is OOV: tests/test_build.py).
+WHOLE_SPAN = ("--set", "vocab.fit_on=all")
+
 def built(out) -> tuple[pl.DataFrame, HistoryStore, dict[str, dict]]:
     """All requests (with raw ids of candidates), the history store and raw_of[vocab][index]."""
     raw_of = {}
@@ -78,7 +82,7 @@ def test_paddlerec_sample_builds_end_to_end(tmp_path):
     events = sum(len(h.split()) for h, _ in pseudo_users)
 
     out = tmp_path / "d"
-    result = run_cli("--quiet", "data", "build", "--source", f"paddlerec:{path}", "--out", str(out))
+    result = run_cli("--quiet", "data", "build", "--source", f"paddlerec:{path}", "--out", str(out), *WHOLE_SPAN)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["rows_read"] == {"lines": len(lines)} and report["rows_rejected"] == 0
@@ -371,7 +375,7 @@ def test_alimama_sample_builds_end_to_end(tmp_path):
     decile = {item: prices.index(p) * 10 // len(prices) for item, p in first_price.items()}
 
     out = tmp_path / "d"
-    result = run_cli("--quiet", "data", "build", "--source", f"alimama:{path}", "--out", str(out))
+    result = run_cli("--quiet", "data", "build", "--source", f"alimama:{path}", "--out", str(out), *WHOLE_SPAN)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["rows_read"] == {"lines": len(rows)} and report["rows_rejected"] == 0

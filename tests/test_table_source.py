@@ -92,7 +92,8 @@ def test_a_parquet_log_builds_events_vocabularies_items_and_sampled_requests(tmp
     log = logs()
     log.write_parquet(tmp_path / "clicks.parquet")
     out = tmp_path / "out"
-    r = cli_build(tmp_path / "clicks.parquet", write_mapping(tmp_path, MAPPING), out)
+    # the whole log in the vocabularies (the default fits them on the training span: test_build.py)
+    r = cli_build(tmp_path / "clicks.parquet", write_mapping(tmp_path, MAPPING), out, "--set", "vocab.fit_on=all")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert (report["rows_read"], report["rows_rejected"]) == ({"events": log.height}, 0)
@@ -445,7 +446,7 @@ def test_items_and_users_tables_give_the_item_attributes_profiles_and_vocabulari
     table = profiles(log)
     table.write_parquet(tmp_path / "profiles.parquet")
     out = tmp_path / "out"
-    r = cli_build(tmp_path / "events.parquet", write_mapping(tmp_path, CATALOG_MAPPING), out)
+    r = cli_build(tmp_path / "events.parquet", write_mapping(tmp_path, CATALOG_MAPPING), out, "--set", "vocab.fit_on=all")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert (report["rows_read"], report["rows_rejected"]) == (
