@@ -18,6 +18,9 @@ Two stages per candidate a over a request's whole history B = [b_1 .. b_T] (PAPE
     trailing partial chunk (which has no summary yet): O(n/k + chunks C) per candidate instead of
     O(n). W_s learns to rank chunks as their events' soft scores do: KL(softmax_j(t_j) || softmax_j(g_j))
     with t_j = logsumexp of r_i over chunk j (teacher detached), weighted by ``guide_weight``.
+    When the KSA block runs its ``full`` kernel (KSA self-distillation's teacher, models/ksa.py),
+    it encodes no summaries, so nothing guides the search: it is then the ``soft`` search, exact
+    over the whole history, which the guided search approximates (and no guide loss).
 
 * Exact Search Unit (ESU), Eqs. 3-4: z_j = [e_item | e_category | e_behaviour | e_t] for each selected
   behaviour, e_t the embedding of the time interval between the request and the behaviour;
@@ -258,7 +261,9 @@ class SIMBlock(nn.Module):
         sel = torch.full((len(query), self.k), -1, dtype=torch.int64, device=dev)
         train_aux = self.training and self.cfg.aux_weight > 0
         aux_u = query.new_zeros(len(query), e.shape[1]) if train_aux else None
-        guide = self._guide_inputs(emb, lengths) if self.mode == "ksa" else None
+        # the KSA block's full kernel (the distillation teacher) has no summaries to guide a search
+        exact = self.mode == "soft" or self._ksa[0].kernel == "full"
+        guide = None if exact else self._guide_inputs(emb, lengths)
         guide_losses = []
         for grp in request_groups(len_np, per_np, self.cfg.score_budget) if len(e) else []:  # no history: nothing to search
             g = torch.as_tensor(grp, device=dev)
@@ -274,12 +279,12 @@ class SIMBlock(nn.Module):
             q = qp.new_zeros(len(g), mw, qp.shape[1]).index_put((gi, si), qp[cands])  # [n, Mg, d']
             valid = ev >= 0  # [n, Lg]
             k_pad = kp[ev.clamp(min=0)] * valid[..., None]  # [n, Lg, d']
-            need_full = self.mode == "soft" or train_aux or (self.training and self.cfg.guide_weight > 0) or self.measure_recall
+            need_full = exact or train_aux or (self.training and self.cfg.guide_weight > 0) or self.measure_recall
             r = torch.bmm(q, k_pad.transpose(1, 2)) if need_full else None  # [n, Mg, Lg]
             if train_aux:  # Eq. 2: U_r = sum_i r_i e_i (padding has r_i = 0)
                 e_pad = e[ev.clamp(min=0)] * valid[..., None]  # [n, Lg, 2D]
                 aux_u[cands] = torch.bmm(r, e_pad)[gi, si]
-            if self.mode == "soft":
+            if exact:
                 top = self._top_k(r.detach(), valid[:, None, :].expand_as(r), ev[:, None, :].expand_as(r))
             else:
                 top, loss = self._guided(guide, g, glen, q, k_pad, ev, r, gi, si)

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from features.history import HistoryStore
 from models.batch import FeatureSpec, batch_from_requests
@@ -18,6 +19,7 @@ from recsys.model_schemas import RunConfig
 from tests.conftest import ROOT, run_cli
 
 KSA = ROOT / "configs" / "models" / "ksa.yaml"
+SIM_KSA = ROOT / "configs" / "models" / "sim_ksa.yaml"
 #: A KSA model small enough to train on the tiny world in seconds.
 SMALL = ["model.embedding.dim=8", "model.din.max_len=20", "model.ksa.d_model=16", "model.ksa.heads=2",
          "model.ksa.window=2", "model.head.hidden=[32,16]"]
@@ -76,6 +78,57 @@ def test_distillation_warm_up_trains_summary_parameters_only(tiny_data):
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("embeddings.") for n in changed) and any("readout" in n for n in changed)
+
+
+def test_distillation_trains_a_model_with_the_ksa_guided_sim_search(tiny_data):
+    """The full-attention teacher has no summaries to guide SIM's search: it searches exactly (soft)."""
+    from pipelines.train import Distiller
+
+    dc = "model.ksa.distill"
+    cfg = load_config(RunConfig, SIM_KSA, [*SMALL, "model.sim.k=10", "model.sim.guide_chunks=1",
+                                           f"{dc}.enabled=true", f"{dc}.summary_steps=0"])
+    spec = _spec(tiny_data)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, spec).train()
+    store = HistoryStore.open(tiny_data / "history" / "history.arrow")
+    table = pq.read_table(tiny_data / "requests" / "train.parquet").slice(0, 16)
+    batch = batch_from_requests(spec, table, store, max_history=None)
+    hoff = model.embeddings(batch).hist_offsets
+    assert int((hoff[1:] - hoff[:-1]).max()) > 3 * 8  # past one guided chunk and the raw window
+    sim, ksa = model.blocks["sim"], model.blocks["ksa"]
+    ksa.kernel = "full"
+    with torch.no_grad():  # the teacher's forward alone: its search is the soft search
+        teacher = model(batch)
+        teacher_att = [a.clone() for a in ksa.last.attention]
+        sim.mode = "soft"
+        torch.testing.assert_close(model(batch), teacher, atol=0, rtol=0)
+        sim.mode = "ksa"
+    ksa.kernel = cfg.model.ksa.kernel
+    loss = Distiller.of(model, cfg).step(model, batch, torch.nn.BCEWithLogitsLoss(), step=0)
+    assert torch.isfinite(loss) and (ksa.kernel, ksa.record) == (cfg.model.ksa.kernel, True)  # restored for SIM
+    assert sim.w_s.weight.grad.abs().sum() > 0  # the guide loss still trains the summary projection
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    dcfg = cfg.model.ksa.distill
+
+    def grads(kl_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The documented loss BCE + SIM's aux + kl KL(teacher || student) + mse MSE(attention), and its gradients."""
+        model.zero_grad()
+        logits = model(batch)
+        p_t, log_s, log_1s = torch.sigmoid(teacher), F.logsigmoid(logits), F.logsigmoid(-logits)
+        kl = (p_t * (p_t.log() - log_s) + (1 - p_t) * ((1 - p_t).log() - log_1s)).mean()
+        mse = torch.stack([((s - t) ** 2).clamp(max=dcfg.clamp).mean() for s, t in zip(ksa.last.attention, teacher_att, strict=True)]).mean()
+        total = F.binary_cross_entropy_with_logits(logits, batch.labels) + model.aux_loss(batch.labels) + kl_weight * kl + dcfg.mse * mse
+        total.backward()
+        return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = grads(dcfg.kl)
+    torch.testing.assert_close(loss.detach(), want_loss, atol=1e-6, rtol=1e-6)
+    assert got.keys() == want.keys()
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+    # the teacher's KL reaches the student: without it the head's gradient differs, by over 10x the tolerance above
+    _, without_kl = grads(0.0)
+    assert (got["head.layers.4.weight"] - without_kl["head.layers.4.weight"]).abs().max() > 1e-5
 
 
 def test_the_teacher_is_full_attention_over_the_same_layers():
