@@ -46,6 +46,7 @@ from features.requests import (
     requests_from_impressions,
     sampled_requests,
     split_by_time,
+    with_item_features,
 )
 from features.sources import SourceData, most_frequent_category, read_source
 from features.validate import write_rejects
@@ -219,8 +220,8 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None) 
     return vocabs
 
 
-# Vocabularies refit on the training span, and the columns whose indices they change.
-REFIT = {"item_id": ("item",), "category_id": ("category",), "brand_id": ("brand",)}
+# Vocabularies refit on the training span.
+REFIT = ("item_id", "category_id", "brand_id")
 
 
 def _refit_on_training_span(
@@ -229,8 +230,9 @@ def _refit_on_training_span(
 ) -> tuple[dict[str, Vocab], pl.DataFrame, dict[str, pl.DataFrame]]:
     """Refit the item, category and brand vocabularies on the training span (before ``valid_from``)
     and move every index the whole-span ones wrote to the new ones: the history store (rewritten at
-    ``history``), the requests' candidate lists and the item table. An id first seen in the valid or
-    test span, or seen too rarely before it, maps to the out-of-vocabulary row.
+    ``history``), the item table and the requests' candidates, whose features come from the new
+    item table. An id first seen in the valid or test span, or seen too rarely before it, maps to
+    the out-of-vocabulary row.
 
     Returns:
         The vocabularies, the item table and the request splits, re-indexed.
@@ -247,9 +249,13 @@ def _refit_on_training_span(
         timestamp=events["timestamp"].to_numpy(),
         presorted=True,
     )
-    columns = {c: remap[name] for name, cols in REFIT.items() if name in remap for c in cols}
-    parts = {s: _remap_lists(p, {c: m for c, m in columns.items() if c in p.columns}) for s, p in parts.items()}
-    return vocabs, item_table(src, vocabs), parts
+    # the candidates' features are gathered again from the new item table, as the scorer does (an
+    # item outside the vocabulary has the OOV row's; a client that knows more sends it per candidate)
+    items = item_table(src, vocabs)
+    item_cols = [c for c in items.columns if c not in ("item", "item_id")]
+    parts = {s: with_item_features(_remap_lists(p, {"item": remap["item_id"]}), items, item_cols)
+             for s, p in parts.items()}
+    return vocabs, items, parts
 
 
 def _index_map(old: Vocab, new: Vocab) -> np.ndarray:

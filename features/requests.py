@@ -59,12 +59,12 @@ def requests_from_impressions(
 ) -> pl.DataFrame:
     """Requests from encoded impressions (``user``, ``item`` indices; raw ``user_id`` kept)."""
     requests = impressions.pipe(group_impressions).collect()
-    requests = _with_item_features(requests, items, item_columns)
+    requests = with_item_features(requests, items, item_columns)
     hist_len = store.cutoff_lengths(requests["user"].to_numpy(), requests["timestamp"].to_numpy())
     return requests.with_columns(hist_len=pl.Series(hist_len, dtype=pl.Int32))
 
 
-def _with_item_features(requests: pl.DataFrame, items: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+def with_item_features(requests: pl.DataFrame, items: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
     """Gather item feature lists by index with one numpy take per feature (no per-row Python)."""
     flat = requests["item"].explode().to_numpy()
     offsets = requests["item"].list.len().cum_sum().to_numpy()
@@ -121,7 +121,7 @@ def sampled_requests(
         list_series("label", labels.ravel(), offsets, pl.Int8),
         pl.lit(None, pl.List(pl.Float32)).alias("true_prob"),
     )
-    return _with_item_features(requests, items, item_columns)
+    return with_item_features(requests, items, item_columns)
 
 
 def _sample_negatives(

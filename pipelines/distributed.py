@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -60,6 +61,9 @@ def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[Dis
     fused = {"optimizer": EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], "learning_rate": cfg.embedding_lr}
     if cfg.embedding_optimizer != "sgd":
         fused["eps"] = 1e-8
+    if cfg.embedding_weight_decay:  # rowwise_adagrad only (TrainConfig checks): rows of the batch only
+        fused["weight_decay"] = cfg.embedding_weight_decay
+        fused["weight_decay_mode"] = WeightDecayMode.L2
     sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
     tables = [n.split(".")[-2] for n, _ in model.named_parameters() if n.startswith("embeddings.")]
     constraints = {t: ParameterConstraints(sharding_types=[cfg.sharding]) for t in tables}
@@ -73,7 +77,7 @@ def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[Dis
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=cfg.lr),
+        lambda params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
     )
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
 

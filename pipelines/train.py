@@ -422,11 +422,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                  examples=int(totals[0]), loss=float(totals[1] / max(totals[0], 1)))
             pos.metrics_lines += 1
             _write_resume(run, state, opt_state, pos)
+        stop = torch.tensor([int(rank == 0 and tc.early_stop > 0 and metrics["since_best"] >= tc.early_stop)])
+        dist.broadcast(stop, 0)  # every rank leaves the epoch loop together
         dist.barrier()
         if on_ray:  # [ray] every worker reports once per epoch
             import ray.train
 
             ray.train.report(metrics or {"epoch": epoch})
+        if stop.item():
+            if rank == 0:
+                best = run.info["selected"]["epoch"]
+                run.update_info(early_stop={"epoch": epoch, "best_epoch": best})
+                _log(run, f"[train] early stop after epoch {epoch}: no better valid {tc.select_by.removeprefix('valid_')} "
+                          f"for {tc.early_stop} epoch(s); the model is epoch {best}'s")
+            break
 
 
 def _stop_signal(run: Run) -> str:
@@ -641,7 +650,28 @@ def _end_epoch(run: Run, epoch: int, state: dict[str, torch.Tensor], *, steps: i
     with open(run.path / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
     _log(run, line + f" ({seconds:.1f} s)")
+    metrics["since_best"] = _select_checkpoint(run, epoch)
     return metrics
+
+
+def _select_checkpoint(run: Run, epoch: int) -> int:
+    """Rank 0: point run.json's ``checkpoint`` at the best epoch so far by ``train.select_by``
+    (valid metrics only; the first of equals), record ``selected``; return epochs since the best."""
+    tc = run.config.train
+    lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if x]
+    by = tc.select_by if tc.eval_every_epoch else "last"
+    key = by.removeprefix("valid_")
+    scored = [m for m in lines if by != "last" and (m.get("valid") or {}).get(key) is not None]
+    if not scored:  # no valid metrics (or select_by last): the last epoch
+        best, by, value = lines[-1], "last", None
+    else:
+        sign = 1.0 if key == "logloss" else -1.0  # smaller logloss, larger AUC
+        best = min(scored, key=lambda m: sign * m["valid"][key])
+        value = best["valid"][key]
+    run.update_info(checkpoint=best["checkpoint"], selected={"epoch": best["epoch"], "by": by, "value": value})
+    if best["epoch"] != epoch:
+        _log(run, f"[train] keeping epoch {best['epoch']}'s checkpoint: best {by.replace('_', ' ')} so far ({value:.4f})")
+    return epoch - best["epoch"]
 
 
 def evaluate_split(run: Run, split: str, *, state: dict[str, torch.Tensor] | None = None,

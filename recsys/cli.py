@@ -156,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablation = groups.add_parser(
         "ablation", help="train and evaluate several model configs on the same data, one row each",
         formatter_class=fmt,
-        description="For each NAME in --models: train configs/models/NAME.yaml on --data and evaluate it on\n"
-        "--split; print one row per model (AUC, GAUC, logloss, oracle AUC, parameters, examples/s).",
-        epilog="example: recsys ablation --data out/demo/data --models din --json",
+        description="For each NAME in --models and each seed: train configs/models/NAME.yaml on --data with\n"
+        "train.seed = the seed (the checkpoint chosen on the valid split, train.select_by), evaluate it on\n"
+        "--split, and print one row per run, then per model the mean and 95%% interval of each metric over\n"
+        "the seeds and the paired difference to --baseline (the same seeds). OUT/summary.json has them.",
+        epilog="example: recsys ablation --data out/demo/data --models din,can --seeds 3 --baseline din",
     )
     ablation.add_argument("--data", type=Path, required=True, help="a directory written by `recsys data build`")
     ablation.add_argument("--models", required=True, help="comma-separated model names (configs/models/NAME.yaml)")
@@ -167,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--resume", action="store_true", help="continue a stopped ablation of --out (same --models)")
     ablation.add_argument("--workers", type=int, default=0, help="Ray Train workers per run (default 0: in process)")
     ablation.add_argument("--split", choices=["valid", "test"], default="test", help="default test")
-    ablation.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ablation.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a list such as 0,1,2 (default 3)")
+    ablation.add_argument("--baseline", help="the model the paired differences are taken to (default: the first of --models)")
+    ablation.add_argument("--json", action="store_true", help='print {"rows": [...], "summary": [...]} as JSON')
     ablation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override every model's config, e.g. --set train.epochs=1")
     ablation.set_defaults(handler=_cmd_ablation)
@@ -663,16 +667,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from pipelines.ablation import format_table, run_ablation
+    from pipelines.ablation import (
+        format_summary,
+        format_table,
+        parse_seeds,
+        run_ablation,
+        summarize,
+    )
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise RecsysError("--models needs at least one model name, e.g. --models din")
     if args.overwrite and args.resume:
         raise RecsysError("--overwrite and --resume exclude each other: one replaces the earlier ablation, the other continues it")
+    baseline = args.baseline or models[0]
+    if baseline not in models:
+        raise RecsysError(f"--baseline {baseline} is not one of --models ({', '.join(models)})")
+    models = [baseline, *(m for m in models if m != baseline)]  # the baseline's rows first
     rows = run_ablation(args.data, models, config_dir=config_dir(), out=args.out, workers=args.workers,
-                        split=args.split, overrides=args.overrides, overwrite=args.overwrite, resume=args.resume)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+                        split=args.split, overrides=args.overrides, overwrite=args.overwrite, resume=args.resume,
+                        seeds=parse_seeds(args.seeds))
+    summary = summarize(rows, baseline=baseline)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    else:
+        print(format_table(rows) + "\n\n" + format_summary(summary, args.split))
     return 0
 
 

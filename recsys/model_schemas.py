@@ -336,6 +336,12 @@ class TrainConfig(Schema):
         "rowwise_adagrad", description="fused optimizer of the sharded tables (Adam is GPU-only for them)"
     )
     embedding_lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty of the dense parameters (Adam's weight_decay)")
+    embedding_weight_decay: float = Field(
+        0.0, ge=0, description="L2 penalty of the embedding rows a batch touches, applied by fbgemm's rowwise_adagrad "
+        "(weight_decay_mode L2) to those rows only: the DIN paper's mini-batch aware regularisation, without its "
+        "1/n_j frequency factor (docs/TRAINING.md); rowwise_adagrad only",
+    )
     sharding: ShardingType = Field(
         "table_wise", description="sharding type the planner may use for every table (see docs/TRAINING.md)"
     )
@@ -347,6 +353,15 @@ class TrainConfig(Schema):
     )
     log_every: int = Field(20, ge=1, description="progress line every this many steps")
     eval_every_epoch: bool = Field(True, description="valid-split metrics in metrics.jsonl after each epoch")
+    select_by: Literal["valid_logloss", "valid_auc", "last"] = Field(
+        "valid_logloss", description="which epoch's checkpoint the run keeps as its model (run.json `checkpoint`, "
+        "what evaluate and export use): the best by the valid split's logloss or AUC, or the last; the valid "
+        "split only, never test. Without eval_every_epoch there are no valid metrics and the last is kept",
+    )
+    early_stop: int = Field(
+        0, ge=0, description="stop when select_by's valid metric has not improved for this many epochs (0: off; "
+        "needs eval_every_epoch and a select_by other than last)",
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="also save a resumable checkpoint every this many steps within an epoch (0: at epoch "
         "ends only); in process only: Ray Data's order is not reproducible, so a Ray run resumes at an epoch end",
@@ -361,6 +376,17 @@ class TrainConfig(Schema):
         "a CPU run bit-reproducible: with more, fbgemm's embedding backward can sum in an order that depends on "
         "thread timing, which changes the last bits of the weights (docs/TRAINING.md, resuming)",
     )
+
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.embedding_weight_decay and self.embedding_optimizer != "rowwise_adagrad":
+            raise ValueError(f"embedding_weight_decay needs embedding_optimizer rowwise_adagrad (fbgemm applies an L2 "
+                             f"penalty with that optimizer only), not {self.embedding_optimizer}")
+        if self.early_stop and (self.select_by == "last" or not self.eval_every_epoch):
+            raise ValueError("early_stop needs valid metrics to watch: eval_every_epoch true and select_by "
+                             "valid_logloss or valid_auc")
+        return self
 
 
 class RunConfig(Schema):

@@ -88,10 +88,10 @@ def test_vocabularies_are_fit_on_the_training_span_only(tiny_world, tmp_path):
     assert new.height > 0 and (new["item"] == OOV_INDEX).all()
     old = shown.filter(pl.col("item_id").is_in(v.table["raw"].slice(1).implode()))
     assert (old["item"] != OOV_INDEX).all()
-    # ... and keeps the category the catalog gives it, where that category was seen before
+    # ... with the OOV row's features, as the scorer gives it (tests/test_serving.py: eval = served)
+    assert (new["category"] == OOV_INDEX).all()
     cats = Vocab.load(data / "vocab", "category_id")
-    assert np.array_equal(new["category"].to_numpy(), cats.encode(new["category_id"]).to_numpy())
-    assert (new["category"] != OOV_INDEX).any()
+    assert np.array_equal(old["category"].to_numpy(), cats.encode(old["category_id"]).to_numpy())
     store = HistoryStore.open(data / "history" / "history.arrow")
     unknown = events.filter(~pl.col("item_id").is_in(v.table["raw"].slice(1).implode()))
     assert unknown.height > 0 and (store.item == OOV_INDEX).sum() == unknown.height

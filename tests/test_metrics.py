@@ -222,7 +222,7 @@ def test_eval_and_ablation_print_a_dash_for_an_undefined_metric():
     assert "  note: auc and gauc are undefined: the labels have one class (0 clicks in 4 impressions)" in text
     row = {"model": "din", "auc": None, "gauc": None, "logloss": 0.2877, "oracle_auc": None, "parameters": 10,
            "examples_per_s": 5.0}
-    assert format_table([row]).splitlines()[1].split() == ["din", "-", "-", "0.2877", "-", "10", "5.0000"]
+    assert format_table([row]).splitlines()[1].split() == ["din", "-", "-", "-", "-", "0.2877", "-", "-", "10", "5.0000"]
 
 
 def test_rate_interval():

@@ -253,7 +253,7 @@ def test_ctrl_c_during_ray_training_saves_and_exits_130(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_a_killed_ablation_resumes_keeping_its_finished_models(tiny_data, tmp_path):
     out = tmp_path / "abl"
-    sets = [x for s in [*OVERRIDES, "train.epochs=1"] for x in ("--set", s)]
+    sets = ["--seeds", "1", *(x for s in [*OVERRIDES, "train.epochs=1"] for x in ("--set", s))]
     proc = start_cli("ablation", "--data", str(tiny_data), "--models", "din,sim_hard", "--out", str(out), *sets)
 
     def rows_done() -> int:
@@ -269,8 +269,8 @@ def test_a_killed_ablation_resumes_keeping_its_finished_models(tiny_data, tmp_pa
     assert r.returncode == 2 and "--resume: the stopped ablation of" in r.stderr and "has --models din,sim_hard" in r.stderr
     r = run_cli("ablation", "--data", str(tiny_data), "--models", "din,sim_hard", "--out", str(out), "--resume", "--json", *sets)
     assert r.returncode == 0, r.stderr
-    assert "[ablation] din: kept from the stopped ablation" in r.stderr
-    rows = json.loads(r.stdout)
+    assert "[ablation] din seed 0: kept from the stopped ablation" in r.stderr
+    rows = json.loads(r.stdout)["rows"]
     assert [row["model"] for row in rows] == ["din", "sim_hard"]
     assert [json.loads(x)["model"] for x in (out / "rows.jsonl").read_text().splitlines()] == ["din", "sim_hard"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".abl.")]

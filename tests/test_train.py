@@ -122,18 +122,18 @@ def test_train_eval_and_ablation_commands(tiny_data, tmp_path):
     assert served["requests"] == 4 and served["max_abs_diff"] <= 1e-5
 
     r = run_cli("ablation", "--data", str(tiny_data), "--models", "din", "--out", str(tmp_path / "abl"), "--json",
-                "--set", "train.epochs=1", "--set", "model.din.max_len=20")
+                "--seeds", "1", "--set", "train.epochs=1", "--set", "model.din.max_len=20")
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
-    assert [row["model"] for row in rows] == ["din"]
-    assert set(rows[0]) >= {"auc", "gauc", "logloss", "oracle_auc", "parameters", "examples_per_s"}
+    rows = json.loads(r.stdout)["rows"]
+    assert [(row["model"], row["seed"]) for row in rows] == [("din", 0)]
+    assert set(rows[0]) >= {"auc", "gauc", "logloss", "calibration", "oracle_auc", "parameters", "examples_per_s"}
     assert rows[0]["parameters"] > 0
-    assert rows[0]["run"] == str((tmp_path / "abl" / "din").resolve())
+    assert rows[0]["run"] == str((tmp_path / "abl" / "din" / "seed-0").resolve())
 
     # An earlier ablation is not replaced (nor its rows emptied) without --overwrite.
     before = (tmp_path / "abl" / "rows.jsonl").read_text()
     r = run_cli("ablation", "--data", str(tiny_data), "--models", "din", "--out", str(tmp_path / "abl"),
-                "--set", "train.epochs=1", "--set", "model.din.max_len=20")
+                "--seeds", "1", "--set", "train.epochs=1", "--set", "model.din.max_len=20")
     assert r.returncode == 2 and "is not empty; pass --overwrite to replace it" in r.stderr, r.stderr
     assert (tmp_path / "abl" / "rows.jsonl").read_text() == before
 
