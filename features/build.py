@@ -44,9 +44,9 @@ from features.requests import (
     SPLITS,
     list_series,
     requests_from_impressions,
+    sample_negatives,
     sampled_requests,
     split_by_time,
-    with_item_features,
 )
 from features.sources import SourceData, most_frequent_category, read_source
 from features.validate import write_rejects
@@ -98,37 +98,21 @@ def build(
             store = HistoryStore.open(tmp / "history" / "history.arrow")
             users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
         with timer("requests"), _naming_the_source(src):
-            item_cols = [c for c in items.columns if c not in ("item", "item_id")]
-            if src.impressions is not None:
-                imp = src.impressions.lazy().with_columns(
-                    user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
-                )
-                if not has_true_prob(src):
-                    imp = imp.with_columns(true_prob=pl.lit(None, pl.Float32))
-                requests = requests_from_impressions(imp, items, item_cols, store)
-                if not has_true_prob(src):  # null like sampled requests, not a list of nulls
-                    requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
-            else:
-                requests = sampled_requests(events, store, items, item_cols, cfg.sampling)
-            profile_cols = [c for c in users.columns if c in PROFILE_FEATURES.values()]
-            requests = requests.with_columns(
-                **{c: pl.Series(users[c].to_numpy()[requests["user"].to_numpy()], dtype=pl.Int32) for c in profile_cols}
-            )
-            order = ["request_id", "user", "user_id", "timestamp", "hist_len", *profile_cols,
-                     "item", *item_cols, "position", "label", "true_prob"]
-            requests = requests.select(order)
-            parts, cuts = split_by_time(requests, cfg.split)
+            parts, cuts = split_by_time(_requests(src, cfg, vocabs, items, users, events, store), cfg.split)
         if cfg.vocab.fit_on == "train":
-            with timer("training-span vocabularies"):
-                vocabs, items, parts = _refit_on_training_span(src, cfg, vocabs, events, parts, cuts["valid_from"],
-                                                               tmp / "history" / "history.arrow")
+            with timer("training-span vocabularies"), _naming_the_source(src):
+                vocabs, items, catalog, events, parts = _refit_on_training_span(
+                    src, cfg, vocabs, items, events, parts, cuts["valid_from"], tmp / "history" / "history.arrow")
                 store = HistoryStore.open(tmp / "history" / "history.arrow")
+        else:
+            catalog = items.clear().drop("item")
         with timer("write"):
             (tmp / "vocab").mkdir()
             for v in vocabs.values():
                 v.save(tmp / "vocab")
             CategoryIndex.build(store, num_categories=vocabs["category_id"].size).write(tmp / "history" / CATEGORY_INDEX)
             items.write_parquet(tmp / "items.parquet")
+            catalog.write_parquet(tmp / CATALOG)
             users.write_parquet(tmp / "users.parquet")
             (tmp / "requests").mkdir()
             for name, part in parts.items():
@@ -146,6 +130,33 @@ def build(
     if report["rows_rejected"]:
         note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
     return report
+
+
+def _requests(
+    src: SourceData, cfg: BuildConfig, vocabs: dict[str, Vocab], items: pl.DataFrame, users: pl.DataFrame,
+    events: pl.DataFrame, store: HistoryStore,
+) -> pl.DataFrame:
+    """All requests, in the column order of features/requests.py: from the impressions where the
+    source has them, else sampled from the positive events (negatives from ``items``)."""
+    item_cols = [c for c in items.columns if c not in ("item", "item_id")]
+    if src.impressions is not None:
+        imp = src.impressions.lazy().with_columns(
+            user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
+        )
+        if not has_true_prob(src):
+            imp = imp.with_columns(true_prob=pl.lit(None, pl.Float32))
+        requests = requests_from_impressions(imp, items, item_cols, store)
+        if not has_true_prob(src):  # null like sampled requests, not a list of nulls
+            requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
+    else:
+        requests = sampled_requests(events, store, items, item_cols, cfg.sampling)
+    profile_cols = [c for c in users.columns if c in PROFILE_FEATURES.values()]
+    requests = requests.with_columns(
+        **{c: pl.Series(users[c].to_numpy()[requests["user"].to_numpy()], dtype=pl.Int32) for c in profile_cols}
+    )
+    order = ["request_id", "user", "user_id", "timestamp", "hist_len", *profile_cols,
+             "item", *item_cols, "position", "label", "true_prob"]
+    return requests.select(order)
 
 
 def has_true_prob(src: SourceData) -> bool:
@@ -222,40 +233,73 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None) 
 
 # Vocabularies refit on the training span.
 REFIT = ("item_id", "category_id", "brand_id")
+#: Items outside the item vocabulary (first seen after the training span, or below min_count) with
+#: their candidate feature indices: item_id (raw), then the item table's feature columns.
+CATALOG = "catalog.parquet"
 
 
 def _refit_on_training_span(
-    src: SourceData, cfg: BuildConfig, whole: dict[str, Vocab], events: pl.DataFrame,
+    src: SourceData, cfg: BuildConfig, whole: dict[str, Vocab], whole_items: pl.DataFrame, events: pl.DataFrame,
     parts: dict[str, pl.DataFrame], valid_from: int, history: Path,
-) -> tuple[dict[str, Vocab], pl.DataFrame, dict[str, pl.DataFrame]]:
+) -> tuple[dict[str, Vocab], pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, pl.DataFrame]]:
     """Refit the item, category and brand vocabularies on the training span (before ``valid_from``)
     and move every index the whole-span ones wrote to the new ones: the history store (rewritten at
-    ``history``), the item table and the requests' candidates, whose features come from the new
-    item table. An id first seen in the valid or test span, or seen too rarely before it, maps to
-    the out-of-vocabulary row.
+    ``history``), the item table and the requests' candidates. An id first seen in the valid or
+    test span, or seen too rarely before it, maps to the out-of-vocabulary row; an item that does
+    keeps its own category, brand and price bucket where those are known, and is listed with them
+    in the catalog (:data:`CATALOG`), which the scorer reads for items outside the vocabulary. A
+    sampled source's negatives that became row 0 are drawn again from the known items.
 
     Returns:
-        The vocabularies, the item table and the request splits, re-indexed.
+        The vocabularies, the item table, the catalog, the encoded events and the request splits.
     """
     vocabs = fit_vocabs(src, cfg, before=valid_from)
     remap = {name: _index_map(whole[name], vocabs[name]) for name in REFIT if name in vocabs}
+    events = events.with_columns(
+        item=pl.Series(remap["item_id"][events["item"].to_numpy()], dtype=pl.Int32),
+        category=pl.Series(remap["category_id"][events["category"].to_numpy()], dtype=pl.Int32),
+    )
     write_history(
         history,
         num_users=vocabs["user_id"].size,
-        user=events["user"].to_numpy(),
-        item=remap["item_id"][events["item"].to_numpy()],
-        category=remap["category_id"][events["category"].to_numpy()],
-        behavior=events["behavior"].to_numpy(),
-        timestamp=events["timestamp"].to_numpy(),
+        **{c: events[c].to_numpy() for c in ("user", "item", "category", "behavior", "timestamp")},
         presorted=True,
     )
-    # the candidates' features are gathered again from the new item table, as the scorer does (an
-    # item outside the vocabulary has the OOV row's; a client that knows more sends it per candidate)
     items = item_table(src, vocabs)
     item_cols = [c for c in items.columns if c not in ("item", "item_id")]
-    parts = {s: with_item_features(_remap_lists(p, {"item": remap["item_id"]}), items, item_cols)
-             for s, p in parts.items()}
-    return vocabs, items, parts
+    feature_maps = {ITEM_FEATURES[name]: m for name, m in remap.items() if name != "item_id"}
+    unknown = remap["item_id"] == OOV_INDEX
+    unknown[OOV_INDEX] = False
+    catalog = whole_items.filter(pl.Series(unknown)).select(
+        "item_id", *(pl.Series(c, feature_maps[c][whole_items[c].to_numpy()[unknown]], dtype=pl.Int32)
+                     if c in feature_maps else pl.col(c) for c in item_cols))
+    maps = {"item": remap["item_id"], **{c: m for c, m in feature_maps.items() if c in item_cols}}
+    parts = {s: _remap_lists(p, maps) for s, p in parts.items()}
+    if src.impressions is None:
+        rng = np.random.default_rng([cfg.sampling.seed, 1])
+        parts = {s: _redraw_unknown_negatives(p, items, item_cols, cfg.sampling.strategy, rng) for s, p in parts.items()}
+    return vocabs, items, catalog, events, parts
+
+
+def _redraw_unknown_negatives(part: pl.DataFrame, items: pl.DataFrame, item_cols: list[str], strategy: str,
+                              rng: np.random.Generator) -> pl.DataFrame:
+    """Sampled requests: each negative that is the OOV row, drawn again from the known items (as
+    the build draws negatives), with that item's features."""
+    lens = part["item"].list.len().to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    flat = {c: part[c].explode().to_numpy().copy() for c in ("item", *item_cols)}
+    label = part["label"].explode().to_numpy()
+    bad = np.nonzero((flat["item"] == OOV_INDEX) & (label == 0))[0]
+    if len(bad) == 0:
+        return part
+    request = np.repeat(np.arange(part.height), lens)
+    positive = np.zeros(part.height, dtype=np.int64)
+    positive[request[label == 1]] = flat["item"][label == 1]
+    drawn = sample_negatives(positive[request[bad]], items["category"].to_numpy(), 1, strategy, rng)[:, 0]
+    flat["item"][bad] = drawn
+    for c in item_cols:
+        flat[c][bad] = items[c].to_numpy()[drawn]
+    return part.with_columns(**{c: list_series(c, v, offsets, part.schema[c].inner) for c, v in flat.items()})
 
 
 def _index_map(old: Vocab, new: Vocab) -> np.ndarray:

@@ -107,7 +107,7 @@ def sampled_requests(
     pos = pos.sort("timestamp", "user", "item")
     n, k = pos.height, cfg.negatives
     positive = pos["item"].to_numpy().astype(np.int64)
-    negatives = _sample_negatives(positive, items["category"].to_numpy(), k, cfg.strategy, rng)  # [n, k]
+    negatives = sample_negatives(positive, items["category"].to_numpy(), k, cfg.strategy, rng)  # [n, k]
     cands = np.concatenate([positive[:, None], negatives], axis=1)  # [n, 1+k], positive first
     order = np.argsort(rng.random((n, 1 + k)), axis=1)  # shuffle so the order says nothing
     cands = np.take_along_axis(cands, order, axis=1)
@@ -124,7 +124,7 @@ def sampled_requests(
     return with_item_features(requests, items, item_columns)
 
 
-def _sample_negatives(
+def sample_negatives(
     positive: np.ndarray, item_category: np.ndarray, k: int, strategy: str, rng: np.random.Generator
 ) -> np.ndarray:
     """[n, k] items != the positive: uniform over known items, or within the positive's category

@@ -13,6 +13,8 @@ at all::
     weights.pt           the model's state dict, plain tensors (torch.save; read weights_only)
     vocab/<name>.parquet the id vocabularies (features/vocab.py; row 0 = out-of-vocabulary)
     items.parquet        row i = item index i: item_id and candidate feature indices
+    catalog.parquet      items outside the item vocabulary (raw item_id, candidate feature
+                         indices), where the data has it (features/build.py CATALOG)
     users.parquet        row u = user index u: user_id and profile feature indices
     history.arrow        the lifelong history store (features/history.py), unless left out
     category_index.arrow its category index (features/category_index.py), with the store when the
@@ -58,6 +60,7 @@ import torch
 import torchrec
 from torch import nn
 
+from features.build import CATALOG
 from features.category_index import FILE_NAME as CATEGORY_INDEX
 from features.category_index import CategoryIndex
 from features.history import HistoryStore
@@ -103,6 +106,16 @@ class Export:
     manifest: dict[str, Any]
     category_index: CategoryIndex | None = None  # SIM hard search over ``history``
     embeddings: str = DEFAULT_PRECISION  # the precision ``model``'s tables run at (models/quant.py)
+    # items outside the vocabulary: raw ``item_id`` (sorted) and the candidate features, [n] each
+    catalog: dict[str, np.ndarray] | None = None
+
+    def catalog_rows(self, raw_ids: np.ndarray) -> np.ndarray:
+        """[n] the catalog row of each raw item id, -1 where the catalog does not list it."""
+        if self.catalog is None or len(self.catalog["item_id"]) == 0:
+            return np.full(len(raw_ids), -1, dtype=np.int64)
+        ids = self.catalog["item_id"]
+        pos = np.minimum(np.searchsorted(ids, raw_ids), len(ids) - 1)
+        return np.where(ids[pos] == raw_ids, pos, -1)
 
     @property
     def name(self) -> str:
@@ -182,6 +195,8 @@ def save_export(
             shutil.copyfile(src, tmp / "vocab" / src.name)
         for name in ("items.parquet", "users.parquet"):
             shutil.copyfile(_require(data / name, "data table"), tmp / name)
+        if (data / CATALOG).is_file():  # absent from data built before issue 19
+            shutil.copyfile(data / CATALOG, tmp / CATALOG)
         if include_history:
             shutil.copyfile(_require(data / "history" / "history.arrow", "history store"), tmp / HISTORY)
             if model.search_k is not None:
@@ -360,6 +375,7 @@ def _load(root: Path, manifest: dict[str, Any], *, embeddings: str | None = None
             raise DataError(f"{vocabs[name].size} rows, but spec.json sizes.{feature} = {spec.sizes[feature]}",
                             file=str(root / "vocab" / f"{name}.parquet"))
     items = _index_table(root / "items.parquet", "item", spec.candidate, spec.sizes["item"])
+    catalog = _catalog(root / CATALOG, [c for c in spec.candidate if c != "item"]) if CATALOG in manifest["files"] else None
     users = _index_table(root / "users.parquet", "user", [f for f in spec.profile if f != "user"],
                          vocabs["user_id"].size if "user_id" in vocabs else None)
     store = None
@@ -379,7 +395,7 @@ def _load(root: Path, manifest: dict[str, Any], *, embeddings: str | None = None
                             file=str(root / CATEGORY_INDEX))
     return Export(path=root, model=model, spec=spec, config=cfg, history_len=history_len, vocabularies=vocabs,
                   items=items, users=users, history=store, manifest=manifest, category_index=index,
-                  embeddings=embeddings)
+                  embeddings=embeddings, catalog=catalog)
 
 
 def load_weights(model: nn.Module, path: Path, *, what: str) -> None:
@@ -445,6 +461,21 @@ def _history_len(value: Any, *, file: Path) -> int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return value
     raise DataError("must be a non-negative integer or null", file=str(file), field="history_len", value=value)
+
+
+def _catalog(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """``catalog.parquet`` as int64 arrays sorted by raw ``item_id`` (unique)."""
+    try:
+        table = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"unreadable: {exc}", file=str(path)) from None
+    absent = [c for c in ("item_id", *columns) if c not in table.columns]
+    if absent:
+        raise DataError(f"missing columns {absent} (has {table.columns})", file=str(path))
+    if table["item_id"].null_count() or table["item_id"].n_unique() != table.height:
+        raise DataError("item_id must be unique and present in every row", file=str(path), field="item_id")
+    table = table.sort("item_id")
+    return {c: table[c].fill_null(0).to_numpy().astype(np.int64) for c in ("item_id", *columns)}
 
 
 def _index_table(path: Path, key: str, columns: Any, rows: int | None) -> dict[str, np.ndarray]:

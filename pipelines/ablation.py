@@ -92,6 +92,11 @@ def run_ablation(
     """
     seeds = list(seeds)
     configs = {m: load_config(RunConfig, model_config_path(config_dir, m), overrides) for m in models}
+    regimes = {m: c.train.batch_by for m, c in configs.items()}
+    if len(set(regimes.values())) > 1:
+        note("[ablation] note: the models are batched differently (train.batch_by: "
+             + ", ".join(f"{m} {b}" for m, b in regimes.items())
+             + "), a confound in their differences; --set train.batch_by=user (or request) batches them alike")
     final = Path(out).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -139,6 +144,7 @@ def run_ablation(
             "parameters": run.info["parameters"]["total"],
             "examples_per_s": epochs[-1]["examples_per_s"] if epochs else None,
             "epoch": selected.get("epoch"), "selected_by": selected.get("by"), "epochs_run": len(epochs),
+            "batch_by": run.config.train.batch_by,
             "split": split, "examples": result["examples"], "run": str(final / name / f"seed-{seed}"),
         })
         with log.open("a") as f:

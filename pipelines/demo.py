@@ -25,6 +25,7 @@ from recsys.model_schemas import RunConfig
 from recsys.process import serve_command, server_process
 from recsys.progress import Steps, note
 from recsys.schemas import BuildConfig, SynthConfig
+from serving.scorer import client_candidates
 
 #: Scores over HTTP must equal eval's to this tolerance (float32 model, JSON round trip).
 SCORE_TOLERANCE = 1e-5
@@ -76,14 +77,11 @@ def _score_over_http(export: Path, data: Path, scores_file: Path, n: int) -> dic
     with server_process(serve_command(export), export.parent / "serve.log") as server:
         url = server.base
         requests = pl.read_parquet(data / "requests" / "test.parquet").head(n)
-        # raw item id of each item index; row 0 (OOV) is null, so fill it: a float column would round
-        # ids above 2**53 (hashed string ids) to other ids
-        items = pl.read_parquet(data / "items.parquet")["item_id"].fill_null(-1).to_numpy()
+        candidates = client_candidates(data, -1)  # an item outside the vocabulary: -1 and its features
         expected = pl.read_parquet(scores_file)
         worst, latencies = 0.0, []
         for row in requests.iter_rows(named=True):
-            body = {"user_id": row["user_id"], "timestamp": row["timestamp"],
-                    "candidates": [{"item_id": int(items[i])} for i in row["item"]]}
+            body = {"user_id": row["user_id"], "timestamp": row["timestamp"], "candidates": candidates(row)}
             t = time.perf_counter()
             got = np.array(_post(url + "/v1/score", body)["scores"])
             latencies.append((time.perf_counter() - t) * 1000)

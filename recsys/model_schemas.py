@@ -353,9 +353,9 @@ class TrainConfig(Schema):
     )
     log_every: int = Field(20, ge=1, description="progress line every this many steps")
     eval_every_epoch: bool = Field(True, description="valid-split metrics in metrics.jsonl after each epoch")
-    select_by: Literal["valid_logloss", "valid_auc", "last"] = Field(
-        "valid_logloss", description="which epoch's checkpoint the run keeps as its model (run.json `checkpoint`, "
-        "what evaluate and export use): the best by the valid split's logloss or AUC, or the last; the valid "
+    select_by: Literal["valid_auc", "valid_logloss", "last"] = Field(
+        "valid_auc", description="which epoch's checkpoint the run keeps as its model (run.json `checkpoint`, "
+        "what evaluate and export use): the best by the valid split's AUC or logloss, or the last; the valid "
         "split only, never test. Without eval_every_epoch there are no valid metrics and the last is kept",
     )
     early_stop: int = Field(

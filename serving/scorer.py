@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from pydantic import ValidationError
 
@@ -439,10 +440,16 @@ class Scorer:
                     if c.get(attr) is not None:
                         pos.append(len(item_raw) - 1)
                         raw.append(_int(c[attr], f"{where}.{attr}"))
-        items = self.ids["item_id"].encode(np.array(item_raw, dtype=np.int64))  # [C]
+        raw_items = np.array(item_raw, dtype=np.int64)
+        items = self.ids["item_id"].encode(raw_items)  # [C]
         out = {"item": items}
+        unknown = np.nonzero(items == OOV_INDEX)[0]
+        listed = self.export.catalog_rows(raw_items[unknown]) if len(unknown) else unknown
+        unknown, listed = unknown[listed >= 0], listed[listed >= 0]  # items outside the vocabulary, in the catalog
         for attr, feature in self.attributes.items():
             values = self.export.items[feature][items]  # [C] from items.parquet (OOV item -> row 0)
+            if len(unknown):
+                values[unknown] = self.export.catalog[feature][listed]
             pos, raw = given[attr]
             if pos:
                 values[np.array(pos)] = self.ids[FEATURE_VOCAB[feature]].encode(np.array(raw, dtype=np.int64))
@@ -537,6 +544,33 @@ class Scorer:
         return {"item": self.ids["item_id"].encode(a["item"][keep]),
                 "category": self.ids["category_id"].encode(a["category"][keep]),
                 "behavior": a["behavior"][keep], "timestamp": a["timestamp"][keep]}
+
+
+def client_candidates(data_dir: str | Path, unknown_id: int) -> Callable[[Mapping[str, Any]], list[dict[str, int]]]:
+    """A function that turns a stored request row of a built dataset (``item`` and the candidate
+    feature lists, as indices) back into the candidates a client sends: raw item ids, and for an
+    item outside the vocabulary (index 0, whose raw id the data does not keep) ``unknown_id`` with
+    the candidate's category, brand and price bucket as raw attributes, as a client that knows its
+    catalog sends them. The scorer then sees what eval saw."""
+    data_dir = Path(data_dir)
+    items = pl.read_parquet(data_dir / "items.parquet")
+    raw_item = items["item_id"].fill_null(unknown_id).to_numpy()  # no float: ids above 2**53 stay exact
+    raw_of = {attr: Vocab.load(data_dir / "vocab", FEATURE_VOCAB[feature]).table["raw"].to_list()
+              for attr, feature in CANDIDATE_ATTRIBUTES.items() if feature in items.columns}
+
+    def candidates(row: Mapping[str, Any]) -> list[dict[str, int]]:
+        out = []
+        for j, i in enumerate(row["item"]):
+            c = {"item_id": int(raw_item[i])}
+            if i == OOV_INDEX:
+                for attr, raw in raw_of.items():
+                    value = raw[row[CANDIDATE_ATTRIBUTES[attr]][j]]
+                    if value is not None:
+                        c[attr] = int(value)
+            out.append(c)
+        return out
+
+    return candidates
 
 
 def _event_columns(events: Sequence[Mapping[str, Any]], where: str) -> dict[str, np.ndarray]:

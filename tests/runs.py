@@ -65,12 +65,15 @@ UNKNOWN_ID = 2**62
 def raw_requests(data_dir: Path, table: pa.Table) -> list[dict[str, Any]]:
     """Request rows (indices) as the raw-id requests a client sends: user_id, cut-off, item ids.
 
-    An OOV candidate (index 0, no raw id) is sent as :data:`UNKNOWN_ID`.
+    An OOV candidate (index 0, no raw id) is sent as :data:`UNKNOWN_ID` with its raw category,
+    brand and price bucket (serving.scorer.client_candidates).
     """
-    item_ids = pl.read_parquet(data_dir / "items.parquet")["item_id"].fill_null(UNKNOWN_ID).to_list()
-    return [{"user_id": r["user_id"], "timestamp": r["timestamp"],
-             "candidates": [{"item_id": item_ids[i]} for i in r["item"]]}
-            for r in table.select(["user_id", "timestamp", "item"]).to_pylist()]
+    from serving.scorer import client_candidates
+
+    candidates = client_candidates(data_dir, UNKNOWN_ID)
+    columns = [c for c in ("user_id", "timestamp", "item", "category", "brand", "price_bucket") if c in table.column_names]
+    return [{"user_id": r["user_id"], "timestamp": r["timestamp"], "candidates": candidates(r)}
+            for r in table.select(columns).to_pylist()]
 
 
 def raw_history(data_dir: Path, user: int, cutoff: int) -> list[dict[str, Any]]:

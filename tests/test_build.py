@@ -24,7 +24,7 @@ def requests(data) -> pl.DataFrame:
 def test_outputs_and_dataset_manifest(tiny_data):
     names = sorted(p.relative_to(tiny_data).as_posix() for p in tiny_data.rglob("*") if p.is_file())
     assert names == [
-        "config.yaml", "dataset.json", "history/category_index.arrow", "history/history.arrow", "items.parquet", "report.json",
+        "catalog.parquet", "config.yaml", "dataset.json", "history/category_index.arrow", "history/history.arrow", "items.parquet", "report.json",
         "requests/test.parquet", "requests/train.parquet", "requests/valid.parquet", "users.parquet",
         "vocab/age_bucket.parquet", "vocab/brand_id.parquet", "vocab/category_id.parquet",
         "vocab/item_id.parquet", "vocab/price_bucket.parquet", "vocab/segment.parquet", "vocab/user_id.parquet",
@@ -88,10 +88,17 @@ def test_vocabularies_are_fit_on_the_training_span_only(tiny_world, tmp_path):
     assert new.height > 0 and (new["item"] == OOV_INDEX).all()
     old = shown.filter(pl.col("item_id").is_in(v.table["raw"].slice(1).implode()))
     assert (old["item"] != OOV_INDEX).all()
-    # ... with the OOV row's features, as the scorer gives it (tests/test_serving.py: eval = served)
-    assert (new["category"] == OOV_INDEX).all()
+    # ... and keeps the category the catalog gives it, where that category was seen before; the
+    # data's catalog lists it with that category, for the scorer (tests/test_serving.py)
     cats = Vocab.load(data / "vocab", "category_id")
-    assert np.array_equal(old["category"].to_numpy(), cats.encode(old["category_id"]).to_numpy())
+    for frame in (new, old):
+        assert np.array_equal(frame["category"].to_numpy(), cats.encode(frame["category_id"]).to_numpy())
+    assert (new["category"] != OOV_INDEX).any()
+    catalog = pl.read_parquet(data / "catalog.parquet")
+    assert catalog.columns == ["item_id", "category", "brand", "price_bucket"]
+    assert set(new["item_id"]) <= set(catalog["item_id"]) and not set(catalog["item_id"]) & set(v.table["raw"])
+    listed = new.join(catalog.rename({"category": "listed"}), on="item_id")
+    assert listed.height == new.height and (listed["category"] == listed["listed"]).all()
     store = HistoryStore.open(data / "history" / "history.arrow")
     unknown = events.filter(~pl.col("item_id").is_in(v.table["raw"].slice(1).implode()))
     assert unknown.height > 0 and (store.item == OOV_INDEX).sum() == unknown.height

@@ -131,7 +131,7 @@ def test_ablation_over_seeds_trains_each_seed_and_writes_the_summary(tiny_data, 
                 "--split", "valid", "--json", *sets)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert [(x["model"], x["seed"], x["epoch"]) for x in result["rows"]] == [("din", 0, 1), ("din", 3, 1)]
+    assert [(x["model"], x["seed"], x["epoch"], x["batch_by"]) for x in result["rows"]] == [("din", 0, 1, "request"), ("din", 3, 1, "request")]
     for seed in (0, 3):
         assert f"seed: {seed}\n" in (out / "din" / f"seed-{seed}" / "config.yaml").read_text()
     aucs = [x["auc"] for x in result["rows"]]

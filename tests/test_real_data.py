@@ -39,3 +39,37 @@ def test_taobao_sample_strict_names_the_first_bad_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"recsys: error: UserBehavior.csv:{first_bad}: field 'timestamp'")
     assert not (tmp_path / "d").exists()
+
+
+SAMPLES = {"taobao": ("taobao_ub_hotitems", "UserBehavior.csv"),
+           "paddlerec": ("amazon_elec_din_paddlerec", "sample_data.txt"),
+           "alimama": ("alimama_dmr_deepctr", "alimama_sample.txt")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(SAMPLES))
+def test_the_committed_model_configs_train_and_evaluate_on_each_real_sample(kind, tmp_path):
+    """Issue 19's smoke check: din and full (DIN + KSA + SIM + CAN) as committed, one epoch, on each
+    sample: they train, keep a valid-selected checkpoint and evaluate on test. The samples are far
+    too small for their metrics to mean much (docs/RESULTS.md gives them with that caveat)."""
+    import math
+
+    from pipelines.evaluate import evaluate_run
+    from pipelines.train import train
+    from recsys.config import load_config
+    from recsys.model_schemas import RunConfig
+    from tests.conftest import ROOT
+
+    path = shared_file(*SAMPLES[kind])
+    report = build(f"{kind}:{path}", tmp_path / "d", BuildConfig())
+    for model in ("din", "full"):
+        cfg = load_config(RunConfig, ROOT / "configs" / "models" / f"{model}.yaml", ["train.epochs=1"])
+        run = train(cfg, tmp_path / "d", tmp_path / model, workers=0)
+        assert run.status == "finished" and run.info["selected"]["epoch"] == 1
+        result = evaluate_run(run.path, "test")
+        assert result["examples"] == report["candidates"]["test"]
+        assert math.isfinite(result["logloss"]) and 0 < result["mean_prob"] < 1
+        if 0 < report["positives"]["test"] < report["candidates"]["test"]:
+            assert 0 < result["auc"] < 1
+        else:  # a test split with one class: AUC is undefined, and said so
+            assert result["auc"] is None and result["notes"]

@@ -16,11 +16,13 @@ import urllib.request
 from contextlib import contextmanager
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import uvicorn
 
 from features.history import HistoryStore
+from features.vocab import Vocab
 from models.export import save_export
 from models.scoring import score_requests
 from recsys import process
@@ -142,6 +144,30 @@ def test_unknown_ids_are_scored_not_refused(served, tiny_data):
     status, body = post(base + "/v1/score", {"user_id": UNKNOWN_ID, "candidates": cands})  # new user, now
     assert status == 200 and len(body["scores"]) == 5
     assert (body["cold"], body["unknown_user"], body["no_history"]) == (True, True, True)
+
+
+def test_an_item_outside_the_vocabulary_gets_its_catalog_features(served, tiny_data):
+    """The data's catalog lists items first seen after the training span; the scorer gives such an
+    item its category, brand and price bucket, as eval did, and a client's own values still win."""
+    base, export, _, _ = served
+    catalog = pl.read_parquet(export / "catalog.parquet")
+    assert catalog.height > 0 and catalog.columns == ["item_id", "category", "brand", "price_bucket"]
+    new = catalog.row(0, named=True)
+    raw = {attr: Vocab.load(export / "vocab", vocab).table["raw"][new[feature]]
+           for attr, feature, vocab in (("category_id", "category", "category_id"), ("brand_id", "brand", "brand_id"),
+                                        ("price_bucket", "price_bucket", "price_bucket"))}
+    request = raw_requests(tiny_data, pq.read_table(tiny_data / "requests" / "test.parquet"))[0]
+    scorer = Scorer.load(export)
+    listed = scorer.score(request["user_id"], [{"item_id": new["item_id"]}], timestamp=request["timestamp"])
+    told = scorer.score(request["user_id"], [{"item_id": UNKNOWN_ID, **{k: v for k, v in raw.items() if v is not None}}],
+                        timestamp=request["timestamp"])
+    bare = scorer.score(request["user_id"], [{"item_id": UNKNOWN_ID}], timestamp=request["timestamp"])
+    assert listed[0] == pytest.approx(told[0], abs=1e-7) and abs(listed[0] - bare[0]) > 1e-6
+    status, body = post(base + "/v1/score", {**request, "candidates": [{"item_id": new["item_id"]}]})
+    assert status == 200 and body["scores"][0] == pytest.approx(listed[0], abs=1e-6) and body["unknown_items"] == 1
+    elsewhere = 2 if new["category"] == 1 else 1  # another known category
+    other = {"item_id": new["item_id"], "category_id": int(Vocab.load(export / "vocab", "category_id").table["raw"][elsewhere])}
+    assert scorer.score(request["user_id"], [other], timestamp=request["timestamp"])[0] != pytest.approx(listed[0], abs=1e-7)
 
 
 def _many(n):
