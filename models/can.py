@@ -47,6 +47,7 @@ from models.embedding import Embedded, ExtraTable
 from models.jagged import pad, segment_ids
 from recsys.errors import ConfigError
 from recsys.model_schemas import CANConfig, CartesianConfig, CoActionPair, micro_mlp_size
+from recsys.progress import note
 
 
 def split_layers(induction: torch.Tensor, shapes: Sequence[tuple[int, int]], bias: bool):
@@ -153,6 +154,27 @@ def check_pairs(pairs: Sequence[CoActionPair], spec: FeatureSpec, where: str) ->
                               f"not have (profile features: {', '.join(spec.profile) or 'none'})")
 
 
+def available_pairs(pairs: Sequence[CoActionPair], spec: FeatureSpec, where: str) -> list[CoActionPair]:
+    """The pairs whose features the data has; the others are named in a note (``missing: skip``).
+
+    Raises:
+        ConfigError: no pair is left.
+    """
+    kept, left_out = [], []
+    for p in pairs:
+        try:
+            check_pairs([p], spec, where)
+            kept.append(p)
+        except ConfigError:
+            left_out.append(p.label)
+    if left_out:
+        note(f"[model] {where}: left out pair(s) {', '.join(left_out)}: this data lacks their features (missing: skip)")
+    if not kept:
+        raise ConfigError(f"{where}: none of the pairs {', '.join(left_out)} has its features in this data "
+                          f"(candidate features: {', '.join(spec.candidate)}; profile: {', '.join(spec.profile) or 'none'})")
+    return kept
+
+
 class CANBlock(nn.Module):
     """Co-action units of the configured pairs; ``forward(emb, request) -> [C, P * K * sum d]``.
 
@@ -162,6 +184,8 @@ class CANBlock(nn.Module):
 
     def __init__(self, *, cfg: CANConfig, spec: FeatureSpec) -> None:
         super().__init__()
+        if cfg.missing == "skip":
+            cfg = cfg.model_copy(update={"pairs": available_pairs(cfg.pairs, spec, "model.can")})
         check_pairs(cfg.pairs, spec, "model.can")
         self.cfg = cfg
         self.spec = spec

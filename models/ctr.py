@@ -53,7 +53,8 @@ class DINBlock(nn.Module):
         super().__init__()
         self.max_len = cfg.max_len
         self.attention = DINAttention(dim=2 * dim, hidden=cfg.attention_hidden, weighting=cfg.weighting)
-        self.out_dim = 2 * dim
+        self.count_readout = cfg.count_readout
+        self.out_dim = 2 * dim + int(cfg.count_readout)
 
     def forward(self, emb: Embedded, request: torch.Tensor) -> torch.Tensor:
         h = emb.history
@@ -62,7 +63,10 @@ class DINBlock(nn.Module):
         longest = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         keys, mask = pad(tokens, offsets, max(longest, 1))  # [B, N, 2D], [B, N]; N >= 1 so empty works
         query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
-        return self.attention(keys, mask, query, request)  # [C, 2D]: the paper's head input
+        if not self.count_readout:
+            return self.attention(keys, mask, query, request)  # [C, 2D]: the paper's head input
+        pooled, mass = self.attention(keys, mask, query, request, with_mass=True)
+        return torch.cat([pooled, mass.unsqueeze(-1)], -1)  # [C, 2D + 1]: and the soft count
 
 
 class CTRModel(nn.Module):

@@ -51,9 +51,12 @@ class DINAttention(nn.Module):
         self.rest = MLP(in_dim=hidden[0], hidden=hidden[1:], out_dim=1)
 
     def forward(
-        self, keys: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor, request: torch.Tensor
-    ) -> torch.Tensor:
-        """keys [B, N, D], mask [B, N], queries [C, D], request [C] (candidate -> request) -> [C, D]."""
+        self, keys: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor, request: torch.Tensor,
+        *, with_mass: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """keys [B, N, D], mask [B, N], queries [C, D], request [C] (candidate -> request) -> [C, D];
+        ``with_mass`` also returns the sum of each candidate's weights [C] (raw weighting: a soft
+        count of the behaviours the candidate matches)."""
         d = self.dim
         w = self.first.weight  # [H, 4D]
         a, b, c, p = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]  # each [H, D]
@@ -69,7 +72,8 @@ class DINAttention(nn.Module):
             weights = scores * m
         else:
             weights = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1).nan_to_num(0.0)
-        return torch.bmm(weights.unsqueeze(1), kc).squeeze(1)  # [C, 1, N] @ [C, N, D] -> [C, D]
+        pooled = torch.bmm(weights.unsqueeze(1), kc).squeeze(1)  # [C, 1, N] @ [C, N, D] -> [C, D]
+        return (pooled, weights.sum(-1)) if with_mass else pooled
 
 
 def din_attention_reference(

@@ -42,6 +42,17 @@ class DINConfig(Schema):
     weighting: Literal["raw", "softmax"] = Field(
         "raw", description="raw: the paper's unnormalised weights (sum pooling); softmax: normalised"
     )
+    count_readout: bool = Field(
+        False, description="also give the head each candidate's sum of attention weights: with raw weighting a "
+        "soft count of the behaviours it matches, which the pooled vector holds only mixed with their embeddings "
+        "(not in the paper)",
+    )
+
+    @model_validator(mode="after")
+    def _count_needs_raw(self) -> DINConfig:
+        if self.count_readout and self.weighting != "raw":
+            raise ValueError("count_readout needs weighting raw: softmax weights always sum to 1")
+        return self
 
 
 class DistillConfig(Schema):
@@ -192,6 +203,11 @@ class CANConfig(Schema):
     )
     max_len: int = Field(100, ge=1, description="most recent history steps a history pair reads")
     init_std: float = Field(0.01, gt=0, description="std of the uniform init of the co-action tables (paper: 0.01)")
+    missing: Literal["error", "skip"] = Field(
+        "error", description="a pair whose feature the data lacks (brand or a profile feature on Taobao or Amazon "
+        "data): error, or skip: leave the pair out with a note, so that one config runs on every source (at least "
+        "one pair must remain)",
+    )
 
     @property
     def layer_shapes(self) -> list[tuple[int, int]]:

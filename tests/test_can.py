@@ -114,6 +114,12 @@ def test_config_errors_name_the_pair_and_the_data():
     with pytest.raises(ConfigError, match=r"needs profile feature 'segment', which this data does not have "
                                           r"\(profile features: none\)"):
         CANBlock(cfg=cfg, spec=spec)
+    # missing: skip leaves such pairs out and keeps the others; with none left it is still an error
+    both = [{"induction": "item", "feed": "history.item"}, {"induction": "brand", "feed": "profile.segment"}]
+    block = CANBlock(cfg=CANConfig(enabled=True, missing="skip", pairs=both), spec=spec)
+    assert [p.label for p in block.cfg.pairs] == ["item x history.item"]
+    with pytest.raises(ConfigError, match=r"model.can: none of the pairs brand x profile.segment has its features"):
+        CANBlock(cfg=CANConfig(enabled=True, missing="skip", pairs=both[1:]), spec=spec)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from models.ctr import build_model
 from models.din import DINAttention, din_attention_reference
 from models.jagged import pad, tail
 from recsys.config import load_config
+from recsys.errors import ConfigError
 from recsys.model_schemas import ModelConfig, RunConfig
 from recsys.types import Jagged
 
@@ -228,6 +229,22 @@ def test_din_attention_matches_the_reference(lengths, per_request, weighting, se
     gr = torch.autograd.grad((ref * g).sum(), wrt, allow_unused=True, materialize_grads=True)
     for a, b in zip(gf, gr, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_the_count_readout_is_the_sum_of_the_raw_weights():
+    torch.manual_seed(0)
+    att = DINAttention(dim=6, hidden=[8, 4], weighting="raw")
+    keys, mask = torch.randn(2, 5, 6), torch.tensor([[True] * 5, [True, True, False, False, False]])
+    queries, request = torch.randn(3, 6), torch.tensor([0, 0, 1])
+    pooled, mass = att(keys, mask, queries, request, with_mass=True)
+    assert torch.equal(pooled, att(keys, mask, queries, request))
+    for c in range(3):  # the weights, one candidate at a time, as the reference computes them
+        k = keys[request[c]][mask[request[c]]]
+        q = queries[c].expand_as(k)
+        w = att.rest(att.first_act(att.first(torch.cat([k, q, k - q, k * q], -1)))).squeeze(-1)
+        assert torch.allclose(mass[c], w.sum(), atol=1e-5) and torch.allclose(pooled[c], (w[:, None] * k).sum(0), atol=1e-5)
+    with pytest.raises(ConfigError, match="count_readout needs weighting raw"):
+        load_config(RunConfig, overrides=["model.din.count_readout=true", "model.din.weighting=softmax"])
 
 
 def _deterministic_init(module: torch.nn.Module) -> None:
