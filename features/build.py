@@ -42,6 +42,7 @@ from features.category_index import CategoryIndex
 from features.history import HistoryStore, write_history
 from features.requests import (
     SPLITS,
+    flat_list,
     list_series,
     requests_from_impressions,
     sample_negatives,
@@ -285,14 +286,13 @@ def _redraw_unknown_negatives(part: pl.DataFrame, items: pl.DataFrame, item_cols
                               rng: np.random.Generator) -> pl.DataFrame:
     """Sampled requests: each negative that is the OOV row, drawn again from the known items (as
     the build draws negatives), with that item's features."""
-    lens = part["item"].list.len().to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    flat = {c: part[c].explode().to_numpy().copy() for c in ("item", *item_cols)}
-    label = part["label"].explode().to_numpy()
+    _, offsets = flat_list(part["item"])
+    flat = {c: flat_list(part[c])[0].copy() for c in ("item", *item_cols)}
+    label = flat_list(part["label"])[0]
     bad = np.nonzero((flat["item"] == OOV_INDEX) & (label == 0))[0]
     if len(bad) == 0:
         return part
-    request = np.repeat(np.arange(part.height), lens)
+    request = np.repeat(np.arange(part.height), np.diff(offsets))
     positive = np.zeros(part.height, dtype=np.int64)
     positive[request[label == 1]] = flat["item"][label == 1]
     drawn = sample_negatives(positive[request[bad]], items["category"].to_numpy(), 1, strategy, rng)[:, 0]
@@ -311,8 +311,7 @@ def _remap_lists(df: pl.DataFrame, maps: dict[str, np.ndarray]) -> pl.DataFrame:
     """``df`` with each list column in ``maps`` mapped element-wise through its index array."""
     out = {}
     for c, m in maps.items():
-        flat = df[c].explode().to_numpy()
-        offsets = np.concatenate([[0], df[c].list.len().cum_sum().to_numpy()]).astype(np.int64)
+        flat, offsets = flat_list(df[c])
         out[c] = list_series(c, m[flat], offsets, df.schema[c].inner)
     return df.with_columns(**out)
 

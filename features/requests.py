@@ -66,14 +66,18 @@ def requests_from_impressions(
 
 def with_item_features(requests: pl.DataFrame, items: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
     """Gather item feature lists by index with one numpy take per feature (no per-row Python)."""
-    flat = requests["item"].explode().to_numpy()
-    offsets = requests["item"].list.len().cum_sum().to_numpy()
-    offsets = np.concatenate([[0], offsets]).astype(np.int64)
+    flat, offsets = flat_list(requests["item"])
     out = {}
     for c in columns:
         values = items[c].to_numpy()[flat]
         out[c] = list_series(c, values, offsets, pl.Int32)
     return requests.with_columns(**out)
+
+
+def flat_list(column: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's values [N] and offsets [n+1] (the inverse of :func:`list_series`)."""
+    offsets = np.concatenate([[0], column.list.len().cum_sum().to_numpy()]).astype(np.int64)
+    return column.explode().to_numpy(), offsets
 
 
 def list_series(name: str, values: np.ndarray, offsets: np.ndarray, dtype: pl.DataType) -> pl.Series:

@@ -48,7 +48,7 @@ import pickle
 import platform
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -73,6 +73,7 @@ from recsys.config import dump_config, load_config
 from recsys.errors import ConfigError, DataError, RecsysError
 from recsys.io import atomic_output_dir, check_output_dir, read_json, sha256_file, write_json
 from recsys.model_schemas import RunConfig
+from recsys.types import OOV_INDEX
 
 FORMAT = "recsys.export"
 FORMAT_VERSION = 1
@@ -83,6 +84,8 @@ REQUIRED = ("config.yaml", "spec.json", WEIGHTS, "items.parquet", "users.parquet
 #: Model feature name -> the vocabulary (file ``vocab/<name>.parquet``) that encodes its raw ids.
 FEATURE_VOCAB = {"item": "item_id", "category": "category_id", "brand": "brand_id", "price_bucket": "price_bucket",
                  "user": "user_id", "segment": "segment", "age_bucket": "age_bucket"}
+#: Candidate attribute (raw id, request field) -> model feature.
+CANDIDATE_ATTRIBUTES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -494,3 +497,30 @@ def _index_table(path: Path, key: str, columns: Any, rows: int | None) -> dict[s
     if not np.array_equal(out[key], np.arange(table.height)):
         raise DataError(f"column {key!r} must be 0..{table.height - 1} (row r = index r)", file=str(path))
     return out
+
+
+def client_candidates(data_dir: str | Path, unknown_id: int) -> Callable[[Mapping[str, Any]], list[dict[str, int]]]:
+    """A function that turns a stored request row of a built dataset (``item`` and the candidate
+    feature lists, as indices) back into the candidates a client sends: raw item ids, and for an
+    item outside the vocabulary (index 0, whose raw id the data does not keep) ``unknown_id`` with
+    the candidate's category, brand and price bucket as raw attributes, as a client that knows its
+    catalog sends them. The scorer then sees what eval saw."""
+    data_dir = Path(data_dir)
+    items = pl.read_parquet(data_dir / "items.parquet")
+    raw_item = items["item_id"].fill_null(unknown_id).to_numpy()  # no float: ids above 2**53 stay exact
+    raw_of = {attr: Vocab.load(data_dir / "vocab", FEATURE_VOCAB[feature]).table["raw"].to_list()
+              for attr, feature in CANDIDATE_ATTRIBUTES.items() if feature in items.columns}
+
+    def candidates(row: Mapping[str, Any]) -> list[dict[str, int]]:
+        out = []
+        for j, i in enumerate(row["item"]):
+            c = {"item_id": int(raw_item[i])}
+            if i == OOV_INDEX:
+                for attr, raw in raw_of.items():
+                    value = raw[row[CANDIDATE_ATTRIBUTES[attr]][j]]
+                    if value is not None:
+                        c[attr] = int(value)
+            out.append(c)
+        return out
+
+    return candidates

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from models.export import client_candidates
 from pipelines.ablation import model_config_path
 from pipelines.evaluate import evaluate_run
 from pipelines.train import train
@@ -25,7 +26,6 @@ from recsys.model_schemas import RunConfig
 from recsys.process import serve_command, server_process
 from recsys.progress import Steps, note
 from recsys.schemas import BuildConfig, SynthConfig
-from serving.scorer import client_candidates
 
 #: Scores over HTTP must equal eval's to this tolerance (float32 model, JSON round trip).
 SCORE_TOLERANCE = 1e-5

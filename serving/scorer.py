@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 from pydantic import ValidationError
 
@@ -69,7 +68,7 @@ from features.history import last_rows
 from features.vocab import Vocab
 from models.age import AGEExplorer
 from models.batch import HISTORY_FIELDS, RequestBatch, Searched, hard_search, make_batch
-from models.export import FEATURE_VOCAB, Export, load_export
+from models.export import CANDIDATE_ATTRIBUTES, FEATURE_VOCAB, Export, load_export
 from recsys.errors import DataError
 from recsys.model_schemas import ExploreConfig
 from recsys.types import BEHAVIOR_CODE, BEHAVIORS, OOV_INDEX, Jagged
@@ -79,8 +78,6 @@ from serving.ksa_cache import KSACache
 from serving.live import DEFAULT_LIVE_BYTES, LiveHistory, UserLive, search_batch
 from serving.store import StateStore
 
-#: Candidate attribute (raw id, request field) -> model feature.
-CANDIDATE_ATTRIBUTES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 _INT64 = (-(2**63), 2**63 - 1)
 #: Memory for per-user KSA states (``recsys serve --ksa-cache-mb``, 256).
 DEFAULT_KSA_CACHE_BYTES = 256 * 2**20
@@ -544,33 +541,6 @@ class Scorer:
         return {"item": self.ids["item_id"].encode(a["item"][keep]),
                 "category": self.ids["category_id"].encode(a["category"][keep]),
                 "behavior": a["behavior"][keep], "timestamp": a["timestamp"][keep]}
-
-
-def client_candidates(data_dir: str | Path, unknown_id: int) -> Callable[[Mapping[str, Any]], list[dict[str, int]]]:
-    """A function that turns a stored request row of a built dataset (``item`` and the candidate
-    feature lists, as indices) back into the candidates a client sends: raw item ids, and for an
-    item outside the vocabulary (index 0, whose raw id the data does not keep) ``unknown_id`` with
-    the candidate's category, brand and price bucket as raw attributes, as a client that knows its
-    catalog sends them. The scorer then sees what eval saw."""
-    data_dir = Path(data_dir)
-    items = pl.read_parquet(data_dir / "items.parquet")
-    raw_item = items["item_id"].fill_null(unknown_id).to_numpy()  # no float: ids above 2**53 stay exact
-    raw_of = {attr: Vocab.load(data_dir / "vocab", FEATURE_VOCAB[feature]).table["raw"].to_list()
-              for attr, feature in CANDIDATE_ATTRIBUTES.items() if feature in items.columns}
-
-    def candidates(row: Mapping[str, Any]) -> list[dict[str, int]]:
-        out = []
-        for j, i in enumerate(row["item"]):
-            c = {"item_id": int(raw_item[i])}
-            if i == OOV_INDEX:
-                for attr, raw in raw_of.items():
-                    value = raw[row[CANDIDATE_ATTRIBUTES[attr]][j]]
-                    if value is not None:
-                        c[attr] = int(value)
-            out.append(c)
-        return out
-
-    return candidates
 
 
 def _event_columns(events: Sequence[Mapping[str, Any]], where: str) -> dict[str, np.ndarray]:

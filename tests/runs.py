@@ -66,9 +66,9 @@ def raw_requests(data_dir: Path, table: pa.Table) -> list[dict[str, Any]]:
     """Request rows (indices) as the raw-id requests a client sends: user_id, cut-off, item ids.
 
     An OOV candidate (index 0, no raw id) is sent as :data:`UNKNOWN_ID` with its raw category,
-    brand and price bucket (serving.scorer.client_candidates).
+    brand and price bucket (models.export.client_candidates).
     """
-    from serving.scorer import client_candidates
+    from models.export import client_candidates
 
     candidates = client_candidates(data_dir, UNKNOWN_ID)
     columns = [c for c in ("user_id", "timestamp", "item", "category", "brand", "price_bucket") if c in table.column_names]
