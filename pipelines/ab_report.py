@@ -79,7 +79,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import stats
 
-from recsys.ab_schemas import EXPOSURE_SCHEMA, FEEDBACK_SCHEMA, NO_EXPERIMENT, ExperimentConfig
+from recsys.ab_schemas import (
+    EXPOSURE_SCHEMA,
+    FEEDBACK_SCHEMA,
+    NO_EXPERIMENT,
+    UNVERIFIED,
+    ExperimentConfig,
+)
 from recsys.config import load_config
 from recsys.errors import ConfigError, DataError
 from recsys.io import read_json, write_json
@@ -491,7 +497,7 @@ def experiments_present(log: str | Path) -> list[str]:
     names = {p.name.removeprefix("experiment=") for stream in ("exposures", "feedback")
              for p in (root / stream).glob("date=*/experiment=*") if p.is_dir()}
     names |= {p.stem for p in (root / "experiments").glob("*.json")}
-    return sorted(names - {NO_EXPERIMENT})
+    return sorted(names - {NO_EXPERIMENT, UNVERIFIED})
 
 
 def _read_files(files: Sequence[Path], schema: pa.Schema, columns: Sequence[str], *, kind: str,
@@ -631,6 +637,12 @@ def _load(name: str, log: str | Path, config: str | Path | None, *, need_weights
     exposure_rows = {"read": read, "duplicates": duplicates,
                      **{s: int(counts.get(s, 0)) for s in _STATUSES[1:]}, "used": int(counts.get("used", 0))}
 
+    # clicks a replica took for a request another replica served (serving/ab.py): this experiment's
+    # are those whose request it logged; they go after the verified rows, so a repeat drops them
+    unverified = _read_files([p for p, _, e in _partitions(root, "feedback") if e == UNVERIFIED], FEEDBACK_SCHEMA,
+                             _FEEDBACK_COLUMNS, kind="feedback", acc=files, skip_bad_files=skip_bad_files,
+                             keep=pl.col("request_id").is_in(exposures["request_id"].unique().implode()))
+    feedback = pl.concat([feedback, unverified])
     f_read = feedback.height
     feedback = feedback.unique(subset=["request_id", "item_id"], keep="first", maintain_order=True)
     # one exposure per (request, item) for the join: a bad log with two arms for one request must
@@ -642,7 +654,8 @@ def _load(name: str, log: str | Path, config: str | Path | None, *, need_weights
     feedback = (feedback.join(target, on=["request_id", "item_id"], how="left")
                 .with_columns(status=pl.col("status").fill_null("unjoined")))
     f_counts = dict(feedback.group_by("status").len().iter_rows())
-    feedback_rows = {"read": f_read, "duplicates": f_read - feedback.height, "joined": int(f_counts.get("used", 0)),
+    feedback_rows = {"read": f_read, "unverified_read": unverified.height, "duplicates": f_read - feedback.height,
+                     "joined": int(f_counts.get("used", 0)),
                      "unjoined": int(f_counts.get("unjoined", 0)),
                      **{s: int(f_counts.get(s, 0)) for s in _STATUSES[1:]}}
     forced_requests = exposures.filter(pl.col("status") == "forced")["request_id"].n_unique()

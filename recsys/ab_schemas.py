@@ -45,6 +45,8 @@ from recsys.config import Schema
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 #: partition name of requests that no experiment took
 NO_EXPERIMENT = "_none"
+#: the feedback partition of clicks on requests the receiving replica did not serve (joined by the report)
+UNVERIFIED = "_unverified"
 #: how far the arm weights may sum from 1 (GrowthBook accepts 0.99..1.01; we are stricter)
 WEIGHT_TOLERANCE = 1e-6
 
@@ -123,6 +125,9 @@ class ExperimentConfig(Schema):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
+        if self.name.startswith("_"):
+            raise ValueError(f"name: {self.name!r} starts with '_', which the logs reserve for their own partitions "
+                             f"({NO_EXPERIMENT}, {UNVERIFIED})")
         if self.salt is None:
             object.__setattr__(self, "salt", self.name)
         for key in ("start", "end"):

@@ -730,9 +730,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise RecsysError(f"--ab-feedback-requests must be >= 1, got {args.ab_feedback_requests}")
     if (args.ab_log is not None or args.force_experiments) and not args.experiments:
         raise RecsysError(f"{'--ab-log' if args.ab_log is not None else '--force-experiments'} needs --experiments")
-    if args.ray and args.experiments:
-        raise RecsysError("--experiments with --ray: Ray Serve replicas do not route experiments yet; serve them "
-                          "from one process")
     if args.ray:
         return _cmd_serve_ray(args, limits)
     from serving.http import AUTO_STATE, serve
@@ -757,7 +754,9 @@ def _cmd_serve_ray(args: argparse.Namespace, limits) -> int:
     state = None if args.no_state else (args.state if args.state is not None else AUTO_STATE)
     serve_ray(args.export, host=args.host, port=args.port, replicas=replicas, limits=limits, state=state,
               ksa_cache_bytes=int(args.ksa_cache_mb * 2**20), live_bytes=int(args.live_cache_mb * 2**20),
-              durable=not args.not_durable)
+              durable=not args.not_durable, experiments=args.experiments, ab_log=args.ab_log,
+              force_experiments=args.force_experiments, ab_memory_bytes=int(args.ab_memory_mb * 2**20),
+              ab_feedback_requests=args.ab_feedback_requests)
     return 0
 
 

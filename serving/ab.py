@@ -22,8 +22,13 @@ For each score request the :class:`ABRouter`:
 Feedback (``POST /v1/feedback {"request_id", "item_id", "timestamp"?}``) is checked against the
 requests this process served recently (the last ``recent_requests``): an unknown request id is a
 404, an item that was not shown in it a 422, a repeated click is acknowledged and not logged twice.
-Replicas behind a load balancer must send a request's feedback to the replica that served it
-(Ray Serve does not route by request id): the report skips, and counts, feedback it cannot join.
+Replicas behind a load balancer (``recsys serve --ray``; Ray Serve does not route by request id)
+run with ``unverified_feedback``: feedback on a request id the receiving replica did not serve is
+logged as it came, under the experiment :data:`recsys.ab_schemas.UNVERIFIED` (no user, arm or
+position: that replica does not know them), and answered ``"verified": false``. The report joins
+those rows by (request_id, item_id) to the exposures the serving replica logged, as it joins the
+verified ones; a click on an item that was not shown, or on a request no replica logged, stays
+unjoined and is counted.
 
 Started experiments are recorded in ``LOG/experiments/NAME.json`` with what decides assignment
 (salt, layer, range, coverage, targeting, arm weights); loading a config whose assignment differs
@@ -58,6 +63,7 @@ import pyarrow as pa
 from recsys.ab_schemas import (
     FEEDBACK_SCHEMA,
     NO_EXPERIMENT,
+    UNVERIFIED,
     ExperimentConfig,
     PolicySpec,
 )
@@ -140,11 +146,14 @@ class ABRouter:
         log: where exposures and feedback go (None: nothing is logged).
         recent_requests: requests remembered for feedback (``--ab-feedback-requests``): about 2 KB
             each at 100 candidates, so the default 100,000 holds about 200 MB at most.
+        unverified_feedback: feedback on a request id outside that window is logged unverified
+            (:data:`recsys.ab_schemas.UNVERIFIED`) instead of refused with 404.
     """
 
     def __init__(self, base: Scorer, experiments: Sequence[ExperimentConfig], *,
                  scorers: Mapping[tuple, Scorer] | None = None, log: ABLog | None = None,
-                 log_dir: str | Path | None = None, recent_requests: int = DEFAULT_RECENT_REQUESTS) -> None:
+                 log_dir: str | Path | None = None, recent_requests: int = DEFAULT_RECENT_REQUESTS,
+                 unverified_feedback: bool = False) -> None:
         check_layers(experiments)
         _check_diffs(experiments)
         self.base = base
@@ -155,6 +164,7 @@ class ABRouter:
         self.log = log
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.recent_requests = recent_requests
+        self.unverified_feedback = unverified_feedback
         self._recent: collections.OrderedDict[str, _Served] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._registered: set[str] = set()
@@ -163,17 +173,22 @@ class ABRouter:
     # --- loading
 
     @classmethod
-    def load(cls, base: Scorer, paths: Sequence[str | Path], *, log_dir: str | Path | None,
-             force: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES, make_scorer=None,
-             recent_requests: int = DEFAULT_RECENT_REQUESTS, now: float | None = None) -> ABRouter:
-        """Read the experiment files (or every ``*.yaml`` of a directory), check them, load the
-        arms' models and open the log.
+    def load(cls, base: Scorer, experiments: Sequence[str | Path] | Sequence[ExperimentConfig], *,
+             log_dir: str | Path | None, force: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+             make_scorer=None, recent_requests: int = DEFAULT_RECENT_REQUESTS, now: float | None = None,
+             unverified_feedback: bool = False) -> ABRouter:
+        """Read the experiment files (or every ``*.yaml`` of a directory; :func:`read_experiments`),
+        load the arms' models and open the log.
 
         Args:
+            experiments: config paths, or configs already read by :func:`read_experiments` (a Ray
+                Serve replica gets those from the process that checked them).
             make_scorer: ``(export_path | None, embeddings | None, overrides) -> Scorer`` for arms
                 with a model diff (the service passes one that shares its state store).
             force: accept a config that changes a started experiment's assignment.
             memory_bytes: refuse to load more model memory than this (every arm's model counted once).
+            unverified_feedback: log feedback on a request id this process did not serve, for the
+                report to join, instead of answering 404 (replicas behind a load balancer).
 
         Raises:
             ConfigError: a config does not load or validate, two experiments of one layer overlap,
@@ -181,16 +196,14 @@ class ABRouter:
                 changed (without ``force``), or the models exceed ``memory_bytes``.
             DataError: an arm's export fails verification.
         """
-        experiments = [load_config(ExperimentConfig, p) for p in _config_files(paths)]
-        if not experiments:
-            raise ConfigError(f"--experiments {', '.join(map(str, paths))}: no experiment config (*.yaml) found")
-        check_layers(experiments)
-        _check_diffs(experiments)
-        if log_dir is not None:
-            for e in experiments:
-                _check_started(Path(log_dir), e, force=force, now=time.time() if now is None else now)
+        if all(isinstance(e, ExperimentConfig) for e in experiments) and experiments:
+            configs = list(experiments)
+            check_layers(configs)
+            _check_diffs(configs)
+        else:
+            configs = read_experiments(experiments, log_dir=log_dir, force=force, now=now)
         scorers: dict[tuple, Scorer] = {}
-        for e in experiments:
+        for e in configs:
             for arm in e.arms:
                 key = arm.model_key()
                 if key == (None, None, ()) or key in scorers:
@@ -208,7 +221,8 @@ class ABRouter:
             raise ConfigError(f"the experiments' models need {sum(sizes.values()) / 2**20:,.0f} MiB ({shown}), over "
                               f"the budget of {memory_bytes / 2**20:,.0f} MiB (--ab-memory-mb)")
         log = None if log_dir is None else ABLog(log_dir)
-        return cls(base, experiments, scorers=scorers, log=log, log_dir=log_dir, recent_requests=recent_requests)
+        return cls(base, configs, scorers=scorers, log=log, log_dir=log_dir, recent_requests=recent_requests,
+                   unverified_feedback=unverified_feedback)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/experiments`` answers: experiments, arms, models and their memory."""
@@ -315,6 +329,8 @@ class ABRouter:
         """
         with self._lock:
             served = self._recent.get(request_id)
+            if served is None and self.unverified_feedback:
+                return self._unverified(request_id, item_id, timestamp, now=now)
             if served is None:
                 raise ABError(404, f"request_id: {request_id!r} is not a request this service answered among its last "
                                    f"{self.recent_requests:,} (feedback goes to the replica that served it)")
@@ -337,7 +353,23 @@ class ABRouter:
                 self.log.put("feedback", e, table)
         self.counts["feedback_duplicate" if duplicate else "feedback"] += 1
         return {"recorded": not duplicate, "duplicate": duplicate, "position": position,
-                "experiments": [e for e in experiments if e != NO_EXPERIMENT]}
+                "experiments": [e for e in experiments if e != NO_EXPERIMENT], "verified": True}
+
+    def _unverified(self, request_id: str, item_id: int, timestamp: int | None, *, now: float) -> dict[str, Any]:
+        """A click on a request another replica served (called under the lock): logged as is, with no
+        user, arm or position (this process does not know them); the report joins it by (request_id,
+        item_id) to the exposure that replica logged, and drops a repeat."""
+        self.counts["feedback_unverified"] += 1
+        if self.log is not None:
+            table = pa.table({
+                "request_id": pa.array([request_id], pa.string()), "received_at": [now],
+                "timestamp": [int(now) if timestamp is None else int(timestamp)],
+                "user_id": pa.array([None], pa.int64()), "arm": pa.array([None], pa.string()),
+                "item_id": [item_id], "position": pa.array([None], pa.int32()),
+                "kind": pa.array(["click"], pa.string())}, schema=FEEDBACK_SCHEMA)
+            self.log.put("feedback", UNVERIFIED, table)
+        return {"recorded": self.log is not None, "duplicate": False, "position": -1, "experiments": [],
+                "verified": False}
 
     def close(self) -> None:
         if self.log is not None:
@@ -384,6 +416,29 @@ class ABRouter:
         self._registered.add(e.name)
         if self.log_dir is not None:
             _check_started(self.log_dir, e, force=True, now=now, record=True)
+
+
+def read_experiments(paths: Sequence[str | Path], *, log_dir: str | Path | None, force: bool = False,
+                     now: float | None = None) -> list[ExperimentConfig]:
+    """Read and check experiment configs (files, or every ``*.yaml`` of a directory): each validates,
+    no two of one layer overlap, no two running ones change the same thing, and (with ``log_dir``)
+    none reassigns the users of a started experiment unless ``force``. An arm's ``export`` is made
+    absolute (relative to this process's working directory), so the configs can be handed to
+    processes that run elsewhere.
+
+    Raises:
+        ConfigError: as :meth:`ABRouter.load`.
+    """
+    experiments = [load_config(ExperimentConfig, p) for p in _config_files(paths)]
+    if not experiments:
+        raise ConfigError(f"--experiments {', '.join(map(str, paths))}: no experiment config (*.yaml) found")
+    check_layers(experiments)
+    _check_diffs(experiments)
+    if log_dir is not None:
+        for e in experiments:
+            _check_started(Path(log_dir), e, force=force, now=time.time() if now is None else now)
+    return [e.model_copy(update={"arms": [a if a.export is None else a.model_copy(
+        update={"export": str(Path(a.export).resolve())}) for a in e.arms]}) for e in experiments]
 
 
 def model_bytes(scorer: Scorer) -> int:

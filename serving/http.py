@@ -144,6 +144,9 @@ class FeedbackResponse(BaseModel):
     duplicate: bool
     position: int = Field(description="the item's position in the answer")
     experiments: list[str] = Field(description="the experiments whose logs record the click")
+    verified: bool = Field(True, description="false when this replica did not serve the request (recsys serve "
+                                             "--ray): the click is logged as sent and the report joins it to the "
+                                             "serving replica's exposure; position is then -1")
 
 
 class EventsResponse(BaseModel):
@@ -619,14 +622,9 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
               flush=True)
     ab = None
     if experiments:
-        def make_scorer(path: str | None, precision: str | None, overrides: list[str]) -> Scorer:
-            other = load_export(path or export_path, embeddings=precision or embeddings, overrides=overrides)
-            if scorer.live is None:
-                return Scorer(other, ksa_cache_bytes=ksa_cache_bytes)
-            return Scorer.live_from(other, scorer.live.store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
-
-        ab = ABRouter.load(scorer, experiments, log_dir=ab_log, force=force_experiments, memory_bytes=ab_memory_bytes,
-                           make_scorer=make_scorer, recent_requests=ab_feedback_requests)
+        ab = load_router(scorer, export_path, experiments, embeddings=embeddings, ab_log=ab_log,
+                         force=force_experiments, memory_bytes=ab_memory_bytes, feedback_requests=ab_feedback_requests,
+                         ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
         described = ab.describe()
         print(f"experiments: {', '.join(e['name'] for e in described['experiments'])}; models "
               f"{described['model_bytes'] / 2**20:,.0f} MiB of {ab_memory_bytes / 2**20:,.0f} MiB; "
@@ -641,6 +639,23 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     shown = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     _Server(config, banner=f"serving {export_path} on http://{shown}:{bound}").run(sockets=[sock])
+
+
+def load_router(scorer: Scorer, export_path: str | Path, experiments: Sequence[str | Path] | Sequence[Any], *,
+                embeddings: str | None, ab_log: str | Path | None, force: bool, memory_bytes: int,
+                feedback_requests: int, ksa_cache_bytes: int, live_bytes: int,
+                unverified_feedback: bool = False) -> ABRouter:
+    """The service's :class:`serving.ab.ABRouter`: arms that change the model get a scorer of
+    their own that shares ``scorer``'s state store (``recsys serve`` and each Ray Serve replica)."""
+    def make_scorer(path: str | None, precision: str | None, overrides: list[str]) -> Scorer:
+        other = load_export(path or export_path, embeddings=precision or embeddings, overrides=overrides)
+        if scorer.live is None:
+            return Scorer(other, ksa_cache_bytes=ksa_cache_bytes)
+        return Scorer.live_from(other, scorer.live.store, ksa_cache_bytes=ksa_cache_bytes, live_bytes=live_bytes)
+
+    return ABRouter.load(scorer, experiments, log_dir=ab_log, force=force, memory_bytes=memory_bytes,
+                         make_scorer=make_scorer, recent_requests=feedback_requests,
+                         unverified_feedback=unverified_feedback)
 
 
 def _listen(host: str, port: int) -> socket.socket:

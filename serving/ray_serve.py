@@ -45,7 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +54,11 @@ from fastapi import FastAPI
 from ray import serve
 
 from models.export import HISTORY, load_export, verify_export
-from recsys.errors import RecsysError, clip
+from recsys.ab_schemas import ExperimentConfig
+from recsys.errors import DataError, RecsysError, clip
 from recsys.terminal import services_ignore_sigint, stdout_to_stderr
-from serving.http import AUTO_STATE, _listen, create_app, default_state
+from serving.ab import DEFAULT_MEMORY_BYTES, DEFAULT_RECENT_REQUESTS, read_experiments
+from serving.http import AUTO_STATE, _listen, create_app, default_state, load_router
 from serving.limits import Limits, check_port
 from serving.live import DEFAULT_LIVE_BYTES
 from serving.scorer import DEFAULT_KSA_CACHE_BYTES, Scorer
@@ -81,6 +83,11 @@ class ReplicaConfig:
         ksa_cache_bytes: the KSA state cache of each replica.
         live_bytes: the merged-history cache of each replica.
         durable: refuse a store that could lose acknowledged events.
+        experiments: A/B experiments, read and checked by the process that deploys (arm exports
+            absolute); none: no routing.
+        ab_log: the exposure and feedback log directory (absolute; one directory every replica
+            writes: each writes its own part files), or None.
+        ab_memory_bytes, ab_feedback_requests: per replica, as ``recsys serve``.
     """
 
     export: str
@@ -89,6 +96,10 @@ class ReplicaConfig:
     ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES
     live_bytes: int = DEFAULT_LIVE_BYTES
     durable: bool = True
+    experiments: tuple[ExperimentConfig, ...] = ()
+    ab_log: str | None = None
+    ab_memory_bytes: int = DEFAULT_MEMORY_BYTES
+    ab_feedback_requests: int = DEFAULT_RECENT_REQUESTS
 
 
 def replica_name() -> str:
@@ -140,7 +151,13 @@ def build_app(config: ReplicaConfig) -> FastAPI:
         store = open_store(config.state, durable=config.durable)
         scorer = Scorer.live_from(export, store, ksa_cache_bytes=config.ksa_cache_bytes,
                                   live_bytes=config.live_bytes)
-    app = add_replica_header(create_app(scorer, limits=config.limits), replica_name())
+    ab = None
+    if config.experiments:  # feedback on another replica's request is logged unverified (serving/ab.py)
+        ab = load_router(scorer, config.export, config.experiments, embeddings=None, ab_log=config.ab_log,
+                         force=True, memory_bytes=config.ab_memory_bytes, feedback_requests=config.ab_feedback_requests,
+                         ksa_cache_bytes=config.ksa_cache_bytes, live_bytes=config.live_bytes,
+                         unverified_feedback=True)
+    app = add_replica_header(create_app(scorer, limits=config.limits, ab=ab), replica_name())
     gc.collect()  # as serve() does: the export lives as long as the process, keep it out of full passes
     gc.freeze()
     return app
@@ -217,7 +234,9 @@ def _pick_port(host: str, port: int, *, cluster: str | None) -> int:
 def serve_ray(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *, replicas: int = 2,
               limits: Limits | None = None, state: str | Path | None = AUTO_STATE,
               ksa_cache_bytes: int = DEFAULT_KSA_CACHE_BYTES, live_bytes: int = DEFAULT_LIVE_BYTES,
-              durable: bool = True) -> None:
+              durable: bool = True, experiments: Sequence[str | Path] = (), ab_log: str | Path | None = None,
+              force_experiments: bool = False, ab_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+              ab_feedback_requests: int = DEFAULT_RECENT_REQUESTS) -> None:
     """Serve the export with ``replicas`` Ray Serve replicas until SIGINT or SIGTERM.
 
     Prints ``serving EXPORT on http://HOST:PORT`` once every replica answers (``port=0``: a free
@@ -231,6 +250,12 @@ def serve_ray(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000
         state: as :func:`serving.http.serve` (:data:`AUTO_STATE` by default), checked by
             :func:`check_store`.
         limits, ksa_cache_bytes, live_bytes, durable: per replica, as :func:`serving.http.serve`.
+        experiments, ab_log, force_experiments, ab_memory_bytes, ab_feedback_requests: as
+            :func:`serving.http.serve`; the configs are read and checked here, before Ray starts, and
+            every replica routes by them (assignment is a hash, the same in every process). Feedback
+            reaching a replica that did not serve its request is logged unverified and joined by
+            the report (serving/ab.py). On a cluster ``ab_log`` must be a directory every node
+            mounts at the same path.
 
     Raises:
         RecsysError: ``replicas`` < 1, a bad port, an export that fails verification, a store
@@ -253,9 +278,24 @@ def serve_ray(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000
                 state = store.path.resolve()  # absolute: a replica's working directory is Ray's, not this one
             print(f"state: {store.url} ({store.last_seq():,} events logged); POST /v1/events appends; shared by "
                   f"{_replicas(replicas)}", file=sys.stderr, flush=True)
+    configs: tuple[ExperimentConfig, ...] = ()
+    if experiments:  # a refused config is one line before Ray starts, as with one process
+        configs = tuple(read_experiments(experiments, log_dir=ab_log, force=force_experiments))
+        for e in configs:
+            for arm in e.arms:
+                if arm.export is not None:
+                    try:
+                        verify_export(arm.export)
+                    except DataError as exc:
+                        raise RecsysError(f"experiment {e.name} arm {arm.name}: {exc}") from None
     config = ReplicaConfig(export=str(Path(export_path).resolve()), state=None if state is None else str(state),
                            limits=Limits() if limits is None else limits, ksa_cache_bytes=ksa_cache_bytes,
-                           live_bytes=live_bytes, durable=durable)
+                           live_bytes=live_bytes, durable=durable, experiments=configs,
+                           ab_log=None if ab_log is None else str(Path(ab_log).resolve()),
+                           ab_memory_bytes=ab_memory_bytes, ab_feedback_requests=ab_feedback_requests)
+    if configs:
+        print(f"experiments: {', '.join(e.name for e in configs)} in every replica; log: "
+              f"{config.ab_log or 'none (--ab-log DIR to log exposures)'}", file=sys.stderr, flush=True)
     stop = _StopSignal()
     # Our handlers after ray.init, which installs its own (that one dumps a stack and exits at once)
     with _ray(cluster) as cpus, stop.installed():

@@ -286,7 +286,7 @@ def test_per_arm_counts_and_accounting_of_a_hand_made_log(hand_log, tmp_path):
     # 19 rows in the first file, r1's 3 again in the second; each bad row counted once, in one place
     assert acc["exposure_rows"] == {"read": 22, "duplicates": 3, "forced": 3, "outside_window": 2,
                                     "unknown_arm": 2, "several_arms": 0, "used": 12}
-    assert acc["feedback_rows"] == {"read": 7, "duplicates": 1, "joined": 3, "unjoined": 1, "forced": 1,
+    assert acc["feedback_rows"] == {"read": 7, "unverified_read": 0, "duplicates": 1, "joined": 3, "unjoined": 1, "forced": 1,
                                     "outside_window": 1, "unknown_arm": 0, "several_arms": 0}
     # the first flush's exposures span 3 days (3 files); the pre-period reads the other partitions
     assert acc["files"] == {"exposures": 4, "feedback": 2, "pre_period_exposures": 1, "pre_period_feedback": 0,

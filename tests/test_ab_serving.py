@@ -23,6 +23,8 @@ from recsys.config import load_config
 from recsys.errors import ConfigError
 from recsys.process import serve_command
 from serving.ab import ABRouter, epsilon_order
+from serving.http import create_app
+from serving.scorer import Scorer
 from tests.conftest import run_cli
 from tests.runs import make_run, raw_requests
 from tests.test_serving import get, post, server_process
@@ -311,6 +313,7 @@ def test_a_started_experiment_refuses_a_changed_assignment(export, tmp_path):
     ({"arms": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.5, "policy": {"kind": "greedy", "epsilon": 0.1}}]},
      "epsilon: not an option of policy kind greedy"),
     ({"start": "2026-01-01T00:00:00"}, "has no timezone"),
+    ({"name": "_unverified"}, "name: '_unverified' starts with '_', which the logs reserve"),
     ({"arms": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.5, "export": "/no/such/export"}]},
      "/no/such/export"),
 ])
@@ -410,3 +413,41 @@ def test_two_layers_that_change_the_same_thing_are_refused(export, tmp_path):
     write_config(paths[0], {**RANKING, "end": "2001-01-01T00:00:00Z"})
     write_config(paths[1], {**other, "start": "2001-01-01T00:00:00Z"})
     ABRouter.load(scorer, paths, log_dir=None).close()
+
+
+def test_replicas_log_clicks_on_each_others_requests_and_the_report_joins_them(export, requests, tmp_path):
+    """Two services over one log, as Ray Serve replicas run (unverified_feedback): a click that
+    reaches the service that did not serve its request is logged unverified and answered so; the
+    report joins it to the other service's exposure, drops a repeat, and leaves a click on an item
+    that was not shown unjoined."""
+    from pipelines.ab_report import ab_report
+    from serving.ab import read_experiments
+    from tests.test_serving import running
+
+    path = write_config(tmp_path / "ranking.yaml", RANKING)
+    log = tmp_path / "ablog"
+    configs = read_experiments([path], log_dir=log)
+    scorer = Scorer.load(export)
+    a_router, b_router = (ABRouter.load(scorer, configs, log_dir=log, unverified_feedback=True) for _ in range(2))
+    with running(create_app(scorer, ab=a_router)) as a, running(create_app(scorer, ab=b_router)) as b:
+        answers = [post(a + "/v1/score", r)[1] for r in requests[:20]]
+        in_ranking = 0
+        for k, (r, answer) in enumerate(zip(requests, answers, strict=False)):
+            top = r["candidates"][answer["ranking"][0]]["item_id"]
+            status, fb = post((b if k % 2 else a) + "/v1/feedback", {"request_id": answer["request_id"], "item_id": top})
+            assert status == 200 and fb["verified"] is not bool(k % 2), fb
+            assert (fb["position"], fb["recorded"]) == ((-1, True) if k % 2 else (0, True)), fb
+            in_ranking += any(x["experiment"] == "ranking" for x in answer["assignments"])
+        odd = len(answers) // 2
+        assert odd >= 3 and b_router.counts["feedback_unverified"] == odd and b_router.counts["feedback"] == 0
+        first = requests[0]["candidates"][answers[0]["ranking"][0]]["item_id"]
+        assert post(b + "/v1/feedback", {"request_id": answers[0]["request_id"], "item_id": first})[1]["verified"] is False
+        hidden = requests[2]["candidates"][answers[2]["ranking"][-1]]["item_id"]  # position 9 of 4 slots
+        assert post(b + "/v1/feedback", {"request_id": answers[2]["request_id"], "item_id": hidden})[0] == 200
+        unknown = {"request_id": "0" * 32, "item_id": first}  # no service logged it: not this experiment's
+        assert post(b + "/v1/feedback", unknown)[1] == {"recorded": True, "duplicate": False, "position": -1,
+                                                        "experiments": [], "verified": False}
+    report = ab_report("ranking", log, config=path, out=tmp_path)
+    rows = report["accounting"]["feedback_rows"]
+    assert sum(arm["clicks"] for arm in report["arms"]) == rows["joined"] == in_ranking
+    assert (rows["unverified_read"], rows["duplicates"], rows["unjoined"]) == (odd + 2, 1, 1), rows

@@ -4,6 +4,7 @@ refusals of flags and stores that make no sense with replicas."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -14,6 +15,7 @@ import subprocess
 import time
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,6 +90,27 @@ def descendants(root: int) -> dict[int, str]:
     return found
 
 
+@contextlib.contextmanager
+def ray_server(export_dir: Path, log_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """`recsys serve --ray FLAGS` in a session of its own (the caller can check that nothing of its
+    process group is left), healthy: yields (process, banner, base URL). A block that ends without
+    an error stops it with SIGTERM, which must exit 0; any exit kills its group."""
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(serve_ray_command(export_dir, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                                text=True, start_new_session=True, env=LOCAL)
+        try:
+            banner = _read_banner(proc, log_path)
+            base = banner.rsplit(" on ", 1)[1]
+            _wait_healthy(base, proc)
+            yield proc, banner, base
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def test_two_replicas_share_events_through_redis_and_stop_cleanly(export_dir, tmp_path):
     export = load_export(export_dir)
     users, items, cats = (raw_of(export, v) for v in ("user_id", "item_id", "category_id"))
@@ -98,55 +121,42 @@ def test_two_replicas_share_events_through_redis_and_stop_cleanly(export_dir, tm
     with redis_base_url(tmp_path / "redis") as redis_url:
         url = with_prefix(redis_url, f"rayserve{uuid.uuid4().hex[:8]}")
         log_path = tmp_path / "server.log"
-        with open(log_path, "w+") as log:
-            # a session of its own: the test checks that nothing of its process group is left
-            proc = subprocess.Popen(serve_ray_command(export_dir, "--replicas", "2", "--state", url), cwd=ROOT,
-                                    stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True, env=LOCAL)
-            try:
-                banner = _read_banner(proc, log_path)
-                base = banner.rsplit(" on ", 1)[1]
-                assert banner == f"serving {export_dir} on {base}" and base.startswith("http://127.0.0.1:")
-                _wait_healthy(base, proc)
-                with open_store(url) as store:
-                    before = Scorer.live_from(load_export(export_dir), store).score(
-                        user, ask["candidates"], timestamp=ask["timestamp"])
-                status, headers, answer = request("POST", base + "/v1/score", ask)
-                assert status == 200 and answer["scores"] == pytest.approx(before, abs=1e-6, rel=0)
-                status, headers, ack = request("POST", base + "/v1/events", {"events": batch})
-                assert (status, ack["accepted"], ack["duplicates"]) == (200, 15, 0), ack
-                took_events = headers[HEADER]
-                with open_store(url) as store:
-                    expected = Scorer.live_from(load_export(export_dir), store).score(
-                        user, ask["candidates"], timestamp=ask["timestamp"])
-                assert np.abs(np.array(expected) - np.array(before)).max() > 1e-4  # the events matter
-                # Serve sends each request to the less busy of the replicas: concurrent rounds
-                # until both have answered (every answer checked)
-                answered: dict[str, int] = {}
-                with ThreadPoolExecutor(8) as pool:
-                    for _ in range(40):
-                        for status, headers, answer in pool.map(lambda _: request("POST", base + "/v1/score", ask),
-                                                                range(8)):
-                            assert status == 200, answer
-                            assert answer["scores"] == pytest.approx(expected, abs=1e-6, rel=0)
-                            answered[headers[HEADER]] = answered.get(headers[HEADER], 0) + 1
-                        if len(answered) == 2:
-                            break
-                assert len(answered) == 2, f"one replica answered everything: {answered}"
-                assert set(answered) - {took_events}  # a replica that did not take the events saw them
-                # an error answer names its replica too
-                status, headers, answer = request("POST", base + "/v1/score", {"user_id": "x", "candidates": []})
-                assert status == 422 and headers[HEADER] in answered, (status, headers, answer)
-                # one process per replica, on this machine, under the command
-                running_now = descendants(proc.pid)
-                pids = {int(name.split("@")[0]) for name in answered}
-                assert all(name.endswith(f"@{socket.gethostname()}") for name in answered)
-                assert pids <= set(running_now) and all("ServeReplica" in running_now[p] for p in pids), running_now
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        with ray_server(export_dir, log_path, "--replicas", "2", "--state", url) as (proc, banner, base):
+            assert banner == f"serving {export_dir} on {base}" and base.startswith("http://127.0.0.1:")
+            with open_store(url) as store:
+                before = Scorer.live_from(load_export(export_dir), store).score(
+                    user, ask["candidates"], timestamp=ask["timestamp"])
+            status, headers, answer = request("POST", base + "/v1/score", ask)
+            assert status == 200 and answer["scores"] == pytest.approx(before, abs=1e-6, rel=0)
+            status, headers, ack = request("POST", base + "/v1/events", {"events": batch})
+            assert (status, ack["accepted"], ack["duplicates"]) == (200, 15, 0), ack
+            took_events = headers[HEADER]
+            with open_store(url) as store:
+                expected = Scorer.live_from(load_export(export_dir), store).score(
+                    user, ask["candidates"], timestamp=ask["timestamp"])
+            assert np.abs(np.array(expected) - np.array(before)).max() > 1e-4  # the events matter
+            # Serve sends each request to the less busy of the replicas: concurrent rounds
+            # until both have answered (every answer checked)
+            answered: dict[str, int] = {}
+            with ThreadPoolExecutor(8) as pool:
+                for _ in range(40):
+                    for status, headers, answer in pool.map(lambda _: request("POST", base + "/v1/score", ask),
+                                                            range(8)):
+                        assert status == 200, answer
+                        assert answer["scores"] == pytest.approx(expected, abs=1e-6, rel=0)
+                        answered[headers[HEADER]] = answered.get(headers[HEADER], 0) + 1
+                    if len(answered) == 2:
+                        break
+            assert len(answered) == 2, f"one replica answered everything: {answered}"
+            assert set(answered) - {took_events}  # a replica that did not take the events saw them
+            # an error answer names its replica too
+            status, headers, answer = request("POST", base + "/v1/score", {"user_id": "x", "candidates": []})
+            assert status == 422 and headers[HEADER] in answered, (status, headers, answer)
+            # one process per replica, on this machine, under the command
+            running_now = descendants(proc.pid)
+            pids = {int(name.split("@")[0]) for name in answered}
+            assert all(name.endswith(f"@{socket.gethostname()}") for name in answered)
+            assert pids <= set(running_now) and all("ServeReplica" in running_now[p] for p in pids), running_now
         stderr = log_path.read_text()
         assert "stopping (SIGTERM): Ray Serve replicas, then Ray" in stderr
         # nothing left: every process the command started (Ray's services, its workers) is gone
@@ -254,3 +264,54 @@ def test_the_replica_header_is_on_every_answer(export_dir):
         for path, code in (("/healthz", 200), ("/nope", 404), ("/boom", 500)):
             status, headers, _ = request("GET", base + path)
             assert (status, headers[HEADER]) == (code, f"{os.getpid()}@{socket.gethostname()}")
+
+
+def test_two_replicas_route_experiments_and_the_report_joins_clicks_taken_by_either(export_dir, tmp_path):
+    """`--ray --experiments`: both replicas assign users as GrowthBook's hashing does in this
+    process, each logs its exposures into the one --ab-log, a click posted through the replica
+    that did not serve its request is logged unverified, and after SIGTERM the report joins every
+    click to its exposure."""
+    import yaml
+
+    from pipelines.ab_report import ab_report
+    from recsys.ab_schemas import ExperimentConfig
+    from recsys.assign import assign
+    from recsys.config import load_config
+
+    export = load_export(export_dir)
+    users, items = raw_of(export, "user_id"), raw_of(export, "item_id")
+    config = tmp_path / "aa.yaml"
+    config.write_text(yaml.safe_dump({"name": "aa", "start": "2000-01-01T00:00:00Z", "slots": 2, "arms": [
+        {"name": "control", "weight": 0.5}, {"name": "same", "weight": 0.5}]}))
+    experiment = load_config(ExperimentConfig, config)
+    log = tmp_path / "ablog"
+    asks = [{"user_id": int(users[1 + k % 40]), "timestamp": NOW + k,
+             "candidates": [{"item_id": int(items[1 + (k + j) % 30])} for j in range(3)]} for k in range(16)]
+    server_log = tmp_path / "server.log"
+    with ray_server(export_dir, server_log, "--replicas", "2", "--no-state", "--experiments", str(config),
+                    "--ab-log", str(log)) as (_, _, base):
+        served: dict[str, tuple[str, int]] = {}  # request id -> (replica, clicked item)
+        feedback: dict[bool, int] = {}  # verified -> answers
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(30):  # concurrent rounds until each kind of click has happened
+                for ask, (status, headers, answer) in zip(asks, pool.map(
+                        lambda a: request("POST", base + "/v1/score", a), asks), strict=True):
+                    assert status == 200, answer
+                    assert answer["arm"] == assign(experiment, ask["user_id"], {}), answer
+                    top = ask["candidates"][answer["ranking"][0]]["item_id"]
+                    served[answer["request_id"]] = (headers[HEADER], top)
+                clicks = list(served.items())[-len(asks):]
+                for (_, (replica, _)), (status, headers, fb) in zip(clicks, pool.map(
+                        lambda c: request("POST", base + "/v1/feedback", {"request_id": c[0], "item_id": c[1][1]}),
+                        clicks), strict=True):
+                    assert status == 200 and fb["verified"] is (headers[HEADER] == replica), (fb, headers, replica)
+                    feedback[fb["verified"]] = feedback.get(fb["verified"], 0) + 1
+                if len({r for r, _ in served.values()}) == 2 and len(feedback) == 2:
+                    break
+        assert len({r for r, _ in served.values()}) == 2 and len(feedback) == 2, feedback
+    report = ab_report("aa", log, config=config, out=tmp_path)
+    rows = report["accounting"]["feedback_rows"]
+    assert rows["joined"] == len(served) and rows["unjoined"] == 0, rows
+    assert rows["unverified_read"] == feedback[False], rows
+    assert {a["name"]: a["users"] for a in report["arms"]} == {
+        arm: len({a["user_id"] for a in asks if assign(experiment, a["user_id"], {}) == arm}) for arm in ("control", "same")}
