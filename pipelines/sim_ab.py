@@ -3,16 +3,17 @@
 The world knows every click probability, so the statistics of ``recsys ab report`` can be held
 to what they promise. One simulation (config: :class:`~recsys.sim_schemas.AbSimConfig`):
 
-1. **Model.** The world is generated and built, the model trained in process and exported, once
-   (kept in ``OUT/prepared`` and reused while the world and model settings are unchanged).
+1. **Models.** The world is generated and built, the model (and ``treatment_model``, if any)
+   trained in process and exported, once (kept in ``OUT/prepared`` and reused while the world and
+   model settings are unchanged).
 2. **Traffic, per seed.** A real ``recsys serve --experiments DIR --ab-log LOG`` process runs, at
    once: ``aa`` A/A experiments, each in its own layer (so each is an independent hash split of
    the same users), and ``ab`` A/B replicates in disjoint ranges of one layer (greedy control
-   against the ``treatment`` policy). Over the world's last ``days`` days, ``requests_per_day``
-   requests a day arrive (users and candidates drawn as the world draws them); each is scored over
-   HTTP, the top ``slots`` of the answer's ranking are shown, and a click on position p is drawn
-   from the true probability (the world's logit at position 0 minus its position penalty) and
-   posted to ``POST /v1/feedback``. The experiments start after ``pre_days`` days, whose requests
+   against the ``treatment`` policy, served by ``treatment_model`` where given). Over the world's
+   last ``days`` days, ``requests_per_day`` requests a day arrive (users and candidates drawn as
+   the world draws them); each is scored over HTTP, the top ``slots`` of the answer's ranking are
+   shown, and a click on position p is drawn from the true probability (the world's logit at
+   position 0 minus its position penalty) and posted to ``POST /v1/feedback``. The experiments start after ``pre_days`` days, whose requests
    are logged outside every experiment (CUPED's pre-period).
 3. **Truth.** For a request in an A/B replicate, the other arm is asked as well (``force_arm``:
    logged as forced, left out of the report), so the true CTR of both arms is known for the same
@@ -27,8 +28,10 @@ interval, the share of A/B intervals that cover the true lift (and the share tha
 SRM flag rate on the broken copies and on the untouched experiments.
 
 What is simplified: clicks are not appended to the users' histories (``--no-state``): a week is
-short against a 196-day history. The model is the one trained before the simulation; arms differ
-by ranking policy only.
+short against a 196-day history. The models are trained before the simulation and do not learn
+from its traffic. The A/B treatment differs from the control by its ranking policy
+(``treatment``), by its model (``treatment_model``, e.g. ``full`` against ``din``: trained on
+the same data, served as the arm's ``export``), or both.
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ class _Client:
 # The model, prepared once
 
 
-def prepare(cfg: AbSimConfig, out: Path, config_dir: Path) -> Path:
+def prepare(cfg: AbSimConfig, out: Path, config_dir: Path) -> tuple[Path, Path | None]:
     """Generate, build, train and export (or reuse ``out/prepared`` when made with the same
-    world and model settings); returns the export directory."""
+    world and model settings); returns the export directories of the model and of
+    ``treatment_model`` (None without one)."""
     from features.build import build
     from features.synth import generate
     from models.export import save_export
@@ -104,24 +108,30 @@ def prepare(cfg: AbSimConfig, out: Path, config_dir: Path) -> Path:
     from pipelines.train import train
     from recsys.schemas import BuildConfig, SynthConfig
 
-    key = {"world": cfg.world, "world_set": cfg.world_set, "model": cfg.model, "model_set": cfg.model_set}
+    key = {"world": cfg.world, "world_set": cfg.world_set, "model": cfg.model, "model_set": cfg.model_set,
+           "treatment_model": cfg.treatment_model, "treatment_model_set": cfg.treatment_model_set}
     root = out / "prepared"
     made = root / "prepared.json"
-    if made.is_file() and json.loads(made.read_text()) == key and (root / "export").is_dir():
-        note(f"simulate ab: reusing the model in {root}")
-        return root / "export"
+    exports = (root / "export", None if cfg.treatment_model is None else root / "treatment_export")
+    if made.is_file() and json.loads(made.read_text()) == key and all(e.is_dir() for e in exports if e is not None):
+        note(f"simulate ab: reusing the model{'s' if exports[1] else ''} in {root}")
+        return exports
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     synth = load_config(SynthConfig, config_file(config_dir, "synth", cfg.world, what="world"), cfg.world_set)
-    note("simulate ab: generating the world, building the data, training the model (once)")
+    note(f"simulate ab: generating the world, building the data, training the model{'s' if exports[1] else ''} (once)")
     generate(synth, root / "world")
     build(f"synth:{root / 'world'}", root / "data", load_config(BuildConfig, config_dir / "data" / "default.yaml"))
-    run_cfg = load_config(RunConfig, _model_path(config_dir, cfg.model), cfg.model_set)
-    run = train(run_cfg, root / "data", root / "run", workers=0)
-    save_export(run.path, root / "export")
+    models = [(cfg.model, cfg.model_set, "run", exports[0]), (cfg.treatment_model, cfg.treatment_model_set,
+                                                             "treatment_run", exports[1])]
+    for model, overrides, run_dir, export in models:
+        if model is not None:
+            run = train(load_config(RunConfig, _model_path(config_dir, model), overrides), root / "data",
+                        root / run_dir, workers=0)
+            save_export(run.path, export)
     write_json(made, key)
-    return root / "export"
+    return exports
 
 
 def _model_path(config_dir: Path, model: str) -> Path:
@@ -132,9 +142,14 @@ def _model_path(config_dir: Path, model: str) -> Path:
 # The experiments of one seed
 
 
-def experiment_configs(cfg: AbSimConfig, seed: int, start: dt.datetime) -> list[dict[str, Any]]:
-    """The seed's experiment configs (dicts of :class:`recsys.ab_schemas.ExperimentConfig`)."""
+def experiment_configs(cfg: AbSimConfig, seed: int, start: dt.datetime,
+                       treatment_export: Path | None = None) -> list[dict[str, Any]]:
+    """The seed's experiment configs (dicts of :class:`recsys.ab_schemas.ExperimentConfig`); the A/B
+    treatment arm serves ``treatment_export`` when given."""
     half = [{"name": "control", "weight": 0.5}, {"name": "treatment", "weight": 0.5}]
+    treatment = {**half[1], "policy": cfg.treatment}
+    if treatment_export is not None:
+        treatment["export"] = str(treatment_export)
     when = start.isoformat().replace("+00:00", "Z")
     out = []
     for i in range(cfg.aa):
@@ -143,8 +158,9 @@ def experiment_configs(cfg: AbSimConfig, seed: int, start: dt.datetime) -> list[
     for j in range(cfg.ab):
         out.append({"name": f"ab{j:03d}", "salt": f"{cfg.name}-s{seed}-ab", "layer": "ab",
                     "layer_range": [j / cfg.ab, (j + 1) / cfg.ab], "start": when, "slots": cfg.slots,
-                    "description": "A/B replicate: greedy against the treatment policy",
-                    "arms": [half[0], {**half[1], "policy": cfg.treatment}]})
+                    "description": "A/B replicate: greedy against the treatment "
+                                   + ("policy" if treatment_export is None else f"model ({cfg.treatment_model})"),
+                    "arms": [half[0], treatment]})
     return out
 
 
@@ -170,13 +186,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def run_seed(cfg: AbSimConfig, sw: SimWorld, export: Path, seed: int, out: Path) -> dict[str, Any]:
+def run_seed(cfg: AbSimConfig, sw: SimWorld, export: Path, seed: int, out: Path,
+             treatment_export: Path | None = None) -> dict[str, Any]:
     """Serve one seed's traffic, then report every experiment; returns the seed's rows."""
     rng = np.random.default_rng([cfg.seed + seed, 7])
     start_s = int(sw.synth.time.start.timestamp())
     lo = sw.t1 - cfg.days * DAY  # world seconds
     exp_start = dt.datetime.fromtimestamp(start_s + lo + cfg.pre_days * DAY, tz=dt.UTC)
-    configs = experiment_configs(cfg, seed, exp_start)
+    configs = experiment_configs(cfg, seed, exp_start, treatment_export)
     exp_dir, log = out / "experiments", out / "log"
     exp_dir.mkdir(parents=True)
     paths = {}
@@ -299,7 +316,7 @@ def simulate_ab(cfg: AbSimConfig, *, config_dir: Path, out: str | Path, overwrit
                                 "(the prepared model is kept)")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    export = prepare(cfg, out, config_dir)
+    export, treatment_export = prepare(cfg, out, config_dir)
     run_cfg = load_config(RunConfig, _model_path(config_dir, cfg.model), cfg.model_set)
     sim = ExploreSimConfig(world=cfg.world, world_set=cfg.world_set, sim_days=float(cfg.days), warm_days=1.0)
     sw = build_sim_world(sim, run_cfg, config_dir)
@@ -308,7 +325,7 @@ def simulate_ab(cfg: AbSimConfig, *, config_dir: Path, out: str | Path, overwrit
         seed_dir = out / f"seed-{s}"
         if seed_dir.exists():
             shutil.rmtree(seed_dir)
-        seeds.append(run_seed(cfg, sw, export, s, seed_dir))
+        seeds.append(run_seed(cfg, sw, export, s, seed_dir, treatment_export))
     result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **summarize(seeds, alpha=cfg.alpha, leak=cfg.leak),
               "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
     write_json(out / "result.json", result)

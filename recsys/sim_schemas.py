@@ -102,7 +102,8 @@ class AbSimConfig(Schema):
     Per seed: one served day-stream of the world's users through a real ``recsys serve
     --experiments`` process, in which ``aa`` A/A experiments (one per layer: independent hashes of
     the same users) and ``ab`` A/B replicates (disjoint ranges of one layer: greedy control against
-    ``treatment``) run at once; clicks come from the world's true probabilities.
+    ``treatment``, served by ``treatment_model`` when one is given) run at once; clicks come from
+    the world's true probabilities.
     """
 
     name: str = Field("ab", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -121,6 +122,11 @@ class AbSimConfig(Schema):
     treatment: dict[str, Any] = Field(default_factory=lambda: {"kind": "epsilon", "epsilon": 0.5},
                                       description="the A/B treatment arm's policy (recsys.ab_schemas.PolicySpec); "
                                       "the control is greedy")
+    treatment_model: str | None = Field(None, description="the A/B treatment arm's model (a config of "
+                                        "configs/models or a YAML path), trained on the same data and served as "
+                                        "the arm's export; none: the control's model")
+    treatment_model_set: list[str] = Field(default_factory=list, description="overrides of treatment_model's "
+                                           "config (KEY=VALUE)")
     leak: float = Field(0.1, gt=0, lt=1, description="SRM check: share of treatment users relabelled as control "
                                                      "in a copy of each A/A experiment's log")
     alpha: float = Field(0.05, gt=0, lt=1)
@@ -138,4 +144,6 @@ class AbSimConfig(Schema):
             raise ValueError(f"pre_days ({self.pre_days}) must be below days ({self.days}): the experiments need days")
         if self.aa + self.ab == 0:
             raise ValueError("aa and ab are both 0: nothing to simulate")
+        if self.treatment_model_set and self.treatment_model is None:
+            raise ValueError("treatment_model_set needs treatment_model")
         return self

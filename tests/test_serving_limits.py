@@ -232,8 +232,8 @@ def test_healthz_answers_within_100_ms_while_a_maximal_request_is_processed(serv
     Probes go out every 20 ms whatever the previous ones are doing, so a blocked event loop
     shows as a run of slow probes (decoding on the loop held them 0.6-1.1 s: 80th percentile
     1,133 ms before the fix), while the OS descheduling the server for a moment shows as a lone
-    slow probe. The bound is on the 80th percentile of the probes sent while three maximal
-    requests are in flight: under 100 ms plus the 80th percentile of the same probing with
+    slow probe. The bound is on the 80th percentile of the probes sent while maximal requests
+    (three, or more until 0.6 s have passed) are in flight: under 100 ms plus the 80th percentile of the same probing with
     nothing in flight (a few ms on an idle machine: the margin only absorbs load from other
     processes, which slows every probe, not what the request does).
     """
@@ -242,8 +242,11 @@ def test_healthz_answers_within_100_ms_while_a_maximal_request_is_processed(serv
     answers, done = [], threading.Event()
 
     def big():
+        # three maximal requests, and more while they took under 0.6 s (a fast machine): enough
+        # probes for a percentile
+        started = time.monotonic()
         try:
-            for _ in range(3):
+            while len(answers) < 3 or (time.monotonic() - started < 0.6 and len(answers) < 30):
                 answers.append(post(base + "/v1/score", body)[0])
         finally:
             done.set()
@@ -255,7 +258,7 @@ def test_healthz_answers_within_100_ms_while_a_maximal_request_is_processed(serv
     worker.start()
     busy = _probe_while(base, lambda: not done.is_set())
     worker.join()
-    assert answers == [200, 200, 200]
+    assert len(answers) >= 3 and set(answers) == {200}, answers
     assert len(busy) >= 15, f"the maximal requests took only {len(busy) * 20} ms: too few probes"
     p80, idle80 = float(np.percentile(busy, 80)), float(np.percentile(idle, 80))
     assert p80 < 100 + idle80, (f"/healthz 80th percentile {p80:.0f} ms over {len(busy)} probes during maximal requests "

@@ -12,13 +12,15 @@ import pytest
 
 from pipelines.sim_ab import format_ab_sim, simulate_ab
 from recsys.config import load_config
-from recsys.errors import OutputExistsError
+from recsys.errors import ConfigError, OutputExistsError
 from recsys.sim_schemas import AbSimConfig
 from tests.conftest import ROOT, run_cli
 
 SMALL = ["world_set=[num_users=300, num_items=3000, num_categories=30, num_brands=10, activity.median_events=100, "
          "activity.max_events=1000]", "model_set=[model.din.max_len=50, train.epochs=1, model.embedding.dim=8]",
-         "seeds=1", "days=3", "requests_per_day=150", "aa=8", "ab=4", "leak=0.5"]
+         "seeds=1", "days=3", "requests_per_day=150", "aa=8", "ab=4", "leak=0.5",
+         # the A/B treatment is another model as well as a policy: a DIN of another history length
+         "treatment_model=din", "treatment_model_set=[model.din.max_len=20, train.epochs=1, model.embedding.dim=8]"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,14 @@ def test_the_traffic_went_through_the_service_and_its_logs(simulated):
     # the A/B replicates' counterfactual requests are logged as forced, and only there
     forced = exp.filter(pl.col("forced"))
     assert forced.height > 0 and set(forced["experiment"]) <= {f"ab{j:03d}" for j in range(4)}
+    # the treatment arm is served by treatment_model's export, everything else by the model's
+    models = dict(exp.filter(pl.col("experiment").str.starts_with("ab")).group_by("arm")
+                  .agg(pl.col("model").unique().sort()).iter_rows())
+    assert len(models["control"]) == len(models["treatment"]) == 1 and models["control"] != models["treatment"]
+    # the pre-period, outside every experiment, is the model's (the A/A layers, orthogonal to the
+    # A/B one, see both)
+    assert exp.filter(pl.col("experiment") == "_none")["model"].unique().to_list() == models["control"]
+    assert (out / "prepared" / "treatment_export").is_dir()
     assert json.loads((out / "result.json").read_text())["requests"] == result["requests"]
 
 
@@ -82,3 +92,8 @@ def test_bad_config_is_one_line(tmp_path):
                 "--set", "treatment={kind: greedy, epsilon: 0.2}", "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "treatment: epsilon: not an option of policy kind greedy" in r.stderr, r.stderr
+
+
+def test_treatment_model_set_needs_a_treatment_model():
+    with pytest.raises(ConfigError, match="treatment_model_set needs treatment_model"):
+        load_config(AbSimConfig, ROOT / "configs" / "sim" / "ab_small.yaml", ["treatment_model_set=[train.epochs=1]"])
