@@ -409,7 +409,8 @@ def test_bench_can_cli_json_fields_and_the_loop_agrees():
     out = json.loads(r.stdout)
     assert {"can_ms", "naive_ms", "speedup", "max_abs_diff", "target_speedup", "met"} <= set(out)
     assert out["can_ms"] > 0 and out["naive_ms"] > 0
-    assert out["speedup"] == pytest.approx(out["naive_ms"] / out["can_ms"], rel=0.01)
+    # the JSON rounds the speedup to 2 decimals (0.14 for 0.138 on a loaded machine)
+    assert out["speedup"] == pytest.approx(out["naive_ms"] / out["can_ms"], rel=0.01, abs=0.005)
     assert out["met"] == (out["speedup"] >= 10) and out["max_abs_diff"] <= 1e-4
     assert out["config"]["pairs"] == ["item x history.item", "category x history.category", "brand x profile.segment"]
     bad = run_cli("bench", "can", "--steps", "0")
