@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from recsys.config import load_config
 from recsys.schemas import BuildConfig, SynthConfig
+from tests.cli_runner import run_cli  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -23,9 +22,6 @@ def tiny_config(*extra: str) -> SynthConfig:
     return load_config(SynthConfig, ROOT / "configs" / "synth" / "small.yaml", [*TINY, *extra])
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The real `recsys` command in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def shared_file(*parts: str) -> Path:
