@@ -860,13 +860,17 @@ def _cuped(root: Path, loaded: _Loaded, per_user: pl.DataFrame, est: dict[str, R
 
 
 def _daily(loaded: _Loaded, arms: Sequence[str], *, alpha: float, tau2: float | None) -> list[dict[str, Any]]:
-    """The cumulative lift of each treatment at the end of each day since the start."""
+    """The cumulative lift of each treatment at the end of each day since the start that has used
+    exposures or clicks (on a day with neither the cumulative figures are those of the day before,
+    so it is left out: an experiment whose start lies years before its traffic is not thousands
+    of identical looks)."""
     used = loaded.exposures.filter(pl.col("status") == "used")
     if used.height == 0:
         return []
-    days = int(used["day"].max()) + 1
+    last = int(used["day"].max())
+    clicked = loaded.feedback.filter((pl.col("status") == "used") & (pl.col("day") <= last))["day"]
     out = []
-    for k in range(days):
+    for k in sorted({int(d) for d in used["day"].unique()} | {int(d) for d in clicked.unique()}):
         lifts = _lifts(_estimates(_per_user(loaded, until_day=k), arms), arms, alpha=alpha, tau2=tau2)
         row = {}
         for arm, lift in lifts.items():

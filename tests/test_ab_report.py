@@ -316,6 +316,15 @@ def test_report_matches_the_statistics_on_the_simulated_users(tmp_path):
     assert (tmp_path / "log" / "reports" / "sim_lift.png").is_file()
 
 
+def test_days_without_traffic_since_a_distant_start_are_not_looks(tmp_path):
+    simulate(tmp_path / "log", "old", users=300, seed=4)
+    config = write_config(tmp_path / "old_early.yaml", "old", start=START - 1000 * DAY, extra="slots: 2\n")
+    r = ab_report("old", tmp_path / "log", config=config, sequential=True, plot=False)
+    assert [d["day"] for d in r["daily"]] == [1001, 1002, 1003]
+    assert r["lifts"][0]["sequential"]["looks"] == 3
+    assert r["daily"][-1]["lifts"]["treatment"]["lift"] == pytest.approx(r["lifts"][0]["lift"])
+
+
 def test_srm_flagged_only_when_a_tenth_of_treatment_is_relabelled(tmp_path, capsys):
     ok = simulate(tmp_path / "ok", "srm", users=2000, seed=1, days=1)
     r = ab_report("srm", tmp_path / "ok", config=ok, plot=False)
