@@ -66,6 +66,8 @@ class MicroBatcher(Generic[T, R]):
         on_batch: called with each batch's size after its call (metrics).
         wait_for: ``"window"`` (wait ``max_wait_s`` for company) or ``"announced"`` (wait only
             while a request announced with :meth:`expecting` is still on its way).
+        thread_init: called first in the batcher's thread (the service gives it torch's
+            intra-op threads there: serving/http.py, :func:`~serving.http.parallelism_for_one_thread`).
 
     Raises:
         ValueError: ``max_batch`` below 1, a negative or infinite ``max_wait_s``, another ``wait_for``.
@@ -73,7 +75,7 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_wait_s: float = DEFAULT_WAIT_MS / 1e3, on_batch: Callable[[int], Any] | None = None,
-                 wait_for: str = "window") -> None:
+                 wait_for: str = "window", thread_init: Callable[[], Any] | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not 0 <= max_wait_s < float("inf"):
@@ -81,7 +83,7 @@ class MicroBatcher(Generic[T, R]):
         if wait_for not in ("window", "announced"):
             raise ValueError(f"wait_for must be 'window' or 'announced', got {wait_for!r}")
         self.fn, self.max_batch, self.max_wait_s, self.on_batch = fn, max_batch, max_wait_s, on_batch
-        self.wait_for = wait_for
+        self.wait_for, self.thread_init = wait_for, thread_init
         self._queue: deque[tuple[T, Future]] = deque()
         self._cond = threading.Condition()
         self._incoming = 0  # announced with expecting(), not submitted yet
@@ -158,6 +160,8 @@ class MicroBatcher(Generic[T, R]):
             return [self._queue.popleft() for _ in range(n)]
 
     def _run(self) -> None:
+        if self.thread_init is not None:
+            self.thread_init()
         while (batch := self._take()) is not None:
             items = [item for item, _ in batch]
             try:

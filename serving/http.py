@@ -58,7 +58,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -203,7 +203,27 @@ class _Refused(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-def create_app(scorer: Scorer, *, limits: Limits | None = None, ab: ABRouter | None = None) -> FastAPI:
+def parallelism_for_one_thread() -> Callable[[], None]:
+    """Leave torch's intra-op threads to the thread that will run the model, and return what that
+    thread calls first to take them (``create_app(model_thread_init=...)``).
+
+    torch's CPU kernels parallelise with OpenMP, whose thread team belongs to the thread that
+    opens a parallel region. Once the process's main thread has opened one (loading an export
+    does), a model run in another thread, as the service's batcher thread runs every request,
+    went at about the speed of one core on the 2-core machine: 4.9-5.2 ms against 3.0 ms for the
+    same ``score_many`` call in the main thread (benchmarks/serve_overhead.py measures it). So the
+    calling thread (``serve``'s, before it loads anything) runs single-threaded from here on, and
+    the batcher thread gets the threads the process had.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return lambda: torch.set_num_threads(threads)
+
+
+def create_app(scorer: Scorer, *, limits: Limits | None = None, ab: ABRouter | None = None,
+               model_thread_init: Callable[[], Any] | None = None) -> FastAPI:
     """The FastAPI app serving ``scorer`` (see the module docstring for the endpoints).
 
     Args:
@@ -211,6 +231,8 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None, ab: ABRouter | N
         limits: per-request limits and concurrency (default :class:`~serving.limits.Limits()`).
         ab: A/B experiments (serving/ab.py): requests are routed by arm, exposures logged, and
             ``POST /v1/feedback`` and ``GET /v1/experiments`` exist.
+        model_thread_init: called first in the thread that runs the model (the batcher's), e.g.
+            what :func:`parallelism_for_one_thread` returns.
     """
     limits = Limits() if limits is None else limits
     threads = ThreadPoolExecutor(max_workers=limits.max_in_flight, thread_name_prefix="recsys-score")
@@ -228,7 +250,7 @@ def create_app(scorer: Scorer, *, limits: Limits | None = None, ab: ABRouter | N
     metrics = Metrics(stats)
     # one dispatcher for every arm's model: a batch is split by scorer (the arms' models differ)
     batcher = MicroBatcher(_by_scorer, max_batch=limits.max_batch, max_wait_s=limits.batch_wait_ms / 1e3,
-                           on_batch=metrics.batch_size.observe, wait_for="announced")
+                           on_batch=metrics.batch_size.observe, wait_for="announced", thread_init=model_thread_init)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -610,6 +632,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         ValueError: ``embeddings`` is not a precision.
     """
     check_port(port)
+    model_thread_init = parallelism_for_one_thread()  # before the export's load opens a parallel region here
     export = load_export(export_path, embeddings=embeddings)
     if state == AUTO_STATE:  # the embedded store beside the export, when it ships histories to extend
         state = default_state(export_path) if export.history is not None else None
@@ -629,7 +652,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         print(f"experiments: {', '.join(e['name'] for e in described['experiments'])}; models "
               f"{described['model_bytes'] / 2**20:,.0f} MiB of {ab_memory_bytes / 2**20:,.0f} MiB; "
               f"log: {ab_log or 'none (--ab-log DIR to log exposures)'}", file=sys.stderr, flush=True)
-    app = create_app(scorer, limits=limits, ab=ab)
+    app = create_app(scorer, limits=limits, ab=ab, model_thread_init=model_thread_init)
     # The export's objects live as long as the process: keep them out of the collector's full
     # passes, which a large request's many small objects trigger (each pass holds the GIL).
     gc.collect()

@@ -58,7 +58,14 @@ from recsys.ab_schemas import ExperimentConfig
 from recsys.errors import DataError, RecsysError, clip
 from recsys.terminal import services_ignore_sigint, stdout_to_stderr
 from serving.ab import DEFAULT_MEMORY_BYTES, DEFAULT_RECENT_REQUESTS, read_experiments
-from serving.http import AUTO_STATE, _listen, create_app, default_state, load_router
+from serving.http import (
+    AUTO_STATE,
+    _listen,
+    create_app,
+    default_state,
+    load_router,
+    parallelism_for_one_thread,
+)
 from serving.limits import Limits, check_port
 from serving.live import DEFAULT_LIVE_BYTES
 from serving.scorer import DEFAULT_KSA_CACHE_BYTES, Scorer
@@ -144,6 +151,7 @@ def build_app(config: ReplicaConfig) -> FastAPI:
     Raises:
         RecsysError: the export fails verification, or the state store cannot be opened.
     """
+    model_thread_init = parallelism_for_one_thread()  # as serve(): torch's threads for the batcher's thread
     export = load_export(config.export)
     if config.state is None:
         scorer = Scorer(export, ksa_cache_bytes=config.ksa_cache_bytes)
@@ -157,7 +165,8 @@ def build_app(config: ReplicaConfig) -> FastAPI:
                          force=True, memory_bytes=config.ab_memory_bytes, feedback_requests=config.ab_feedback_requests,
                          ksa_cache_bytes=config.ksa_cache_bytes, live_bytes=config.live_bytes,
                          unverified_feedback=True)
-    app = add_replica_header(create_app(scorer, limits=config.limits, ab=ab), replica_name())
+    app = add_replica_header(create_app(scorer, limits=config.limits, ab=ab, model_thread_init=model_thread_init),
+                             replica_name())
     gc.collect()  # as serve() does: the export lives as long as the process, keep it out of full passes
     gc.freeze()
     return app

@@ -148,6 +148,32 @@ def test_announced_mode_waits_for_a_request_still_on_its_way():
     batcher.close()
 
 
+def test_thread_init_runs_first_in_the_thread_that_runs_the_batches():
+    seen = []
+    batcher = MicroBatcher(lambda xs: [seen.append(("call", threading.current_thread().name)) or x for x in xs],
+                           thread_init=lambda: seen.append(("init", threading.current_thread().name)))
+    try:
+        assert batcher.submit(7) == 7
+    finally:
+        batcher.close()
+    assert seen == [("init", "recsys-batcher"), ("call", "recsys-batcher")]
+
+
+def test_the_model_thread_takes_the_torch_threads_the_loading_thread_gave_up():
+    import torch
+
+    from serving.http import parallelism_for_one_thread
+
+    before = torch.get_num_threads()
+    try:
+        take = parallelism_for_one_thread()
+        assert torch.get_num_threads() == 1
+        take()
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"wait_for": "nobody"}, "wait_for must be 'window' or 'announced', got 'nobody'"),
     ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),

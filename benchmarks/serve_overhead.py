@@ -1,0 +1,131 @@
+"""Where a served `full` request's time goes: the model call in process against the same request
+over HTTP to a real `recsys serve`, same run.
+
+    python benchmarks/serve_overhead.py [--workdir DIR] [--history 10000] [--candidates 100] [--repeats 100] [--json]
+
+The export is `recsys bench load`'s (`configs/models/full.yaml`, one epoch on the tests' tiny
+world, made in ``--workdir`` on the first run); a SQLite store holds one user with ``--history``
+events. Three requests, each timed ``--repeats`` times after a warm-up, p50 in ms:
+
+* ``history``: that user, ``--candidates`` random items (the KSA state is cached after the warm-up);
+* ``no_history``: a user the store does not know, the same items;
+* ``one_candidate``: that unknown user, one item.
+
+In process the time is ``Scorer.score_many([request])`` on a scorer over the same store; over
+HTTP it is ``POST /v1/score`` from one keep-alive client (http.client, one request at a time)
+to a server started with the same store, micro-batching on (a lone request does not wait), plus
+``GET /healthz`` for the bare round trip. The in-process scorer is closed before the server
+starts, so the two never share the 2 cores. The difference is what the service adds: JSON, the
+request model, the thread hops and the batcher, and whatever the server process's threads cost
+the model call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.export import load_export  # noqa: E402
+from pipelines.bench_serve import bench_export  # noqa: E402
+from recsys.process import serve_command, server_process  # noqa: E402
+from recsys.timing import machine_info  # noqa: E402
+from serving.scorer import Scorer  # noqa: E402
+from serving.store import EventBatch, open_store  # noqa: E402
+
+USER, UNKNOWN, START = 10**15 + 7, 5, 1_700_000_000
+
+
+def _p50(fn, repeats: int) -> float:
+    for _ in range(max(3, repeats // 10)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(1000 * float(np.median(times)), 3)
+
+
+def measure(workdir: Path, *, history: int, candidates: int, repeats: int) -> dict:
+    export_dir = bench_export(workdir, "full")
+    export = load_export(export_dir)
+    rng = np.random.default_rng(0)
+    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
+    cats = export.vocabularies["category_id"].table.slice(1)["raw"].to_numpy()
+    chosen = [{"item_id": int(i)} for i in rng.choice(items, candidates)]
+    asks = {"history": {"user_id": USER, "candidates": chosen},
+            "no_history": {"user_id": UNKNOWN, "candidates": chosen},
+            "one_candidate": {"user_id": UNKNOWN, "candidates": chosen[:1]}}
+    with tempfile.TemporaryDirectory(prefix="recsys-serve-overhead-") as tmp:
+        state = Path(tmp) / "state.sqlite"
+        with open_store(state, durable=False) as store:
+            scorer = Scorer.live_from(export, store)
+            for lo in range(0, history, 1000):
+                n = min(1000, history - lo)
+                scorer.live.append(EventBatch(
+                    user_id=np.full(n, USER, dtype=np.int64), item_id=rng.choice(items, n),
+                    category_id=rng.choice(cats, n), behavior=rng.integers(0, 4, n),
+                    timestamp=START + 60 * (lo + np.arange(n, dtype=np.int64)), event_id=[None] * n))
+            in_process = {name: _p50(lambda a=a: scorer.score_many([a]), repeats) for name, a in asks.items()}
+        del scorer
+        with server_process(serve_command(export_dir, "--state", str(state)), Path(tmp) / "server.log") as srv:
+            url = urllib.parse.urlsplit(srv.base)
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+
+            def call(method: str, path: str, body: bytes | None = None) -> None:
+                conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"{method} {path}: {resp.status} {data[:200]!r}")
+
+            over_http = {name: _p50(lambda b=json.dumps(a).encode(): call("POST", "/v1/score", b), repeats)
+                         for name, a in asks.items()}
+            healthz = _p50(lambda: call("GET", "/healthz"), repeats)
+    rows = [{"request": name, "in_process_ms": in_process[name], "http_ms": over_http[name],
+             "added_ms": round(over_http[name] - in_process[name], 3),
+             "http_over_in_process": round(over_http[name] / in_process[name], 2)} for name in asks]
+    return {"rows": rows, "healthz_ms": healthz, "history": history, "candidates": candidates, "repeats": repeats,
+            "export": str(export_dir), "machine": machine_info()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/recsys-serve-overhead"),
+                        help="where the export is made on the first run and reused after")
+    parser.add_argument("--history", type=int, default=10_000, help="events of the user with a history")
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    for name in ("history", "candidates", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    r = measure(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"full, {args.candidates} candidates, user history {args.history:,} events, p50 of {args.repeats}")
+    print("| request | in process ms | over HTTP ms | added ms | HTTP / in process |")
+    print("|---|---|---|---|---|")
+    for row in r["rows"]:
+        print(f"| {row['request']} | {row['in_process_ms']} | {row['http_ms']} | {row['added_ms']} | "
+              f"{row['http_over_in_process']}x |")
+    print(f"GET /healthz round trip: {r['healthz_ms']} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
