@@ -15,7 +15,7 @@ In process the time is ``Scorer.score_many([request])`` on a scorer over the sam
 HTTP it is ``POST /v1/score`` from one keep-alive client (http.client, one request at a time)
 to a server started with the same store, micro-batching on (a lone request does not wait), plus
 ``GET /healthz`` for the bare round trip. The in-process scorer is closed before the server
-starts, so the two never share the 2 cores. The difference is what the service adds: JSON, the
+is idle while the server runs (its store is closed), so the two never share the cores. The difference is what the service adds: JSON, the
 request model, the thread hops and the batcher, and whatever the server process's threads cost
 the model call.
 """
@@ -78,7 +78,6 @@ def measure(workdir: Path, *, history: int, candidates: int, repeats: int) -> di
                     category_id=rng.choice(cats, n), behavior=rng.integers(0, 4, n),
                     timestamp=START + 60 * (lo + np.arange(n, dtype=np.int64)), event_id=[None] * n))
             in_process = {name: _p50(lambda a=a: scorer.score_many([a]), repeats) for name, a in asks.items()}
-        del scorer
         with server_process(serve_command(export_dir, "--state", str(state)), Path(tmp) / "server.log") as srv:
             url = urllib.parse.urlsplit(srv.base)
             conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
@@ -90,8 +89,9 @@ def measure(workdir: Path, *, history: int, candidates: int, repeats: int) -> di
                 if resp.status != 200:
                     raise RuntimeError(f"{method} {path}: {resp.status} {data[:200]!r}")
 
-            over_http = {name: _p50(lambda b=json.dumps(a).encode(): call("POST", "/v1/score", b), repeats)
-                         for name, a in asks.items()}
+            bodies = {name: json.dumps(a).encode() for name, a in asks.items()}
+            over_http = {name: _p50(lambda b=body: call("POST", "/v1/score", b), repeats)
+                         for name, body in bodies.items()}
             healthz = _p50(lambda: call("GET", "/healthz"), repeats)
     rows = [{"request": name, "in_process_ms": in_process[name], "http_ms": over_http[name],
              "added_ms": round(over_http[name] - in_process[name], 3),
