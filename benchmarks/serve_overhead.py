@@ -14,10 +14,10 @@ events. Three requests, each timed ``--repeats`` times after a warm-up, p50 in m
 In process the time is ``Scorer.score_many([request])`` on a scorer over the same store; over
 HTTP it is ``POST /v1/score`` from one keep-alive client (http.client, one request at a time)
 to a server started with the same store, micro-batching on (a lone request does not wait), plus
-``GET /healthz`` for the bare round trip. The in-process scorer is closed before the server
-is idle while the server runs (its store is closed), so the two never share the cores. The difference is what the service adds: JSON, the
-request model, the thread hops and the batcher, and whatever the server process's threads cost
-the model call.
+``GET /healthz`` for the bare round trip. The in-process scorer is idle while the server runs
+(its store is closed), so the two never share the cores. The difference is what the service
+adds: JSON, the request model, the thread hops and the batcher, and whatever running the model
+in the batcher's thread costs (serving/http.py, ``parallelism_for_one_thread``).
 """
 
 from __future__ import annotations
