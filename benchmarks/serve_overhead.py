@@ -2,6 +2,7 @@
 over HTTP to a real `recsys serve`, same run.
 
     python benchmarks/serve_overhead.py [--workdir DIR] [--history 10000] [--candidates 100] [--repeats 100] [--json]
+    python benchmarks/serve_overhead.py --ab [--rounds 2] [--history 3000] [--repeats 1500]   # A/B and its log
 
 The export is `recsys bench load`'s (`configs/models/full.yaml`, one epoch on the tests' tiny
 world, made in ``--workdir`` on the first run); a SQLite store holds one user with ``--history``
@@ -46,7 +47,7 @@ from serving.store import EventBatch, open_store  # noqa: E402
 USER, UNKNOWN, START = 10**15 + 7, 5, 1_700_000_000
 
 
-def _p50(fn, repeats: int) -> float:
+def _times_ms(fn, repeats: int) -> np.ndarray:
     for _ in range(max(3, repeats // 10)):
         fn()
     times = []
@@ -54,7 +55,39 @@ def _p50(fn, repeats: int) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return round(1000 * float(np.median(times)), 3)
+    return 1000 * np.array(times)
+
+
+def _p50(fn, repeats: int) -> float:
+    return round(float(np.median(_times_ms(fn, repeats))), 3)
+
+
+def _user_store(export, state: Path, history: int, rng: np.random.Generator) -> None:
+    """A SQLite store at ``state`` holding USER's ``history`` events (random items of the export)."""
+    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
+    cats = export.vocabularies["category_id"].table.slice(1)["raw"].to_numpy()
+    with open_store(state, durable=False) as store:
+        for lo in range(0, history, 1000):
+            n = min(1000, history - lo)
+            store.append(EventBatch(
+                user_id=np.full(n, USER, dtype=np.int64), item_id=rng.choice(items, n),
+                category_id=rng.choice(cats, n), behavior=rng.integers(0, 4, n),
+                timestamp=START + 60 * (lo + np.arange(n, dtype=np.int64)), event_id=[None] * n))
+
+
+class _Client:
+    """One keep-alive HTTP connection to a started server."""
+
+    def __init__(self, base: str) -> None:
+        url = urllib.parse.urlsplit(base)
+        self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+
+    def call(self, method: str, path: str, body: bytes | None = None) -> None:
+        self.conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{method} {path}: {resp.status} {data[:200]!r}")
 
 
 def measure(workdir: Path, *, history: int, candidates: int, repeats: int) -> dict:
@@ -62,41 +95,66 @@ def measure(workdir: Path, *, history: int, candidates: int, repeats: int) -> di
     export = load_export(export_dir)
     rng = np.random.default_rng(0)
     items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
-    cats = export.vocabularies["category_id"].table.slice(1)["raw"].to_numpy()
     chosen = [{"item_id": int(i)} for i in rng.choice(items, candidates)]
     asks = {"history": {"user_id": USER, "candidates": chosen},
             "no_history": {"user_id": UNKNOWN, "candidates": chosen},
             "one_candidate": {"user_id": UNKNOWN, "candidates": chosen[:1]}}
     with tempfile.TemporaryDirectory(prefix="recsys-serve-overhead-") as tmp:
         state = Path(tmp) / "state.sqlite"
+        _user_store(export, state, history, rng)
         with open_store(state, durable=False) as store:
             scorer = Scorer.live_from(export, store)
-            for lo in range(0, history, 1000):
-                n = min(1000, history - lo)
-                scorer.live.append(EventBatch(
-                    user_id=np.full(n, USER, dtype=np.int64), item_id=rng.choice(items, n),
-                    category_id=rng.choice(cats, n), behavior=rng.integers(0, 4, n),
-                    timestamp=START + 60 * (lo + np.arange(n, dtype=np.int64)), event_id=[None] * n))
             in_process = {name: _p50(lambda a=a: scorer.score_many([a]), repeats) for name, a in asks.items()}
         with server_process(serve_command(export_dir, "--state", str(state)), Path(tmp) / "server.log") as srv:
-            url = urllib.parse.urlsplit(srv.base)
-            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-
-            def call(method: str, path: str, body: bytes | None = None) -> None:
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                data = resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"{method} {path}: {resp.status} {data[:200]!r}")
-
+            client = _Client(srv.base)
             bodies = {name: json.dumps(a).encode() for name, a in asks.items()}
-            over_http = {name: _p50(lambda b=body: call("POST", "/v1/score", b), repeats)
+            over_http = {name: _p50(lambda b=body: client.call("POST", "/v1/score", b), repeats)
                          for name, body in bodies.items()}
-            healthz = _p50(lambda: call("GET", "/healthz"), repeats)
+            healthz = _p50(lambda: client.call("GET", "/healthz"), repeats)
     rows = [{"request": name, "in_process_ms": in_process[name], "http_ms": over_http[name],
              "added_ms": round(over_http[name] - in_process[name], 3),
              "http_over_in_process": round(over_http[name] / in_process[name], 2)} for name in asks]
     return {"rows": rows, "healthz_ms": healthz, "history": history, "candidates": candidates, "repeats": repeats,
+            "export": str(export_dir), "machine": machine_info()}
+
+
+#: ``--ab``: the servers compared, in this order each round (experiments from ``recsys bench load``).
+AB_SETTINGS = (("no experiments", (), False), ("load_aa only, with --ab-log", ("load_aa",), True),
+               ("both experiments, no --ab-log", ("load_aa", "load_eps"), False),
+               ("both experiments, with --ab-log", ("load_aa", "load_eps"), True))
+
+
+def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, rounds: int) -> dict:
+    """p50/p99 ms over HTTP of one request sent ``repeats`` times (one client) to a server of each
+    of :data:`AB_SETTINGS`, ``rounds`` times in order: what assignment, the ε-greedy arm and the
+    exposure log each add."""
+    from serving.loadgen import LOAD_EXPERIMENTS
+
+    export_dir = bench_export(workdir, "full")
+    export = load_export(export_dir)
+    rng = np.random.default_rng(0)
+    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
+    body = json.dumps({"user_id": USER, "candidates": [{"item_id": int(i)} for i in rng.choice(items, candidates)]})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="recsys-ab-p99-") as tmp:
+        root = Path(tmp)
+        _user_store(export, root / "state.sqlite", history, rng)
+        for r in range(rounds):
+            for k, (label, names, logged) in enumerate(AB_SETTINGS):
+                flags = ["--state", str(root / "state.sqlite")]
+                if names:
+                    exp_dir = root / f"exp-{r}-{k}"
+                    exp_dir.mkdir()
+                    for e in LOAD_EXPERIMENTS:
+                        if e["name"] in names:
+                            (exp_dir / f"{e['name']}.yaml").write_text(json.dumps(e), encoding="utf-8")
+                    flags += ["--experiments", str(exp_dir)] + (["--ab-log", str(root / f"log-{r}-{k}")] if logged else [])
+                with server_process(serve_command(export_dir, *flags), root / "server.log") as srv:
+                    client = _Client(srv.base)
+                    t = _times_ms(lambda c=client: c.call("POST", "/v1/score", body.encode()), repeats)
+                rows.append({"round": r + 1, "server": label, "p50_ms": round(float(np.median(t)), 2),
+                             "p99_ms": round(float(np.percentile(t, 99)), 2)})
+    return {"rows": rows, "history": history, "candidates": candidates, "repeats": repeats,
             "export": str(export_dir), "machine": machine_info()}
 
 
@@ -108,11 +166,28 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=10_000, help="events of the user with a history")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--ab", action="store_true",
+                        help="instead: p50/p99 over HTTP of servers without experiments, with them, with and "
+                             "without the exposure log (AB_SETTINGS), --rounds times")
+    parser.add_argument("--rounds", type=int, default=2, help="with --ab: rounds over the servers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    for name in ("history", "candidates", "repeats"):
+    for name in ("history", "candidates", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.ab:
+        r = measure_ab(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
+                       rounds=args.rounds)
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        print(f"full, {args.candidates} candidates, user history {args.history:,} events, one client, "
+              f"{args.repeats} requests per server")
+        print("| round | server | p50 ms | p99 ms |")
+        print("|---|---|---|---|")
+        for row in r["rows"]:
+            print(f"| {row['round']} | {row['server']} | {row['p50_ms']} | {row['p99_ms']} |")
+        return 0
     r = measure(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats)
     if args.json:
         print(json.dumps(r, indent=2))
