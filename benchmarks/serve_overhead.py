@@ -3,6 +3,7 @@ over HTTP to a real `recsys serve`, same run.
 
     python benchmarks/serve_overhead.py [--workdir DIR] [--history 10000] [--candidates 100] [--repeats 100] [--json]
     python benchmarks/serve_overhead.py --ab [--rounds 2] [--history 3000] [--repeats 1500]   # A/B and its log
+    python benchmarks/serve_overhead.py --reuse [--rounds 3] [--history 3000] [--repeats 300]  # a used store
 
 The export is `recsys bench load`'s (`configs/models/full.yaml`, one epoch on the tests' tiny
 world, made in ``--workdir`` on the first run); a SQLite store holds one user with ``--history``
@@ -162,6 +163,33 @@ def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, ro
             "export": str(export_dir), "machine": machine_info()}
 
 
+def measure_reuse(workdir: Path, *, history: int, candidates: int, repeats: int, rounds: int) -> dict:
+    """p50/p99 ms over HTTP of one request sent ``repeats`` times to servers started alternately on
+    one store that every earlier server of the run has used (``reused``) and on a fresh copy of
+    it as made (``fresh``), ``rounds`` pairs."""
+    export_dir = bench_export(workdir, "full")
+    export = load_export(export_dir)
+    rng = np.random.default_rng(0)
+    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
+    body = json.dumps({"user_id": USER, "candidates": [{"item_id": int(i)} for i in rng.choice(items, candidates)]})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="recsys-store-reuse-") as tmp:
+        root = Path(tmp)
+        _user_store(export, root / "made.sqlite", history, rng)
+        shutil.copyfile(root / "made.sqlite", root / "reused.sqlite")
+        for r in range(rounds):
+            for kind in ("reused", "fresh"):
+                state = root / "reused.sqlite" if kind == "reused" else shutil.copyfile(
+                    root / "made.sqlite", root / f"fresh-{r}.sqlite")
+                with server_process(serve_command(export_dir, "--state", str(state)), root / "server.log") as srv:
+                    client = _Client(srv.base)
+                    t = _times_ms(lambda c=client: c.call("POST", "/v1/score", body.encode()), repeats)
+                rows.append({"round": r + 1, "store": kind, "p50_ms": round(float(np.median(t)), 2),
+                             "p99_ms": round(float(np.percentile(t, 99)), 2)})
+    return {"rows": rows, "history": history, "candidates": candidates, "repeats": repeats,
+            "export": str(export_dir), "machine": machine_info()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,12 +201,26 @@ def main() -> int:
     parser.add_argument("--ab", action="store_true",
                         help="instead: p50/p99 over HTTP of servers without experiments, with them, with and "
                              "without the exposure log (AB_SETTINGS), --rounds times")
-    parser.add_argument("--rounds", type=int, default=2, help="with --ab: rounds over the servers")
+    parser.add_argument("--reuse", action="store_true",
+                        help="instead: servers started alternately on a store earlier servers used and on a "
+                             "fresh copy, --rounds pairs")
+    parser.add_argument("--rounds", type=int, default=2, help="with --ab or --reuse: rounds over the servers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     for name in ("history", "candidates", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.reuse:
+        r = measure_reuse(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
+                          rounds=args.rounds)
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        print("| round | store | p50 ms | p99 ms |")
+        print("|---|---|---|---|")
+        for row in r["rows"]:
+            print(f"| {row['round']} | {row['store']} | {row['p50_ms']} | {row['p99_ms']} |")
+        return 0
     if args.ab:
         r = measure_ab(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
                        rounds=args.rounds)
