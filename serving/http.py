@@ -222,6 +222,37 @@ def parallelism_for_one_thread() -> Callable[[], None]:
     return lambda: torch.set_num_threads(threads)
 
 
+#: glibc ``mallopt`` parameters (malloc.h) and what :func:`keep_allocations_on_the_heap` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest on 64-bit
+TRIM_THRESHOLD_BYTES = 128 * 2**20
+
+
+def keep_allocations_on_the_heap() -> bool:
+    """Fix glibc malloc's mmap and trim thresholds (32 MiB, 128 MiB) for a long-running service.
+
+    glibc serves an allocation above its mmap threshold (128 KiB at start) with a fresh mmap, and
+    raises the threshold only after such a block is freed. A request's tensors are mostly above
+    128 KiB: a server whose batcher thread had encoded a long history (large blocks freed) ran
+    its later requests from the heap, while one that loaded the same state from the store's blob
+    mapped, faulted in and unmapped every activation of every request, and answered about 40%
+    slower (docs/BENCHMARKS.md, "A server on a store another server has used"). Fixed
+    thresholds make every server behave like the first: blocks under 32 MiB come from the heap,
+    and up to 128 MiB freed at its top stays mapped for the next request. Returns False where
+    the C library has no ``mallopt`` (not glibc): nothing is changed there.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                     TRIM_THRESHOLD_BYTES))
+
+
 def create_app(scorer: Scorer, *, limits: Limits | None = None, ab: ABRouter | None = None,
                model_thread_init: Callable[[], Any] | None = None) -> FastAPI:
     """The FastAPI app serving ``scorer`` (see the module docstring for the endpoints).
@@ -633,6 +664,7 @@ def serve(export_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     """
     check_port(port)
     model_thread_init = parallelism_for_one_thread()  # before the export's load opens a parallel region here
+    keep_allocations_on_the_heap()
     export = load_export(export_path, embeddings=embeddings)
     if state == AUTO_STATE:  # the embedded store beside the export, when it ships histories to extend
         state = default_state(export_path) if export.history is not None else None

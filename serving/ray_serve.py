@@ -63,6 +63,7 @@ from serving.http import (
     _listen,
     create_app,
     default_state,
+    keep_allocations_on_the_heap,
     load_router,
     parallelism_for_one_thread,
 )
@@ -152,6 +153,7 @@ def build_app(config: ReplicaConfig) -> FastAPI:
         RecsysError: the export fails verification, or the state store cannot be opened.
     """
     model_thread_init = parallelism_for_one_thread()  # as serve(): torch's threads for the batcher's thread
+    keep_allocations_on_the_heap()
     export = load_export(config.export)
     if config.state is None:
         scorer = Scorer(export, ksa_cache_bytes=config.ksa_cache_bytes)

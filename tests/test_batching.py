@@ -174,6 +174,15 @@ def test_the_model_thread_takes_the_torch_threads_the_loading_thread_gave_up():
         torch.set_num_threads(before)
 
 
+def test_allocation_thresholds_are_fixed_where_the_c_library_is_glibc():
+    import platform
+
+    from serving.http import keep_allocations_on_the_heap
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert keep_allocations_on_the_heap() is glibc  # where not glibc, nothing is set and it says so
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"wait_for": "nobody"}, "wait_for must be 'window' or 'announced', got 'nobody'"),
     ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
