@@ -143,8 +143,8 @@ def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, ro
         _user_store(export, root / "state.sqlite", history, rng)
         for r in range(rounds):
             for k, (label, names, logged) in enumerate(AB_SETTINGS):
-                # each server on a copy of the store as made: a server on a store that another one
-                # has served from answered about 3 ms slower at p50 (unexplained; see docs/BENCHMARKS.md)
+                # each server on a copy of the store as made, so that no server starts from what an
+                # earlier one saved (the KSA states; `--reuse` times that difference)
                 state = shutil.copyfile(root / "state.sqlite", root / f"state-{r}-{k}.sqlite")
                 flags = ["--state", str(state)]
                 if names:
