@@ -236,7 +236,7 @@ def keep_allocations_on_the_heap() -> bool:
     128 KiB: a server whose batcher thread had encoded a long history (large blocks freed) ran
     its later requests from the heap, while one that loaded the same state from the store's blob
     mapped, faulted in and unmapped every activation of every request, and answered about 40%
-    slower (docs/BENCHMARKS.md, "A server on a store another server has used"). Fixed
+    slower (docs/BENCHMARKS.md, "A server on a store another server had used"). Fixed
     thresholds make every server behave like the first: blocks under 32 MiB come from the heap,
     and up to 128 MiB freed at its top stays mapped for the next request. Returns False where
     the C library has no ``mallopt`` (not glibc): nothing is changed there.
