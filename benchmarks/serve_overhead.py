@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,17 +127,31 @@ AB_SETTINGS = (("no experiments", (), False), ("load_aa only, with --ab-log", ("
                ("both experiments, with --ab-log", ("load_aa", "load_eps"), True))
 
 
+def _one_request(workdir: Path, candidates: int) -> tuple[Path, Any, np.random.Generator, bytes]:
+    """The export, its loaded form, the run's random source and the body of USER's request."""
+    export_dir = bench_export(workdir, "full")
+    export = load_export(export_dir)
+    rng = np.random.default_rng(0)
+    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
+    body = json.dumps({"user_id": USER, "candidates": [{"item_id": int(i)} for i in rng.choice(items, candidates)]})
+    return export_dir, export, rng, body.encode()
+
+
+def _served(export_dir: Path, flags: list[str], log: Path, body: bytes, repeats: int) -> dict[str, float]:
+    """p50/p99 ms of ``body`` sent ``repeats`` times, one at a time, to a server started with ``flags``."""
+    with server_process(serve_command(export_dir, *flags), log) as srv:
+        client = _Client(srv.base)
+        t = _times_ms(lambda: client.call("POST", "/v1/score", body), repeats)
+    return {"p50_ms": round(float(np.median(t)), 2), "p99_ms": round(float(np.percentile(t, 99)), 2)}
+
+
 def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, rounds: int) -> dict:
     """p50/p99 ms over HTTP of one request sent ``repeats`` times (one client) to a server of each
     of :data:`AB_SETTINGS`, ``rounds`` times in order: what assignment, the ε-greedy arm and the
     exposure log each add."""
     from serving.loadgen import LOAD_EXPERIMENTS
 
-    export_dir = bench_export(workdir, "full")
-    export = load_export(export_dir)
-    rng = np.random.default_rng(0)
-    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
-    body = json.dumps({"user_id": USER, "candidates": [{"item_id": int(i)} for i in rng.choice(items, candidates)]})
+    export_dir, export, rng, body = _one_request(workdir, candidates)
     rows = []
     with tempfile.TemporaryDirectory(prefix="recsys-ab-p99-") as tmp:
         root = Path(tmp)
@@ -154,11 +169,8 @@ def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, ro
                         if e["name"] in names:
                             (exp_dir / f"{e['name']}.yaml").write_text(json.dumps(e), encoding="utf-8")
                     flags += ["--experiments", str(exp_dir)] + (["--ab-log", str(root / f"log-{r}-{k}")] if logged else [])
-                with server_process(serve_command(export_dir, *flags), root / "server.log") as srv:
-                    client = _Client(srv.base)
-                    t = _times_ms(lambda c=client: c.call("POST", "/v1/score", body.encode()), repeats)
-                rows.append({"round": r + 1, "server": label, "p50_ms": round(float(np.median(t)), 2),
-                             "p99_ms": round(float(np.percentile(t, 99)), 2)})
+                rows.append({"round": r + 1, "server": label, **_served(export_dir, flags, root / "server.log", body,
+                                                                        repeats)})
     return {"rows": rows, "history": history, "candidates": candidates, "repeats": repeats,
             "export": str(export_dir), "machine": machine_info()}
 
@@ -167,11 +179,7 @@ def measure_reuse(workdir: Path, *, history: int, candidates: int, repeats: int,
     """p50/p99 ms over HTTP of one request sent ``repeats`` times to servers started alternately on
     one store that every earlier server of the run has used (``reused``) and on a fresh copy of
     it as made (``fresh``), ``rounds`` pairs."""
-    export_dir = bench_export(workdir, "full")
-    export = load_export(export_dir)
-    rng = np.random.default_rng(0)
-    items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
-    body = json.dumps({"user_id": USER, "candidates": [{"item_id": int(i)} for i in rng.choice(items, candidates)]})
+    export_dir, export, rng, body = _one_request(workdir, candidates)
     rows = []
     with tempfile.TemporaryDirectory(prefix="recsys-store-reuse-") as tmp:
         root = Path(tmp)
@@ -181,13 +189,17 @@ def measure_reuse(workdir: Path, *, history: int, candidates: int, repeats: int,
             for kind in ("reused", "fresh"):
                 state = root / "reused.sqlite" if kind == "reused" else shutil.copyfile(
                     root / "made.sqlite", root / f"fresh-{r}.sqlite")
-                with server_process(serve_command(export_dir, "--state", str(state)), root / "server.log") as srv:
-                    client = _Client(srv.base)
-                    t = _times_ms(lambda c=client: c.call("POST", "/v1/score", body.encode()), repeats)
-                rows.append({"round": r + 1, "store": kind, "p50_ms": round(float(np.median(t)), 2),
-                             "p99_ms": round(float(np.percentile(t, 99)), 2)})
+                rows.append({"round": r + 1, "store": kind, **_served(export_dir, ["--state", str(state)],
+                                                                      root / "server.log", body, repeats)})
     return {"rows": rows, "history": history, "candidates": candidates, "repeats": repeats,
             "export": str(export_dir), "machine": machine_info()}
+
+
+def _print_rows(r: dict, column: str) -> None:
+    print(f"| round | {column} | p50 ms | p99 ms |")
+    print("|---|---|---|---|")
+    for row in r["rows"]:
+        print(f"| {row['round']} | {row[column]} | {row['p50_ms']} | {row['p99_ms']} |")
 
 
 def main() -> int:
@@ -210,29 +222,16 @@ def main() -> int:
     for name in ("history", "candidates", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.reuse:
-        r = measure_reuse(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
-                          rounds=args.rounds)
-        if args.json:
-            print(json.dumps(r, indent=2))
-            return 0
-        print("| round | store | p50 ms | p99 ms |")
-        print("|---|---|---|---|")
-        for row in r["rows"]:
-            print(f"| {row['round']} | {row['store']} | {row['p50_ms']} | {row['p99_ms']} |")
-        return 0
-    if args.ab:
-        r = measure_ab(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
-                       rounds=args.rounds)
+    if args.reuse or args.ab:
+        measure_rounds = measure_reuse if args.reuse else measure_ab
+        r = measure_rounds(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
+                           rounds=args.rounds)
         if args.json:
             print(json.dumps(r, indent=2))
             return 0
         print(f"full, {args.candidates} candidates, user history {args.history:,} events, one client, "
               f"{args.repeats} requests per server")
-        print("| round | server | p50 ms | p99 ms |")
-        print("|---|---|---|---|")
-        for row in r["rows"]:
-            print(f"| {row['round']} | {row['server']} | {row['p50_ms']} | {row['p99_ms']} |")
+        _print_rows(r, "store" if args.reuse else "server")
         return 0
     r = measure(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats)
     if args.json:

@@ -13,8 +13,9 @@ to what they promise. One simulation (config: :class:`~recsys.sim_schemas.AbSimC
    last ``days`` days, ``requests_per_day`` requests a day arrive (users and candidates drawn as
    the world draws them); each is scored over HTTP, the top ``slots`` of the answer's ranking are
    shown, and a click on position p is drawn from the true probability (the world's logit at
-   position 0 minus its position penalty) and posted to ``POST /v1/feedback``. The experiments start after ``pre_days`` days, whose requests
-   are logged outside every experiment (CUPED's pre-period).
+   position 0 minus its position penalty) and posted to ``POST /v1/feedback``. The experiments
+   start after ``pre_days`` days, whose requests are logged outside every experiment (CUPED's
+   pre-period).
 3. **Truth.** For a request in an A/B replicate, the other arm is asked as well (``force_arm``:
    logged as forced, left out of the report), so the true CTR of both arms is known for the same
    requests: true CTR of an arm = mean over the replicate's requests of the true click probability

@@ -196,12 +196,8 @@ class ABRouter:
                 changed (without ``force``), or the models exceed ``memory_bytes``.
             DataError: an arm's export fails verification.
         """
-        if all(isinstance(e, ExperimentConfig) for e in experiments) and experiments:
-            configs = list(experiments)
-            check_layers(configs)
-            _check_diffs(configs)
-        else:
-            configs = read_experiments(experiments, log_dir=log_dir, force=force, now=now)
+        configs = (list(experiments) if experiments and all(isinstance(e, ExperimentConfig) for e in experiments)
+                   else read_experiments(experiments, log_dir=log_dir, force=force, now=now))  # __init__ checks them
         scorers: dict[tuple, Scorer] = {}
         for e in configs:
             for arm in e.arms:
@@ -329,8 +325,9 @@ class ABRouter:
         """
         with self._lock:
             served = self._recent.get(request_id)
-            if served is None and self.unverified_feedback:
-                return self._unverified(request_id, item_id, timestamp, now=now)
+        if served is None and self.unverified_feedback:
+            return self._unverified(request_id, item_id, timestamp, now=now)
+        with self._lock:
             if served is None:
                 raise ABError(404, f"request_id: {request_id!r} is not a request this service answered among its last "
                                    f"{self.recent_requests:,} (feedback goes to the replica that served it)")
@@ -345,29 +342,21 @@ class ABRouter:
         when = served.timestamp if timestamp is None else int(timestamp)
         if not duplicate and self.log is not None:
             for e in experiments:
-                table = pa.table({
-                    "request_id": pa.array([request_id], pa.string()), "received_at": [now], "timestamp": [when],
-                    "user_id": [served.user_id], "arm": pa.array([served.arms.get(e, "")], pa.string()),
-                    "item_id": [item_id], "position": pa.array([position], pa.int32()),
-                    "kind": pa.array(["click"], pa.string())}, schema=FEEDBACK_SCHEMA)
-                self.log.put("feedback", e, table)
+                self.log.put("feedback", e, _click(request_id, now, when, served.user_id, served.arms.get(e, ""),
+                                                   item_id, position))
         self.counts["feedback_duplicate" if duplicate else "feedback"] += 1
         return {"recorded": not duplicate, "duplicate": duplicate, "position": position,
                 "experiments": [e for e in experiments if e != NO_EXPERIMENT], "verified": True}
 
     def _unverified(self, request_id: str, item_id: int, timestamp: int | None, *, now: float) -> dict[str, Any]:
-        """A click on a request another replica served (called under the lock): logged as is, with no
-        user, arm or position (this process does not know them); the report joins it by (request_id,
-        item_id) to the exposure that replica logged, and drops a repeat."""
-        self.counts["feedback_unverified"] += 1
+        """A click on a request another replica served: logged as is, with no user, arm or position
+        (this process does not know them); the report joins it by (request_id, item_id) to the
+        exposure that replica logged, and drops a repeat."""
+        with self._lock:
+            self.counts["feedback_unverified"] += 1
         if self.log is not None:
-            table = pa.table({
-                "request_id": pa.array([request_id], pa.string()), "received_at": [now],
-                "timestamp": [int(now) if timestamp is None else int(timestamp)],
-                "user_id": pa.array([None], pa.int64()), "arm": pa.array([None], pa.string()),
-                "item_id": [item_id], "position": pa.array([None], pa.int32()),
-                "kind": pa.array(["click"], pa.string())}, schema=FEEDBACK_SCHEMA)
-            self.log.put("feedback", UNVERIFIED, table)
+            self.log.put("feedback", UNVERIFIED, _click(request_id, now, int(now) if timestamp is None else int(timestamp),
+                                                        None, None, item_id, None))
         return {"recorded": self.log is not None, "duplicate": False, "position": -1, "experiments": [],
                 "verified": False}
 
@@ -416,6 +405,15 @@ class ABRouter:
         self._registered.add(e.name)
         if self.log_dir is not None:
             _check_started(self.log_dir, e, force=True, now=now, record=True)
+
+
+def _click(request_id: str, now: float, timestamp: int, user_id: int | None, arm: str | None, item_id: int,
+           position: int | None) -> pa.Table:
+    """One feedback row (:data:`recsys.ab_schemas.FEEDBACK_SCHEMA`); None is a null."""
+    return pa.table({
+        "request_id": pa.array([request_id], pa.string()), "received_at": [now], "timestamp": [timestamp],
+        "user_id": pa.array([user_id], pa.int64()), "arm": pa.array([arm], pa.string()), "item_id": [item_id],
+        "position": pa.array([position], pa.int32()), "kind": pa.array(["click"], pa.string())}, schema=FEEDBACK_SCHEMA)
 
 
 def read_experiments(paths: Sequence[str | Path], *, log_dir: str | Path | None, force: bool = False,

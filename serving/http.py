@@ -210,8 +210,8 @@ def parallelism_for_one_thread() -> Callable[[], None]:
     torch's CPU kernels parallelise with OpenMP, whose thread team belongs to the thread that
     opens a parallel region. Once the process's main thread has opened one (loading an export
     does), a model run in another thread, as the service's batcher thread runs every request,
-    went at about the speed of one core on the 2-core machine: 4.9-5.2 ms against 3.0 ms for the
-    same ``score_many`` call in the main thread (benchmarks/serve_overhead.py measures it). So the
+    went at about the speed of one core on the 2-core machine: a ``full`` request over HTTP took
+    12.6 ms, 7.9 ms since (benchmarks/serve_overhead.py; docs/BENCHMARKS.md). So the
     calling thread (``serve``'s, before it loads anything) runs single-threaded from here on, and
     the batcher thread gets the threads the process had.
     """
