@@ -4,6 +4,7 @@ over HTTP to a real `recsys serve`, same run.
     python benchmarks/serve_overhead.py [--workdir DIR] [--history 10000] [--candidates 100] [--repeats 100] [--json]
     python benchmarks/serve_overhead.py --ab [--rounds 2] [--history 3000] [--repeats 1500]   # A/B and its log
     python benchmarks/serve_overhead.py --reuse [--rounds 3] [--history 3000] [--repeats 300]  # a used store
+    python benchmarks/serve_overhead.py --ab --baseline-tree DIR   # the log's cost, this tree against DIR's
 
 The export is `recsys bench load`'s (`configs/models/full.yaml`, one epoch on the tests' tiny
 world, made in ``--workdir`` on the first run); a SQLite store holds one user with ``--history``
@@ -94,7 +95,7 @@ class _Client:
 
 
 def measure(workdir: Path, *, history: int, candidates: int, repeats: int) -> dict:
-    export_dir = bench_export(workdir, "full")
+    export_dir = bench_export(workdir, "full").resolve()  # absolute: servers may run in another tree
     export = load_export(export_dir)
     rng = np.random.default_rng(0)
     items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
@@ -129,7 +130,7 @@ AB_SETTINGS = (("no experiments", (), False), ("load_aa only, with --ab-log", ("
 
 def _one_request(workdir: Path, candidates: int) -> tuple[Path, Any, np.random.Generator, bytes]:
     """The export, its loaded form, the run's random source and the body of USER's request."""
-    export_dir = bench_export(workdir, "full")
+    export_dir = bench_export(workdir, "full").resolve()  # absolute: servers may run in another tree
     export = load_export(export_dir)
     rng = np.random.default_rng(0)
     items = export.vocabularies["item_id"].table.slice(1)["raw"].to_numpy()
@@ -137,18 +138,26 @@ def _one_request(workdir: Path, candidates: int) -> tuple[Path, Any, np.random.G
     return export_dir, export, rng, body.encode()
 
 
-def _served(export_dir: Path, flags: list[str], log: Path, body: bytes, repeats: int) -> dict[str, float]:
-    """p50/p99 ms of ``body`` sent ``repeats`` times, one at a time, to a server started with ``flags``."""
-    with server_process(serve_command(export_dir, *flags), log) as srv:
+#: ``--ab --baseline-tree``: the two servers run from each tree, each round
+AB_TREE_SETTINGS = AB_SETTINGS[2:]
+
+
+def _served(export_dir: Path, flags: list[str], log: Path, body: bytes, repeats: int,
+            cwd: Path | None = None) -> dict[str, float]:
+    """p50/p99 ms of ``body`` sent ``repeats`` times, one at a time, to a server started with ``flags``
+    (from the code in ``cwd``: ``python -m recsys.cli`` imports the tree it is run in)."""
+    with server_process(serve_command(export_dir, *flags), log, cwd=cwd) as srv:
         client = _Client(srv.base)
         t = _times_ms(lambda: client.call("POST", "/v1/score", body), repeats)
     return {"p50_ms": round(float(np.median(t)), 2), "p99_ms": round(float(np.percentile(t, 99)), 2)}
 
 
-def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, rounds: int) -> dict:
+def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, rounds: int,
+               baseline_tree: Path | None = None) -> dict:
     """p50/p99 ms over HTTP of one request sent ``repeats`` times (one client) to a server of each
     of :data:`AB_SETTINGS`, ``rounds`` times in order: what assignment, the ε-greedy arm and the
-    exposure log each add."""
+    exposure log each add. With ``baseline_tree`` (another checkout, e.g. a ``git worktree`` of an
+    earlier commit): :data:`AB_TREE_SETTINGS` from that tree and from this one, alternating."""
     from serving.loadgen import LOAD_EXPERIMENTS
 
     export_dir, export, rng, body = _one_request(workdir, candidates)
@@ -156,8 +165,12 @@ def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, ro
     with tempfile.TemporaryDirectory(prefix="recsys-ab-p99-") as tmp:
         root = Path(tmp)
         _user_store(export, root / "state.sqlite", history, rng)
+        runs = [(label, names, logged, None) for label, names, logged in AB_SETTINGS]
+        if baseline_tree is not None:
+            runs = [(f"{tag}: {label}", names, logged, tree) for label, names, logged in AB_TREE_SETTINGS
+                    for tag, tree in (("baseline", baseline_tree), ("this tree", ROOT))]
         for r in range(rounds):
-            for k, (label, names, logged) in enumerate(AB_SETTINGS):
+            for k, (label, names, logged, tree) in enumerate(runs):
                 # each server on a copy of the store as made, so that no server starts from what an
                 # earlier one saved (the KSA states; `--reuse` times that difference)
                 state = shutil.copyfile(root / "state.sqlite", root / f"state-{r}-{k}.sqlite")
@@ -170,9 +183,10 @@ def measure_ab(workdir: Path, *, history: int, candidates: int, repeats: int, ro
                             (exp_dir / f"{e['name']}.yaml").write_text(json.dumps(e), encoding="utf-8")
                     flags += ["--experiments", str(exp_dir)] + (["--ab-log", str(root / f"log-{r}-{k}")] if logged else [])
                 rows.append({"round": r + 1, "server": label, **_served(export_dir, flags, root / "server.log", body,
-                                                                        repeats)})
+                                                                        repeats, cwd=tree)})
     return {"rows": rows, "history": history, "candidates": candidates, "repeats": repeats,
-            "export": str(export_dir), "machine": machine_info()}
+            "export": str(export_dir), "baseline_tree": None if baseline_tree is None else str(baseline_tree),
+            "machine": machine_info()}
 
 
 def measure_reuse(workdir: Path, *, history: int, candidates: int, repeats: int, rounds: int) -> dict:
@@ -217,15 +231,24 @@ def main() -> int:
                         help="instead: servers started alternately on a store earlier servers used and on a "
                              "fresh copy, --rounds pairs")
     parser.add_argument("--rounds", type=int, default=2, help="with --ab or --reuse: rounds over the servers")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="with --ab: servers with both experiments, with and without the log, run alternately "
+                             "from this other checkout (e.g. `git worktree add /tmp/base COMMIT`) and from this one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     for name in ("history", "candidates", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.baseline_tree is not None and not (args.ab and (args.baseline_tree / "recsys" / "cli.py").is_file()):
+        parser.error(f"--baseline-tree {args.baseline_tree}: needs --ab and a checkout of this project "
+                     "(recsys/cli.py not found there)" if args.ab else "--baseline-tree needs --ab")
+    if args.reuse:
+        r = measure_reuse(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
+                          rounds=args.rounds)
+    elif args.ab:
+        r = measure_ab(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
+                       rounds=args.rounds, baseline_tree=args.baseline_tree and args.baseline_tree.resolve())
     if args.reuse or args.ab:
-        measure_rounds = measure_reuse if args.reuse else measure_ab
-        r = measure_rounds(args.workdir, history=args.history, candidates=args.candidates, repeats=args.repeats,
-                           rounds=args.rounds)
         if args.json:
             print(json.dumps(r, indent=2))
             return 0

@@ -640,25 +640,50 @@ def _as_table(schema: pa.Schema, parts: list[pa.Table | Columns]) -> pa.Table:
 
 
 def _columns_table(schema: pa.Schema, group: list[Columns]) -> pa.Table:
-    n = sum(c.rows for c in group)
+    """One table from a partition's :class:`Columns`, column by column in whole-array operations.
+
+    The writer thread shares the GIL with the request path: Python work here that runs longer than
+    the interpreter's switch interval (5 ms) holds a request up by as much. So no Python loop runs
+    per row or per string: a column of per-request scalars (the usual case: request_id, arm,
+    model, policy, user_id) becomes ``np.repeat`` of one value per batch (strings through a
+    dictionary of the distinct values and Arrow's ``take``), a column of arrays one
+    ``np.concatenate``; only a column that mixes the two goes batch by batch. Between columns the
+    thread gives the GIL up, so a request waits for at most one column's work."""
+    counts = np.fromiter((c.rows for c in group), dtype=np.int64, count=len(group))
+    n = int(counts.sum())
     arrays = []
     for field in schema:
+        time.sleep(0)  # let a waiting request thread take the GIL between columns (see above)
         values = [c.values[field.name] for c in group]
-        if all(v is None for v in values):
-            arrays.append(pa.nulls(n, field.type))
-            continue
-        if pa.types.is_string(field.type):
-            flat: list[Any] = []
-            for c, v in zip(group, values, strict=True):
-                flat.extend(v.tolist() if isinstance(v, np.ndarray) else [v] * c.rows)
-            arrays.append(pa.array(flat, field.type))
-            continue
-        dtype = np.dtype(field.type.to_pandas_dtype())
-        data = np.concatenate([np.asarray(v, dtype) if isinstance(v, np.ndarray)
-                               else np.full(c.rows, 0 if v is None else v, dtype)
-                               for c, v in zip(group, values, strict=True)])
-        nulls = [v is None for v in values]
-        mask = np.concatenate([np.full(c.rows, null) for c, null in zip(group, nulls, strict=True)]) if any(nulls) else None
-        arrays.append(pa.array(data, field.type, mask=mask))
+        is_array = [isinstance(v, np.ndarray) for v in values]
+        if not any(is_array):
+            arrays.append(_repeated(field.type, values, counts, n))
+        elif all(is_array):
+            if pa.types.is_string(field.type):
+                arrays.append(pa.concat_arrays([pa.array(v, field.type) for v in values]))
+            else:
+                arrays.append(pa.array(np.concatenate(values).astype(field.type.to_pandas_dtype(), copy=False),
+                                       field.type))
+        else:  # arrays and scalars mixed in one column: batch by batch (rare)
+            arrays.append(pa.concat_arrays([
+                pa.array(v, field.type) if isinstance(v, np.ndarray)
+                else _repeated(field.type, [v], counts[i:i + 1], int(counts[i]))
+                for i, v in enumerate(values)]))
     return pa.Table.from_arrays(arrays, schema=schema)
 
+
+def _repeated(type_: pa.DataType, values: list[Any], counts: np.ndarray, n: int) -> pa.Array:
+    """``values[i]`` repeated ``counts[i]`` times, None as null, as one Arrow array of ``type_``."""
+    nulls = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
+    if nulls.all():
+        return pa.nulls(n, type_)
+    mask = np.repeat(nulls, counts) if nulls.any() else None
+    if pa.types.is_string(type_):
+        distinct: dict[str, int] = {}
+        codes = np.fromiter((0 if v is None else distinct.setdefault(str(v), len(distinct)) for v in values),
+                            dtype=np.int32, count=len(values))
+        indices = pa.array(np.repeat(codes, counts), pa.int32(), mask=mask)
+        return pc.take(pa.array(list(distinct), type_), indices)
+    dtype = np.dtype(type_.to_pandas_dtype())
+    scalars = np.array([0 if v is None else v for v in values], dtype=dtype)
+    return pa.array(np.repeat(scalars, counts), type_, mask=mask)

@@ -377,3 +377,30 @@ def test_columns_are_converted_by_the_writer_like_tables(tmp_path):
     assert d["shown"].to_list() == [True, True]
     assert_frame_equal(got.filter(pl.col("request_id").str.starts_with("t-")).sort("request_id"),
                        expected(table, "mix").sort("request_id"))
+
+
+def test_columns_of_every_kind_convert_like_the_equal_table(tmp_path):
+    """The writer's whole-array conversion gives, for each column, what a row-by-row table of the
+    same values gives: scalars repeated, arrays (strings included) concatenated, None as null,
+    scalars and arrays mixed across batches, several distinct strings in one column."""
+    from serving.ab_log import Columns, _columns_table
+
+    rng = np.random.default_rng(3)
+    batches, rows = [], []
+    for k in range(7):
+        m = int(rng.integers(1, 5))
+        vals = {"request_id": (np.array([f"r{k}-{j}" for j in range(m)]) if k % 3 == 0 else f"req-{k}"),
+                "served_at": float(k), "timestamp": T0 + k, "user_id": None if k == 4 else 100 + k,
+                "arm": ("control", "ts", None)[k % 3], "forced": k == 2, "model": "m@abc",
+                "policy": "epsilon", "position": np.arange(m, dtype=np.int32), "shown": np.arange(m) < 2,
+                "item_id": rng.integers(0, 99, m), "score": rng.random(m),
+                "explore_score": rng.random(m) if k % 2 else None, "explored": bool(k % 2),
+                "greedy_position": np.arange(m, dtype=np.int32)[::-1].copy(),
+                "propensity": None if k == 5 else rng.random(m), "candidates": m}
+        batches.append(Columns(m, vals))
+        for j in range(m):
+            rows.append({name: (v[j].item() if isinstance(v, np.ndarray) else v) for name, v in vals.items()})
+    got = _columns_table(EXPOSURE_SCHEMA, batches)
+    want = pa.Table.from_pylist(rows, schema=EXPOSURE_SCHEMA)
+    assert got.schema.equals(EXPOSURE_SCHEMA)
+    assert got.to_pylist() == want.to_pylist()
