@@ -306,6 +306,9 @@ class Position:
     smoothed: float | None = None
     seconds: float = 0.0
     metrics_lines: int = 0
+    #: every rank's (examples, loss_sum) of the epoch so far, in rank order: with several workers each
+    #: rank keeps its own totals (summed at the epoch's end), so a resumed rank takes its own back
+    rank_totals: list[list[float]] | None = None
 
 
 class NonFiniteLoss(RecsysError):
@@ -357,10 +360,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg.model, run.spec)
     dmp, optimizer = shard(model, tc, device)
     pos = _restore(run, dmp, optimizer, on_ray=on_ray)
+    if on_ray:
+        _worker_started(run, loop_config, rank, pos)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     distill = Distiller.of(model, cfg)
     agreement = _Agreement(run.path / STOP_FILE)
-    every = tc.checkpoint_every if not on_ray else 0
+    every = tc.checkpoint_every
     first = pos.epoch + 1 if pos.epoch_done else pos.epoch
     for epoch in range(first, tc.epochs + 1):
         if epoch != pos.epoch or pos.epoch_done:  # a fresh epoch
@@ -445,6 +450,47 @@ def _stop_signal(run: Run) -> str:
         return "a stop request"
 
 
+WORKERS = "workers"  # RUN/workers/: each Ray worker's pid, the session's start marks, a fatal error
+
+
+def _worker_started(run: Run, loop_config: dict[str, Any], rank: int, pos: Position) -> None:
+    """[ray] Each rank writes its pid to ``RUN/workers/rank-N.pid`` (to find a worker by rank);
+    rank 0 notes in train.log and run.json when Ray Train has started the workers again after a
+    failure (the session's start mark exists already)."""
+    where = run.path / WORKERS
+    where.mkdir(exist_ok=True)
+    (where / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
+    if rank != 0:
+        return
+    mark = where / f"session-{loop_config.get('session', 0)}.started"
+    if not mark.exists():
+        mark.write_text(_now() + "\n")
+        return
+    restarts = int(run.info.get("restarts", 0)) + 1
+    run.update_info(restarts=restarts)
+    at = "the start (no resumable state yet)" if run.info.get("resume") is None else \
+        f"epoch {pos.epoch} step {pos.step}" + (" (its end)" if pos.epoch_done else "")
+    _log(run, f"[train] a worker failed; Ray Train started the workers again (restart {restarts}): going on from {at}")
+
+
+def _ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """[ray] :func:`train_loop` under Ray Train's failure handling. An error of ours (bad data, a
+    diverging loss) would fail again on every restart, so it is written to
+    ``RUN/workers/fatal.txt`` and a restarted worker group returns at once; the driver raises it.
+    A worker that dies (kill -9, out of memory) is restarted from the last resumable state."""
+    fatal = Path(loop_config["run_dir"]) / WORKERS / "fatal.txt"
+    if fatal.exists():
+        return
+    try:
+        train_loop(loop_config)
+    except RecsysError as exc:
+        fatal.parent.mkdir(exist_ok=True)
+        tmp = fatal.with_name(f"fatal.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        tmp.replace(fatal)
+        raise
+
+
 def _log_nonfinite(run: Run, rank: int, pos: Position, value: float) -> None:
     note(f"[train] rank {rank}: loss {value} at epoch {pos.epoch} step {pos.step + 1} (global step {pos.global_step + 1})")
 
@@ -477,6 +523,10 @@ def _check_finite_state(run: Run, state: dict[str, torch.Tensor], pos: Position)
 
 def _save_resume(run: Run, dmp: Any, optimizer: Any, pos: Position, rank: int) -> None:
     """Every rank (collectives): gather weights and optimizer state, rank 0 writes resume.pt."""
+    mine = torch.tensor([pos.examples, pos.loss_sum], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    pos.rank_totals = [t.tolist() for t in every]
     state = full_state_dict(dmp)
     opt_state = full_optimizer_state(optimizer)
     if rank == 0:
@@ -526,8 +576,12 @@ def _restore(run: Run, dmp: Any, optimizer: Any, *, on_ray: bool) -> Position:
     except ValueError as exc:
         raise DataError(f"does not fit the run's model: {exc}", file=str(run.path / RESUME)) from None
     torch.set_rng_state(state["rng"]["torch"])
-    if on_ray and not pos.epoch_done:  # [ray] Ray Data's order cannot be replayed: redo the epoch
-        pos = Position(epoch=pos.epoch, global_step=pos.global_step - pos.step, metrics_lines=pos.metrics_lines)
+    # [ray] mid-epoch with ray_order stream: the epoch goes on after pos.step batches of a new order
+    if pos.rank_totals and not pos.epoch_done:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        totals = pos.rank_totals if len(pos.rank_totals) == world else \
+            [[sum(t[0] for t in pos.rank_totals), sum(t[1] for t in pos.rank_totals)]] + [[0, 0.0]] * (world - 1)
+        pos.examples, pos.loss_sum = int(totals[rank][0]), float(totals[rank][1])
     if dist.get_rank() == 0:
         _truncate_lines(run.path / "metrics.jsonl", pos.metrics_lines)
     return pos
@@ -596,12 +650,14 @@ class Distiller:
 def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: int = 0) -> Iterator[pa.Table]:
     """The epoch's batches (request tables), after the first ``skip`` (done before a resume).
 
-    In process the order is a function of (seed, epoch), so a resumed epoch goes on with exactly
-    the batches it had left. Ray Data's order is not reproducible: there the skipped batches are
-    the first ``skip`` of a new order.
+    In process, and on Ray with ``train.ray_order: seeded`` (rank r of W takes batches r, r + W, ...
+    of the same order, the last ``len % W`` left out so that every rank has as many), the order is
+    a function of (seed, epoch), so a resumed epoch goes on with exactly the batches it had left.
+    Ray Data's order (``stream``) is not reproducible: there the skipped batches are the first
+    ``skip`` of a new order.
     """
     tc = run.config.train
-    if loop_config["source"] == "ray":  # [ray] this worker's shard of the train split (Ray Data)
+    if loop_config["source"] == "ray" and tc.ray_order == "stream":  # [ray] this worker's shard (Ray Data)
         import itertools
 
         import ray.train
@@ -624,7 +680,11 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         order = np.lexsort((table.column("timestamp").to_numpy(), key))
     elif tc.shuffle:
         rng.shuffle(order)
-    for start in range(skip * tc.batch_size, table.num_rows, tc.batch_size):
+    starts = range(0, table.num_rows, tc.batch_size)
+    if loop_config["source"] == "ray":  # [ray] ray_order seeded: every W-th batch, the same count on each rank
+        rank, world = dist.get_rank(), dist.get_world_size()
+        starts = starts[rank:len(starts) - len(starts) % world:world]
+    for start in starts[skip:]:
         yield table.take(order[start:start + tc.batch_size])
 
 
@@ -710,17 +770,21 @@ def evaluate_model(model: torch.nn.Module, spec: FeatureSpec, data_dir: Path, sp
 def _fit_on_ray(loop_config: dict[str, Any], data_dir: Path, workers: int, cpus_per_worker: float) -> None:
     import ray
     import ray.data
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_env import ray_session
 
+    run = Run.open(loop_config["run_dir"])
+    tc = run.config.train
+    loop_config = {**loop_config, "session": len(run.info.get("sessions", []))}
+    fatal = run.path / WORKERS / "fatal.txt"
+    fatal.unlink(missing_ok=True)
     with ray_session():
         ray.data.DataContext.get_current().enable_progress_bars = False
-        requests = ray.data.read_parquet(str(split_path(data_dir, "train")))
-        tc = Run.open(loop_config["run_dir"]).config.train
-        if tc.batch_by == "user":  # users in a seeded hash order, each user's requests together (every epoch)
+        requests = ray.data.read_parquet(str(split_path(data_dir, "train"))) if tc.ray_order == "stream" else None
+        if requests is not None and tc.batch_by == "user":  # users in a seeded hash order, each user's requests together
             seed = tc.seed
 
             def order_key(t: pa.Table) -> pa.Table:
@@ -730,20 +794,34 @@ def _fit_on_ray(loop_config: dict[str, Any], data_dir: Path, workers: int, cpus_
 
             requests = requests.map_batches(order_key, batch_format="pyarrow").sort(["_order", "timestamp"])
         trainer = TorchTrainer(
-            train_loop,
+            _ray_train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="gloo", timeout_s=int(PG_TIMEOUT.total_seconds())),
-            datasets={"train": requests},
+            datasets={"train": requests} if requests is not None else None,
             # a fresh name per session: Ray must not pick up an earlier session's state of its own
-            run_config=RayRunConfig(name=f"train-{len(Run.open(loop_config['run_dir']).info.get('sessions', []))}",
-                                    storage_path=str(Path(loop_config["run_dir"]) / "ray")),
+            run_config=RayRunConfig(name=f"train-{loop_config['session']}", storage_path=str(run.path / "ray"),
+                                    failure_config=FailureConfig(max_failures=tc.max_failures)),
         )
         try:
-            with _tail(Path(loop_config["run_dir"]) / "train.log"):
+            with _tail(run.path / "train.log"):
                 _in_thread(trainer.fit)
         except Exception as exc:  # Ray wraps the worker's exception; keep its last line
+            if fatal.exists():
+                raise _fatal_error(fatal) from exc
             raise RecsysError(f"training failed on a Ray worker: {_root_message(exc)}") from exc
+        if fatal.exists():  # the error of ours, raised again by the driver (the restarted workers returned)
+            raise _fatal_error(fatal)
+
+
+def _fatal_error(path: Path) -> RecsysError:
+    """The error a Ray worker wrote to ``RUN/workers/fatal.txt``, worded as a worker's error is."""
+    try:
+        record = json.loads(path.read_text())
+        kind, lines = record["type"], str(record["message"]).strip().splitlines()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return RecsysError(f"training failed on a Ray worker (its error record {path} is unreadable)")
+    return RecsysError(f"training failed on a Ray worker: {kind}: {lines[-1] if lines else ''}")
 
 
 def _in_thread(fn: Any) -> Any:

@@ -380,7 +380,19 @@ class TrainConfig(Schema):
     )
     checkpoint_every: int = Field(
         0, ge=0, description="also save a resumable checkpoint every this many steps within an epoch (0: at epoch "
-        "ends only); in process only: Ray Data's order is not reproducible, so a Ray run resumes at an epoch end",
+        "ends only); on Ray with ray_order stream a mid-epoch state resumes at the step it reached but in a new "
+        "order (Ray Data's is not reproducible), with ray_order seeded exactly where it stopped",
+    )
+    ray_order: Literal["stream", "seeded"] = Field(
+        "stream", description="how Ray workers get their batches: stream: Ray Data's streaming split of the train "
+        "split (each worker reads only its share; the order cannot be replayed); seeded: every worker reads the "
+        "split and takes every W-th batch of the in-process order of (seed, epoch) (each worker reads the whole "
+        "split; a resumed or restarted run goes on with exactly the batches it had left)",
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="on Ray: how many times a run whose worker died (kill -9, out of memory, a lost node) "
+        "is restarted from its last resumable state (Ray Train's FailureConfig; -1: no limit, 0: never); an "
+        "error of ours (bad data, a diverging loss) is not retried",
     )
     history_dropout: float = Field(
         0.05, ge=0, lt=1, description="share of training requests whose history is emptied each epoch, chosen by a "

@@ -250,6 +250,55 @@ def test_ctrl_c_during_ray_training_saves_and_exits_130(tiny_data, tmp_path):
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+#: On Ray: every worker takes every 2nd batch of the in-process order, a resumable state every 3 steps.
+SEEDED = ("train.ray_order=seeded", "train.checkpoint_every=3")
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_epoch_is_restarted_and_the_run_ends_as_if_never_stopped(tiny_data, tmp_path):
+    """kill -9 of one Ray training worker (by the pid it wrote): Ray Train starts the workers again,
+    they go on from the last mid-epoch state in the same data order, and the run ends with the
+    weights and losses of an uninterrupted run of the same seed, bit for bit."""
+    reference = tmp_path / "reference"
+    start = time.monotonic()
+    r = run_cli(*train_args(tiny_data, reference, *SEEDED, workers=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restarts" not in info(reference)
+    took = time.monotonic() - start
+
+    run = tmp_path / "run"
+    start = time.monotonic()
+    proc = start_cli(*train_args(tiny_data, run, *SEEDED, workers=2))
+    wait_for(proc, lambda: info(run).get("resume", {}).get("epoch") == 1 and info(run)["resume"]["step"] >= 3,
+             "a mid-epoch state in epoch 1")
+    pid = int((run / "workers" / "rank-1.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    print(f"uninterrupted {took:.1f} s; killed and restarted {time.monotonic() - start:.1f} s")
+    assert "[train] a worker failed; Ray Train started the workers again (restart 1): going on from epoch 1 step" in err
+    done = info(run)
+    assert done["status"] == "finished" and done["epochs_done"] == 2 and done["restarts"] == 1
+    assert int((run / "workers" / "rank-1.pid").read_text()) != pid  # a new worker process
+    for epoch in (1, 2):
+        name = f"epoch-00{epoch}.pt"
+        assert_same_weights(run / "checkpoints" / name, reference / "checkpoints" / name)
+    assert losses(run) == losses(reference)
+
+
+@pytest.mark.slow
+def test_an_error_of_ours_on_ray_is_not_retried(tiny_data, tmp_path):
+    """A diverging loss on Ray fails once, with its message, although the run allows restarts:
+    a restart would diverge again."""
+    run = tmp_path / "run"
+    start = time.monotonic()
+    r = run_cli(*train_args(tiny_data, run, "train.lr=1e12", "train.embedding_lr=1e12", workers=2))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "training failed on a Ray worker: NonFiniteLoss: the loss is not finite at step" in r.stderr
+    assert "restarts" not in info(run) and info(run)["status"] == "failed"
+    print(f"failed in {time.monotonic() - start:.1f} s")
+
+
 @pytest.mark.slow
 def test_a_killed_ablation_resumes_keeping_its_finished_models(tiny_data, tmp_path):
     out = tmp_path / "abl"
