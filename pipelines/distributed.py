@@ -29,6 +29,7 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys.errors import ConfigError
 from recsys.model_schemas import TrainConfig
 
 EMBEDDING_OPTIMIZERS = {
@@ -66,7 +67,19 @@ def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[Dis
         fused["weight_decay_mode"] = WeightDecayMode.L2
     sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
     tables = [n.split(".")[-2] for n, _ in model.named_parameters() if n.startswith("embeddings.")]
-    constraints = {t: ParameterConstraints(sharding_types=[cfg.sharding]) for t in tables}
+    unknown = sorted(set(cfg.table_sharding) - set(tables))
+    if unknown:
+        raise ConfigError(f"train.table_sharding names {', '.join(unknown)}: not a table of this model (its tables: "
+                          f"{', '.join(sorted(tables))})")
+    pooled = {n.split(".")[-2] for n, _ in model.named_parameters() if n.startswith("embeddings.pooled.")}
+    if device.type == "cpu":
+        for t in tables:
+            kind = cfg.table_sharding.get(t, cfg.sharding)
+            if t in pooled and kind == "row_wise":
+                raise ConfigError(f"train.{'table_sharding.' + t if t in cfg.table_sharding else 'sharding'}: "
+                                  f"row_wise for the pooled table {t} has no CPU kernel in torchrec/fbgemm (it runs "
+                                  "on CUDA); on CPU give it table_wise, column_wise or data_parallel")
+    constraints = {t: ParameterConstraints(sharding_types=[cfg.table_sharding.get(t, cfg.sharding)]) for t in tables}
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world, local_world_size=world), kernel_config=KernelConfig(compute_device=device.type)
     )
@@ -80,6 +93,50 @@ def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[Dis
         lambda params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
     )
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def describe_plan(dmp: DistributedModelParallel, optimizer: str = "rowwise_adagrad") -> list[str]:
+    """The planner's plan, a line per table: its sharding type, shape, and which rank holds which
+    rows and columns; then the bytes each rank holds (fp32 weights plus the fused optimizer's
+    state: one float per row for row-wise Adagrad, one per weight for Adagrad, none for SGD).
+
+    Example line: ``item (5,001 x 16): row_wise, rank 0 rows 0-2,500, rank 1 rows 2,501-5,000``.
+    """
+    lines, per_rank = [], {}
+    for module, params in dmp.plan.plan.items():
+        for name, ps in params.items():
+            spec = getattr(ps, "sharding_spec", None)
+            shards = getattr(spec, "shards", None) or []
+            where = []
+            rows_total = cols_total = 0
+            for sh in shards:
+                (r0, c0), (nr, nc) = sh.shard_offsets, sh.shard_sizes
+                rank = int(str(sh.placement).split("rank:")[1].split("/")[0])
+                rows_total, cols_total = max(rows_total, r0 + nr), max(cols_total, c0 + nc)
+                part = f"rank {rank}"
+                if ps.sharding_type in ("row_wise", "table_row_wise"):
+                    part += f" rows {r0:,}-{r0 + nr - 1:,}"
+                elif ps.sharding_type in ("column_wise", "table_column_wise"):
+                    part += f" columns {c0}-{c0 + nc - 1}"
+                where.append(part)
+                state = nr if optimizer == "rowwise_adagrad" else nr * nc if optimizer == "adagrad" else 0
+                per_rank[rank] = per_rank.get(rank, 0) + 4 * (nr * nc + state)
+            if not shards:  # data_parallel: a copy on every rank
+                where = [f"every rank ({', '.join(map(str, ps.ranks or []))})" if ps.ranks else "every rank"]
+            shape = f" ({rows_total:,} x {cols_total})" if shards else ""
+            table = f"{module}.{name}".split(".")[-1] if "." in name else name
+            lines.append(f"{table}{shape}: {ps.sharding_type}, {', '.join(where)}")
+    lines.append("bytes per rank (weights + optimizer state): "
+                 + ", ".join(f"rank {r} {_size(b)}" for r, b in sorted(per_rank.items())))
+    return lines
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1 (KiB at the least)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
 
 
 def full_state_dict(dmp: DistributedModelParallel) -> dict[str, torch.Tensor] | None:
@@ -183,9 +240,10 @@ def _copy_into(target: object, full: torch.Tensor, name: str) -> None:
 
 
 def load_full_state(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
-                    weights: dict[str, torch.Tensor], optimizer_state: dict[str, dict[str, torch.Tensor]]) -> None:
+                    weights: dict[str, torch.Tensor], optimizer_state: dict[str, dict[str, torch.Tensor]] | None) -> None:
     """Put whole weights and optimizer state (as :func:`full_state_dict` and
-    :func:`full_optimizer_state` wrote them) into a sharded model and its optimizer, in place.
+    :func:`full_optimizer_state` wrote them) into a sharded model and its optimizer, in place
+    (``optimizer_state`` None: the weights only; the optimizer keeps its state, e.g. none yet).
 
     Every rank calls it with the same whole tensors and copies its own shards. The dense
     optimizer (Adam) creates its state lazily; it is created first by a step with zero gradients,
@@ -205,6 +263,8 @@ def load_full_state(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
         with torch.no_grad():
             for name, full in weights.items():
                 _copy_into(live[name], full, name)
+        if optimizer_state is None:
+            return
         if optimizer_state and any(not opt.state for _, opt in optimizer.optimizers):
             for _, opt in optimizer.optimizers:
                 if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:

@@ -51,6 +51,7 @@ from models.ctr import build_model, parameter_count
 from models.scoring import score_requests
 from pipelines.distributed import (
     PG_TIMEOUT,
+    describe_plan,
     full_optimizer_state,
     full_state_dict,
     init_single_process_group,
@@ -285,11 +286,17 @@ def _stop_on_signals(run_dir: Path) -> Iterator[_Stop]:
 # The per-worker loop
 
 
+#: train.log lines that stay in the file (the driver's tail and the terminal leave them out)
+FILE_ONLY = "[plan] "
+
+
 def _log(run: Run, line: str) -> None:
-    """Rank 0's progress: appended to RUN/train.log (the Ray driver tails it) and shown locally."""
+    """Rank 0's progress: appended to RUN/train.log (the Ray driver tails it) and shown locally,
+    unless the line starts with :data:`FILE_ONLY`."""
     with open(run.path / "train.log", "a") as f:
         f.write(line + "\n")
-    note(line)
+    if not line.startswith(FILE_ONLY):
+        note(line)
 
 
 @dataclass
@@ -359,6 +366,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     index = run.category_index(store) if run.search_k is not None else None
     model = build_model(cfg.model, run.spec)
     dmp, optimizer = shard(model, tc, device)
+    if rank == 0:
+        plan = describe_plan(dmp, tc.embedding_optimizer)
+        for line in plan:
+            _log(run, f"{FILE_ONLY}{line}")
+        _log(run, f"[train] sharding over {world} rank(s): {plan[-1].split(': ', 1)[1]} (the plan per table: "
+                  "[plan] lines of train.log in the run directory)")
     pos = _restore(run, dmp, optimizer, on_ray=on_ray)
     if on_ray:
         _worker_started(run, loop_config, rank, pos)
@@ -861,7 +874,8 @@ def _tail(path: Path) -> Iterator[None]:
             while True:
                 line = f.readline()
                 if line:
-                    note(line.rstrip("\n"))
+                    if not line.startswith(FILE_ONLY):
+                        note(line.rstrip("\n"))
                 elif stop.is_set():
                     return
                 else:

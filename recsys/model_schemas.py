@@ -361,6 +361,12 @@ class TrainConfig(Schema):
     sharding: ShardingType = Field(
         "table_wise", description="sharding type the planner may use for every table (see docs/TRAINING.md)"
     )
+    table_sharding: dict[str, ShardingType] = Field(
+        default_factory=dict, description="per-table sharding types that replace `sharding` for those tables, e.g. "
+        "{item: row_wise} to split the item table's rows over the workers (a table bigger than one worker); the "
+        "names are the model's tables (train.log's plan lists them); on CPU row_wise runs for the sequence tables "
+        "(item, category, CAN's can_induce_*) but not the pooled profile_* tables (docs/TRAINING.md)",
+    )
     seed: int = Field(0, ge=0)
     shuffle: bool = Field(True, description="shuffle training requests every epoch")
     batch_by: Literal["request", "user"] = Field(

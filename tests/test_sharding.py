@@ -16,7 +16,11 @@ CROSSES = ["model.can.enabled=true", "model.can.max_len=20", "model.can.pairs=[{
            "{induction: brand, feed: profile.segment}]"]
 
 
-def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str, out: str, extra: tuple[str, ...] = ()) -> None:
+def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str, out: str, extra: tuple[str, ...] = (),
+            same_init: bool = False) -> None:
+    """Two real updates on a sharded model; rank 0 compares its logits with the gathered plain model's
+    and writes the result (and the full state). ``same_init``: the sharded tables start from the
+    plain model's init (DMP initialises each shard on its rank, so two plans start apart)."""
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -25,7 +29,7 @@ def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str
     from features.history import HistoryStore
     from models.batch import FeatureSpec, batch_from_requests
     from models.ctr import build_model
-    from pipelines.distributed import full_state_dict, shard
+    from pipelines.distributed import describe_plan, full_state_dict, load_full_state, shard
     from recsys.config import load_config
     from recsys.model_schemas import RunConfig
 
@@ -39,7 +43,11 @@ def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str
         store = HistoryStore.open(f"{data_dir}/history/history.arrow")
         table = pq.read_table(f"{data_dir}/requests/train.parquet")
         torch.manual_seed(0)
-        dmp, optimizer = shard(build_model(cfg.model, spec), cfg.train, torch.device("cpu"))
+        model = build_model(cfg.model, spec)
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        dmp, optimizer = shard(model, cfg.train, torch.device("cpu"))
+        if same_init:
+            load_full_state(dmp, optimizer, init, None)
         for step in range(2):  # a couple of real updates, so the tables are not at their init
             b = batch_from_requests(spec, table.slice((2 * step + rank) * 8, 8), store, max_history=20)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(b), b.labels)
@@ -61,8 +69,9 @@ def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str
                          for r in range(world)]
             diff = max(float((a - b).abs().max()) for a, b in zip(gathered, again, strict=True))
             plan = str(dmp.plan)
+            torch.save(state, f"{out}.state.pt")
             with open(out, "w") as f:
-                json.dump({"max_abs_diff": diff, "plan": plan}, f)
+                json.dump({"max_abs_diff": diff, "plan": plan, "described": describe_plan(dmp)}, f)
     finally:
         dist.destroy_process_group()
 
@@ -81,3 +90,42 @@ def test_sharded_model_equals_the_gathered_plain_model(tiny_data, tmp_path, shar
     # exact up to float summation order; a feature-order mix-up (e.g. a sharded EBC returning its
     # keys grouped by rank) shows up here as differences of 1e-3 and more
     assert result["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_an_item_table_split_by_rows_over_two_workers_trains_to_the_same_model(tiny_data, tmp_path):
+    """train.table_sharding {item: row_wise}: the item table's rows are split over the 2 ranks (the
+    plan says which rows each holds), the model computes what the plain model computes, and after
+    the same steps its full state dict equals that of the same training with every table whole on
+    one rank (table_wise)."""
+    results = {}
+    for name, extra in (("rows", ("train.table_sharding={item: row_wise}",)), ("whole", ())):
+        out = tmp_path / f"{name}.json"
+        mp.spawn(_worker, args=(2, str(tmp_path / f"rendezvous-{name}"), str(tiny_data), "table_wise", str(out), extra,
+                                True), nprocs=2, join=True)
+        results[name] = (json.loads(out.read_text()), torch.load(f"{out}.state.pt", weights_only=True))
+    (rows, split), (_, whole) = results["rows"], results["whole"]
+    item = next(line for line in rows["described"] if line.startswith("item ("))
+    assert ": row_wise, rank 0 rows 0-" in item and ", rank 1 rows " in item, item
+    assert all("row_wise" not in line for line in rows["described"] if not line.startswith("item ("))
+    assert rows["described"][-1].startswith("bytes per rank") and "rank 1" in rows["described"][-1]
+    assert rows["max_abs_diff"] < 1e-5
+    assert sorted(split) == sorted(whole)
+    differ = {k: float((split[k] - whole[k]).abs().max()) for k in split if not torch.allclose(split[k], whole[k],
+                                                                                                 rtol=0, atol=1e-6)}
+    assert not differ, differ
+
+
+@pytest.mark.parametrize(("table_sharding", "message"), [
+    ("{nope: row_wise}", "train.table_sharding names nope: not a table of this model (its tables: behavior, brand, "
+                         "category, item,"),
+    ("{profile_segment: row_wise}", "train.table_sharding.profile_segment: row_wise for the pooled table "
+                                    "profile_segment has no CPU kernel"),
+])
+def test_table_sharding_that_cannot_run_is_refused_with_the_tables_named(tiny_data, tmp_path, table_sharding, message):
+    from tests.conftest import ROOT, run_cli
+
+    r = run_cli("train", "--config", str(ROOT / "configs" / "models" / "din.yaml"), "--data", str(tiny_data),
+                "--out", str(tmp_path / "run"), "--workers", "0", "--set", f"train.table_sharding={table_sharding}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
