@@ -72,11 +72,13 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def _score_over_http(export: Path, data: Path, scores_file: Path, n: int) -> dict[str, Any]:
-    """Start ``recsys serve``, send ``n`` test requests, compare with eval's scores, stop it."""
+def _score_over_http(export: Path, data: Path, scores_file: Path, n: int,
+                     rows: pl.DataFrame | None = None) -> dict[str, Any]:
+    """Start ``recsys serve``, send ``n`` test requests (the first, or ``rows``: test requests
+    chosen by the caller), compare with eval's scores, stop it."""
     with server_process(serve_command(export), export.parent / "serve.log") as server:
         url = server.base
-        requests = pl.read_parquet(data / "requests" / "test.parquet").head(n)
+        requests = (rows if rows is not None else pl.read_parquet(data / "requests" / "test.parquet")).head(n)
         candidates = client_candidates(data, -1)  # an item outside the vocabulary: -1 and its features
         expected = pl.read_parquet(scores_file)
         worst, latencies = 0.0, []
