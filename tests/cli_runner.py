@@ -50,6 +50,11 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -
     environment, ``main(args)``, exit handlers, then the exit status."""
     os.environ.clear()
     os.environ.update(env)
+    if "ray._raylet" in sys.modules:
+        # Ray's C++ config was read from the server's environment when it imported Ray; a fresh
+        # interpreter reads the caller's. RAY_AUTH_MODE differs once an in-process ray.init of the
+        # test process has set it to token: reread it, as ray.init does after setting it itself.
+        sys.modules["ray._raylet"].Config.initialize("")
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         target = os.open(path, os.O_WRONLY | os.O_TRUNC)
