@@ -79,12 +79,13 @@ def measure(export_dir: Path, *, candidates: int, repeats: int) -> dict:
             "exposure_rows_written": int(written), "model": export.name, "machine": machine_info()}
 
 
-def _flush_rows(log, k: int, requests: int, candidates: int, rng: np.random.Generator) -> None:
+def _flush_rows(log, k: int, requests: int, candidates: int, rng: np.random.Generator) -> list:
     """Queue one flush's exposures as ``ABRouter.finish`` does: per request and experiment, one
-    Columns batch of scalars and ``candidates``-long arrays."""
+    Columns batch of scalars and ``candidates``-long arrays; return the first experiment's batches."""
     from serving.ab_log import Columns
 
     m = candidates
+    first = []
     for r in range(requests):
         common = {"request_id": f"{k:08x}{r:024x}", "served_at": time.time(), "timestamp": 1_700_000_000,
                   "user_id": int(rng.integers(1, 10**9)), "model": "full@0123456789ab", "policy": "epsilon",
@@ -93,8 +94,11 @@ def _flush_rows(log, k: int, requests: int, candidates: int, rng: np.random.Gene
                   "greedy_position": rng.permutation(m).astype(np.int32), "propensity": rng.random(m),
                   "candidates": m}
         for e in LOAD_EXPERIMENTS:
-            log.put("exposures", e["name"], Columns(m, {**common, "arm": "control", "forced": False,
-                                                       "shown": np.arange(m) < 10}))
+            rows = Columns(m, {**common, "arm": "control", "forced": False, "shown": np.arange(m) < 10})
+            log.put("exposures", e["name"], rows)
+            if e is LOAD_EXPERIMENTS[0]:
+                first.append(rows)
+    return first
 
 
 def measure_writer(*, flushes: int, requests: int, candidates: int) -> dict:
@@ -124,9 +128,7 @@ def measure_writer(*, flushes: int, requests: int, candidates: int) -> dict:
         thread.start()
         flush_ms, convert_ms = [], []
         for k in range(flushes + 2):  # the first two warm up
-            _flush_rows(log, k, requests, candidates, rng)
-            with log._cond:
-                groups = [b.table for b in log._pending if b.experiment == LOAD_EXPERIMENTS[0]["name"]]
+            groups = _flush_rows(log, k, requests, candidates, rng)
             t = time.perf_counter()
             _as_table(EXPOSURE_SCHEMA, groups)
             t1 = time.perf_counter()

@@ -103,7 +103,7 @@ def describe_plan(dmp: DistributedModelParallel, optimizer: str = "rowwise_adagr
     Example line: ``item (5,001 x 16): row_wise, rank 0 rows 0-2,500, rank 1 rows 2,501-5,000``.
     """
     lines, per_rank = [], {}
-    for module, params in dmp.plan.plan.items():
+    for params in dmp.plan.plan.values():
         for name, ps in params.items():
             spec = getattr(ps, "sharding_spec", None)
             shards = getattr(spec, "shards", None) or []
@@ -124,8 +124,7 @@ def describe_plan(dmp: DistributedModelParallel, optimizer: str = "rowwise_adagr
             if not shards:  # data_parallel: a copy on every rank
                 where = [f"every rank ({', '.join(map(str, ps.ranks or []))})" if ps.ranks else "every rank"]
             shape = f" ({rows_total:,} x {cols_total})" if shards else ""
-            table = f"{module}.{name}".split(".")[-1] if "." in name else name
-            lines.append(f"{table}{shape}: {ps.sharding_type}, {', '.join(where)}")
+            lines.append(f"{name.split('.')[-1]}{shape}: {ps.sharding_type}, {', '.join(where)}")
     lines.append("bytes per rank (weights + optimizer state): "
                  + ", ".join(f"rank {r} {_size(b)}" for r, b in sorted(per_rank.items())))
     return lines

@@ -589,7 +589,8 @@ def _restore(run: Run, dmp: Any, optimizer: Any, *, on_ray: bool) -> Position:
     except ValueError as exc:
         raise DataError(f"does not fit the run's model: {exc}", file=str(run.path / RESUME)) from None
     torch.set_rng_state(state["rng"]["torch"])
-    # [ray] mid-epoch with ray_order stream: the epoch goes on after pos.step batches of a new order
+    # mid-epoch: each rank takes its own running totals back (their sum, on rank 0, where the
+    # number of workers changed); with ray_order stream the epoch goes on in a new order
     if pos.rank_totals and not pos.epoch_done:
         rank, world = dist.get_rank(), dist.get_world_size()
         totals = pos.rank_totals if len(pos.rank_totals) == world else \
