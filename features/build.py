@@ -27,9 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from features.category_index import CategoryIndex
 from features.history import HistoryStore, write_history
 from features.requests import (
     SPLITS,
+    RequestsWriter,
     flat_list,
     list_series,
     requests_from_impressions,
@@ -49,12 +52,12 @@ from features.requests import (
     sampled_requests,
     split_by_time,
 )
-from features.sources import SourceData, most_frequent_category, read_source
+from features.sources import SourceData, most_frequent_category, parse_source, read_source
 from features.validate import write_rejects
-from features.vocab import Vocab
+from features.vocab import Vocab, count_ids
 from recsys import __version__
 from recsys.config import dump_config
-from recsys.errors import DataError
+from recsys.errors import DataError, RecsysError
 from recsys.io import atomic_output_dir, check_output_dir, write_json
 from recsys.metrics import auc
 from recsys.progress import Steps, note
@@ -67,26 +70,47 @@ PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 
 def build(
     source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False,
-    mapping: str | Path | None = None,
+    mapping: str | Path | None = None, memory_gb: float | None = None, out_of_core: bool | None = None,
 ) -> dict[str, Any]:
     """Build training data from ``source`` (``KIND:PATH``, features/sources.py) into ``out``.
 
     ``mapping`` is the mapping file of a ``table:`` source (features/table_source.py); the
     validated mapping is saved beside the data as ``mapping.yaml``.
 
+    ``memory_gb`` is the memory budget (default: half the machine's). A ``synth:`` source whose
+    in-memory build would exceed it is built out of core (features/out_of_core.py), in partitions
+    sized to the budget, to the same bytes; ``out_of_core`` True or False forces the choice.
+
     Returns:
         The report (also written to ``out/report.json``).
 
     Raises:
-        RecsysError: a bad source spec, an unreadable file, no usable events, or (``strict``) a bad row.
+        RecsysError: a bad source spec, an unreadable file, no usable events, (``strict``) a bad
+            row, or out of core asked of a source kind other than synth.
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
     """
+    from features import out_of_core as ooc  # it builds on this module
+
     check_output_dir(out, overwrite=overwrite)
+    if memory_gb is not None and not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise RecsysError(f"--memory-gb must be a number > 0, got {memory_gb}")
+    budget = ooc.default_budget() if memory_gb is None else int(memory_gb * 2**30)
+    kind, path = parse_source(source)
+    if out_of_core and kind != "synth":
+        raise RecsysError(f"--out-of-core builds synth: sources only; a {kind}: source is read in memory "
+                          "(docs/DATA.md gives its memory per event)")
+    if out_of_core or (out_of_core is None and kind == "synth" and ooc.needs_out_of_core(path, budget)):
+        timer = Steps("build")
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            report = ooc.build_synth(source, path, tmp, cfg, strict=strict, budget=budget, timer=timer)
+        if report["rows_rejected"]:
+            note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
+        return report
     timer = Steps("build")
     with timer("read and validate"):
         src = read_source(source, cfg, strict=strict, mapping=mapping)
     if src.events.height == 0:
-        raise DataError(_why_no_events(src), file=_source_file(src))
+        raise DataError(why_no_events(src), file=_source_file(src))
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with timer("vocabularies"):
@@ -116,21 +140,58 @@ def build(
             catalog.write_parquet(tmp / CATALOG)
             users.write_parquet(tmp / "users.parquet")
             (tmp / "requests").mkdir()
+            stats = {}
             for name, part in parts.items():
-                part.write_parquet(tmp / "requests" / f"{name}.parquet", compression="zstd")
-        rejects_file = None
-        if src.rejects.height:
-            rejects_file = "rejects.csv"
-            write_rejects(src.rejects, tmp / rejects_file)
-        report = make_report(source, src, vocabs, store, parts, cuts, rejects_file, timer.seconds)
-        write_json(tmp / "report.json", report)
-        write_json(tmp / "dataset.json", dataset_manifest(source, src, vocabs, items, users, store, parts, cuts, cfg))
-        (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        if src.kind == "table" and src.manifest is not None:
-            (tmp / "mapping.yaml").write_text(yaml.safe_dump(src.manifest["mapping"], sort_keys=False), encoding="utf-8")
+                with RequestsWriter(tmp / "requests" / f"{name}.parquet") as writer:
+                    writer.write(part)
+                stats[name] = SplitStats()
+                stats[name].add(part, truth=has_true_prob(src))
+        report = finish(tmp, source, src, cfg, vocabs, items, users, store, stats, cuts, timer)
     if report["rows_rejected"]:
         note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
     return report
+
+
+def finish(tmp: Path, source: str, src: SourceData, cfg: BuildConfig, vocabs: dict[str, Vocab], items: pl.DataFrame,
+           users: pl.DataFrame, store: HistoryStore, stats: dict[str, SplitStats], cuts: dict[str, int],
+           timer: Steps) -> dict[str, Any]:
+    """Write what every build ends with into the staging directory ``tmp``: rejects.csv, report.json,
+    dataset.json, config.yaml (and a table source's mapping.yaml). Returns the report."""
+    rejects_file = None
+    if src.rejects.height:
+        rejects_file = "rejects.csv"
+        write_rejects(src.rejects, tmp / rejects_file)
+    report = make_report(source, src, vocabs, store, stats, cuts, rejects_file, timer.seconds)
+    write_json(tmp / "report.json", report)
+    write_json(tmp / "dataset.json", dataset_manifest(source, src, vocabs, items, users, store, stats, cuts, cfg))
+    (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if src.kind == "table" and src.manifest is not None:
+        (tmp / "mapping.yaml").write_text(yaml.safe_dump(src.manifest["mapping"], sort_keys=False), encoding="utf-8")
+    return report
+
+
+@dataclass
+class SplitStats:
+    """What report.json says of a split's requests, gathered part by part (the out-of-core build
+    sees a split in pieces)."""
+
+    requests: int = 0
+    candidates: int = 0
+    positives: int = 0
+    out_of_vocabulary: int = 0
+    hist_len: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)  # with ``truth``: for the oracle AUC
+    probs: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, part: pl.DataFrame, *, truth: bool) -> None:
+        self.requests += part.height
+        self.candidates += int(part["item"].list.len().sum() or 0)
+        self.positives += int(part["label"].list.sum().sum() or 0)
+        self.out_of_vocabulary += int((part["item"].explode() == OOV_INDEX).sum() or 0)
+        self.hist_len.append(part["hist_len"].to_numpy())
+        if truth:
+            self.labels.append(part["label"].explode().to_numpy())
+            self.probs.append(part["true_prob"].explode().to_numpy())
 
 
 def _requests(
@@ -141,16 +202,25 @@ def _requests(
     source has them, else sampled from the positive events (negatives from ``items``)."""
     item_cols = [c for c in items.columns if c not in ("item", "item_id")]
     if src.impressions is not None:
-        imp = src.impressions.lazy().with_columns(
-            user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
-        )
-        if not has_true_prob(src):
-            imp = imp.with_columns(true_prob=pl.lit(None, pl.Float32))
-        requests = requests_from_impressions(imp, items, item_cols, store)
+        requests = requests_from_impressions(encode_impressions(src, vocabs), items, item_cols, store)
         if not has_true_prob(src):  # null like sampled requests, not a list of nulls
             requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
     else:
         requests = sampled_requests(events, store, items, item_cols, cfg.sampling)
+    return request_columns(requests, users, item_cols)
+
+
+def encode_impressions(src: SourceData, vocabs: dict[str, Vocab], impressions: pl.LazyFrame | None = None) -> pl.LazyFrame:
+    """The source's impressions (or ``impressions``, a part of them) with ``user`` and ``item``
+    indices, and ``true_prob`` null where the source has none."""
+    imp = (src.impressions if impressions is None else impressions).lazy().with_columns(
+        user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
+    )
+    return imp if has_true_prob(src) else imp.with_columns(true_prob=pl.lit(None, pl.Float32))
+
+
+def request_columns(requests: pl.DataFrame, users: pl.DataFrame, item_cols: list[str]) -> pl.DataFrame:
+    """Requests with the user's profile features, in the column order of features/requests.py."""
     profile_cols = [c for c in users.columns if c in PROFILE_FEATURES.values()]
     requests = requests.with_columns(
         **{c: pl.Series(users[c].to_numpy()[requests["user"].to_numpy()], dtype=pl.Int32) for c in profile_cols}
@@ -162,7 +232,7 @@ def _requests(
 
 def has_true_prob(src: SourceData) -> bool:
     """Impressions with a ``true_prob`` column (the synthetic world): known click probabilities."""
-    return src.impressions is not None and "true_prob" in src.impressions.columns
+    return src.impressions is not None and "true_prob" in src.impressions.collect_schema().names()
 
 
 def _source_file(src: SourceData) -> str:
@@ -180,7 +250,7 @@ def _naming_the_source(src: SourceData) -> Iterator[None]:
         raise DataError(exc.message, file=_source_file(src)) from exc
 
 
-def _why_no_events(src: SourceData) -> str:
+def why_no_events(src: SourceData) -> str:
     read = src.rows_read.get("events", src.rows_read.get("lines", 0))
     if read == 0:
         return f"no valid events to build from: the file has no rows{' after its header' if src.kind == 'alimama' else ''}"
@@ -207,20 +277,27 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None) 
     """
     mc = cfg.vocab.min_count
 
-    def ids(column: str, *frames: pl.DataFrame | None) -> pl.Series:
-        return pl.concat([f[column] for f in frames if f is not None and column in f.columns])
+    def lazy(frame: pl.DataFrame | pl.LazyFrame | None) -> pl.LazyFrame | None:
+        return frame.lazy() if isinstance(frame, pl.DataFrame) else frame
 
-    events, impressions, catalog = src.events, src.impressions, src.items
+    def counts(column: str, *frames: pl.LazyFrame | None) -> pl.DataFrame:
+        present = [f.select(column) for f in frames if f is not None and column in f.collect_schema().names()]
+        return count_ids(pl.concat(present))
+
+    # The events and impressions may be frames over files larger than memory (features/out_of_core.py):
+    # they are only counted, by the streaming engine.
+    events, impressions, catalog = lazy(src.events), lazy(src.impressions), src.items
     if before is not None:
         events = events.filter(pl.col("timestamp") < before)
         impressions = None if impressions is None else impressions.filter(pl.col("timestamp") < before)
-    item_vocab = Vocab.fit("item_id", ids("item_id", events, impressions), min_count=mc.item_id)
+    item_vocab = Vocab.from_counts("item_id", counts("item_id", events, impressions), min_count=mc.item_id)
     if before is not None and catalog is not None:
         catalog = catalog.filter(pl.col("item_id").is_in(item_vocab.table["raw"].slice(1).implode()))
     vocabs = {
-        "user_id": Vocab.fit("user_id", ids("user_id", src.events, src.impressions, src.users)),
+        "user_id": Vocab.from_counts("user_id", counts("user_id", lazy(src.events), lazy(src.impressions), lazy(src.users))),
         "item_id": item_vocab,
-        "category_id": Vocab.fit("category_id", ids("category_id", events, catalog), min_count=mc.category_id),
+        "category_id": Vocab.from_counts("category_id", counts("category_id", events, lazy(catalog)),
+                                         min_count=mc.category_id),
     }
     if catalog is not None and "brand_id" in catalog.columns:
         vocabs["brand_id"] = Vocab.fit("brand_id", catalog["brand_id"], min_count=mc.brand_id)
@@ -268,6 +345,21 @@ def _refit_on_training_span(
     )
     items = item_table(src, vocabs)
     item_cols = [c for c in items.columns if c not in ("item", "item_id")]
+    catalog, maps = refit_maps(whole, vocabs, whole_items, item_cols)
+    parts = {s: remap_lists(p, maps) for s, p in parts.items()}
+    if src.impressions is None:
+        rng = np.random.default_rng([cfg.sampling.seed, 1])
+        parts = {s: _redraw_unknown_negatives(p, items, item_cols, cfg.sampling.strategy, rng) for s, p in parts.items()}
+    return vocabs, items, catalog, events, parts
+
+
+def refit_maps(whole: dict[str, Vocab], vocabs: dict[str, Vocab], whole_items: pl.DataFrame,
+               item_cols: list[str]) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+    """From the whole-span vocabularies to those of the training span: the catalog (:data:`CATALOG`:
+    the items that the new item vocabulary lacks, in the whole span's order, with their features'
+    new indices) and, per candidate column, the array that maps an old index to the new one.
+    ``whole_items`` is the item table under ``whole``."""
+    remap = {name: _index_map(whole[name], vocabs[name]) for name in REFIT if name in vocabs}
     feature_maps = {ITEM_FEATURES[name]: m for name, m in remap.items() if name != "item_id"}
     unknown = remap["item_id"] == OOV_INDEX
     unknown[OOV_INDEX] = False
@@ -275,11 +367,7 @@ def _refit_on_training_span(
         "item_id", *(pl.Series(c, feature_maps[c][whole_items[c].to_numpy()[unknown]], dtype=pl.Int32)
                      if c in feature_maps else pl.col(c) for c in item_cols))
     maps = {"item": remap["item_id"], **{c: m for c, m in feature_maps.items() if c in item_cols}}
-    parts = {s: _remap_lists(p, maps) for s, p in parts.items()}
-    if src.impressions is None:
-        rng = np.random.default_rng([cfg.sampling.seed, 1])
-        parts = {s: _redraw_unknown_negatives(p, items, item_cols, cfg.sampling.strategy, rng) for s, p in parts.items()}
-    return vocabs, items, catalog, events, parts
+    return catalog, maps
 
 
 def _redraw_unknown_negatives(part: pl.DataFrame, items: pl.DataFrame, item_cols: list[str], strategy: str,
@@ -307,7 +395,7 @@ def _index_map(old: Vocab, new: Vocab) -> np.ndarray:
     return new.encode(old.table["raw"]).fill_null(OOV_INDEX).to_numpy().astype(np.int32)
 
 
-def _remap_lists(df: pl.DataFrame, maps: dict[str, np.ndarray]) -> pl.DataFrame:
+def remap_lists(df: pl.DataFrame, maps: dict[str, np.ndarray]) -> pl.DataFrame:
     """``df`` with each list column in ``maps`` mapped element-wise through its index array."""
     out = {}
     for c, m in maps.items():
@@ -394,12 +482,12 @@ def make_report(
     src: SourceData,
     vocabs: dict[str, Vocab],
     store: HistoryStore,
-    parts: dict[str, pl.DataFrame],
+    stats: dict[str, SplitStats],
     cuts: dict[str, int],
     rejects_file: str | None,
     seconds: dict[str, float],
 ) -> dict[str, Any]:
-    per_request = np.concatenate([p["hist_len"].to_numpy() for p in parts.values()])
+    per_request = np.concatenate([a for st in stats.values() for a in st.hist_len] or [np.zeros(0, np.int32)])
     by_reason = src.rejects.group_by("reason").len().sort("len", descending=True).head(10)
     report: dict[str, Any] = {
         "source": source,
@@ -411,12 +499,11 @@ def make_report(
         "items": vocabs["item_id"].size - 1,
         "categories": vocabs["category_id"].size - 1,
         "events": store.num_events,
-        "requests": {s: parts[s].height for s in SPLITS},
-        "candidates": {s: int(parts[s]["item"].list.len().sum() or 0) for s in SPLITS},
-        "positives": {s: int(parts[s]["label"].list.sum().sum() or 0) for s in SPLITS},
-        "candidates_out_of_vocabulary": {  # new items in valid and test when vocab.fit_on is train
-            s: int((parts[s]["item"].explode() == OOV_INDEX).sum() or 0) for s in SPLITS
-        },
+        "requests": {s: stats[s].requests for s in SPLITS},
+        "candidates": {s: stats[s].candidates for s in SPLITS},
+        "positives": {s: stats[s].positives for s in SPLITS},
+        # new items in valid and test when vocab.fit_on is train
+        "candidates_out_of_vocabulary": {s: stats[s].out_of_vocabulary for s in SPLITS},
         "split": {"valid_from": _iso(cuts["valid_from"]), "test_from": _iso(cuts["test_from"])},
         "history_length": {
             "per_user": _quantiles(store.lengths()[1:]),
@@ -428,8 +515,8 @@ def make_report(
     if has_true_prob(src):
         report["oracle_auc"] = {}
         for s in SPLITS:
-            labels = parts[s]["label"].explode().to_numpy()
-            probs = parts[s]["true_prob"].explode().to_numpy()
+            labels = np.concatenate(stats[s].labels) if stats[s].labels else np.zeros(0, np.int8)
+            probs = np.concatenate(stats[s].probs) if stats[s].probs else np.zeros(0, np.float32)
             report["oracle_auc"][s] = round(auc(labels, probs), 4) if len(labels) else None
     report["seconds"] = seconds
     return report
@@ -442,7 +529,7 @@ def dataset_manifest(
     items: pl.DataFrame,
     users: pl.DataFrame,
     store: HistoryStore,
-    parts: dict[str, pl.DataFrame],
+    stats: dict[str, SplitStats],
     cuts: dict[str, int],
     cfg: BuildConfig,
 ) -> dict[str, Any]:
@@ -463,7 +550,7 @@ def dataset_manifest(
         "profile_features": [c for c in users.columns if c in PROFILE_FEATURES.values()],
         "history": {"path": "history/history.arrow", "users": store.num_users, "events": store.num_events,
                     "fields": ["item", "category", "behavior", "timestamp"]},
-        "requests": {s: {"path": f"requests/{s}.parquet", "requests": parts[s].height} for s in SPLITS},
+        "requests": {s: {"path": f"requests/{s}.parquet", "requests": stats[s].requests} for s in SPLITS},
         "split": cuts,
         "has_true_prob": has_true_prob(src),
         "config": cfg.model_dump(mode="json"),

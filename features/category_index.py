@@ -63,8 +63,12 @@ class CategoryIndex:
 
     @classmethod
     def from_arrays(cls, category: np.ndarray, user_offsets: np.ndarray, *, num_categories: int,
-                    per_category: int | None = None) -> CategoryIndex:
-        """From jagged histories: ``category [N]`` with ``user_offsets [U+1]`` (history order, oldest first)."""
+                    per_category: int | None = None, first_user: int = 0) -> CategoryIndex:
+        """From jagged histories: ``category [N]`` with ``user_offsets [U+1]`` (history order, oldest first).
+
+        ``first_user``: the user index of row 0 (the out-of-core build indexes a range of users at a
+        time: its pieces, offsets shifted, concatenate to the index of all of them).
+        """
         user_offsets = np.asarray(user_offsets, dtype=np.int64)
         lengths = np.diff(user_offsets)
         n = int(user_offsets[-1]) if len(user_offsets) else 0
@@ -73,7 +77,8 @@ class CategoryIndex:
             raise ValueError(f"category indices must be in [0, {num_categories}), got [{category.min()}, {category.max()}]")
         user = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
         pos = np.arange(n, dtype=np.int64) - np.repeat(user_offsets[:-1], lengths)
-        lf = pl.LazyFrame({"key": user * num_categories + category.astype(np.int64), "pos": pos.astype(np.int32)})
+        lf = pl.LazyFrame({"key": (user + first_user) * num_categories + category.astype(np.int64),
+                           "pos": pos.astype(np.int32)})
         lf = lf.sort(["key", "pos"], descending=[False, True])  # newest first within a (user, category)
         if per_category is not None:
             lf = lf.filter(pl.int_range(pl.len()).over("key") < per_category)
@@ -97,13 +102,10 @@ class CategoryIndex:
     def write(self, path: str | Path) -> None:
         """One Arrow IPC file, one row of three list columns (memory-maps with zero copies);
         ``num_categories`` and ``per_category`` in the schema metadata."""
-        meta = {b"num_categories": str(self.num_categories).encode(),
-                b"per_category": str(self.per_category if self.per_category is not None else "").encode()}
-        schema = _SCHEMA.with_metadata(meta)
-        cols = [pa.LargeListArray.from_arrays(pa.array([0, len(a)], pa.int64()), pa.array(a, f.type.value_type))
-                for a, f in zip((self.keys, self.offsets, self.positions), _SCHEMA, strict=True)]
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, schema) as writer:
-            writer.write_batch(pa.record_batch(cols, schema=schema))
+        cols = [pa.array(a, f.type.value_type) for a, f in zip((self.keys, self.offsets, self.positions), _SCHEMA, strict=True)]
+        batch = index_batch(*cols, num_categories=self.num_categories, per_category=self.per_category)
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
 
     @classmethod
     def open(cls, path: str | Path) -> CategoryIndex:
@@ -191,3 +193,13 @@ class CategoryIndex:
                 raise ValueError(f"category index {c} is outside [0, {self.num_categories})")
             lists.setdefault(c, deque(maxlen=self.per_category)).appendleft(first_position + i)
 
+
+def index_batch(keys: pa.Array, offsets: pa.Array, positions: pa.Array, *, num_categories: int,
+                per_category: int | None) -> pa.RecordBatch:
+    """The index file's one record batch: one row of three list columns (memory-maps with zero
+    copies); ``num_categories`` and ``per_category`` in the schema metadata."""
+    meta = {b"num_categories": str(num_categories).encode(),
+            b"per_category": str(per_category if per_category is not None else "").encode()}
+    schema = _SCHEMA.with_metadata(meta)
+    cols = [pa.LargeListArray.from_arrays(pa.array([0, len(a)], pa.int64()), a) for a in (keys, offsets, positions)]
+    return pa.record_batch(cols, schema=schema)

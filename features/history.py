@@ -75,18 +75,21 @@ def write_history(
         a = np.asarray(a)
         return pa.array(a if order is None else a[order], type=dtype)
 
-    values = pa.StructArray.from_arrays(
-        [col(a, t) for a, t in zip((item, category, behavior, timestamp), EVENT_FIELDS.values(), strict=True)],
-        names=list(EVENT_FIELDS),
-    )
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(user, minlength=num_users), out=offsets[1:])
-    events = pa.LargeListArray.from_arrays(pa.array(offsets), values)
-    batch = pa.record_batch([events], schema=SCHEMA)
-    path = Path(path)
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, SCHEMA) as writer:
+    batch = history_batch(offsets, *(col(a, t) for a, t in zip((item, category, behavior, timestamp),
+                                                             EVENT_FIELDS.values(), strict=True)))
+    with pa.OSFile(str(Path(path)), "wb") as sink, ipc.new_file(sink, SCHEMA) as writer:
         writer.write_batch(batch)
 
+
+def history_batch(offsets: np.ndarray, item: pa.Array, category: pa.Array, behavior: pa.Array,
+                  timestamp: pa.Array) -> pa.RecordBatch:
+    """The store's one record batch: user u's events are rows ``offsets[u]:offsets[u + 1]`` of the
+    four event columns (already in history order, of the types in :data:`EVENT_FIELDS`)."""
+    values = pa.StructArray.from_arrays([item, category, behavior, timestamp], names=list(EVENT_FIELDS))
+    events = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    return pa.record_batch([events], schema=SCHEMA)
 
 def first_true(lo: np.ndarray, hi: np.ndarray, test) -> np.ndarray:
     """A binary search in many slices at once: O(Q log L), no per-query Python.

@@ -22,9 +22,12 @@ Request columns (Parquet, one row per request)::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from features.history import HistoryStore
 from features.steps import feature_step
@@ -33,6 +36,68 @@ from recsys.schemas import SamplingConfig, SplitConfig
 from recsys.types import BEHAVIOR_CODE, OOV_INDEX
 
 SPLITS = ("train", "valid", "test")
+#: Requests per Parquet row group of a split's file. Every build writes its groups at this size,
+#: whole or in pieces, so the in-memory and the out-of-core build write the same bytes.
+ROW_GROUP = 65_536
+
+
+class RequestsWriter:
+    """A split's request file, written in pieces: rows are buffered and written as row groups of
+    exactly :data:`ROW_GROUP` requests (the last one shorter), zstd-compressed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "train.parquet"
+        >>> with RequestsWriter(path) as w:
+        ...     w.write(pl.DataFrame({"request_id": [1, 2]})); w.write(pl.DataFrame({"request_id": [3]}))
+        >>> pl.read_parquet(path)["request_id"].to_list()
+        [1, 2, 3]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows = 0
+        self._pending: list[pl.DataFrame] = []
+        self._buffered = 0
+        self._schema: pa.Schema | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, part: pl.DataFrame) -> None:
+        """Append ``part`` (every part of a file has the same columns)."""
+        if self._schema is None:
+            self._schema = part.head(0).to_arrow().schema
+        if part.height:
+            self._pending.append(part)
+            self._buffered += part.height
+            self.rows += part.height
+        while self._buffered >= ROW_GROUP:
+            self._flush(ROW_GROUP)
+
+    def _flush(self, n: int) -> None:
+        pending = pl.concat(self._pending, rechunk=False)
+        group, rest = pending.slice(0, n), pending.slice(n)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
+        self._writer.write_table(group.rechunk().to_arrow().cast(self._schema), row_group_size=n)
+        self._pending, self._buffered = ([rest] if rest.height else []), rest.height
+
+    def close(self) -> None:
+        if self._buffered:
+            self._flush(self._buffered)
+        if self._writer is None:  # no rows at all: a file with the columns and no row group
+            pq.ParquetWriter(self.path, self._schema or pa.schema([]), compression="zstd").close()
+        else:
+            self._writer.close()
+        self._writer, self._schema = None, self._schema
+
+    def __enter__(self) -> RequestsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.close()
 
 
 @feature_step({"request_id": pl.Int64, "user": pl.Int32, "timestamp": pl.Int64, "item": pl.List(pl.Int32),
@@ -229,10 +294,15 @@ def split_by_time(requests: pl.DataFrame, cfg: SplitConfig) -> tuple[dict[str, p
         int(ts.quantile(1 - cfg.test_fraction - cfg.valid_fraction, interpolation="higher"))
         if cfg.valid_fraction else test_from
     )
-    valid_from = min(valid_from, test_from)
-    parts = {
-        "train": requests.filter(pl.col("timestamp") < valid_from),
-        "valid": requests.filter((pl.col("timestamp") >= valid_from) & (pl.col("timestamp") < test_from)),
-        "test": requests.filter(pl.col("timestamp") >= test_from),
+    cuts = {"valid_from": min(valid_from, test_from), "test_from": test_from}
+    return split_at(requests, cuts), cuts
+
+
+def split_at(requests: pl.DataFrame, cuts: dict[str, int]) -> dict[str, pl.DataFrame]:
+    """Requests by split at the times ``cuts`` (:func:`split_by_time`), order kept."""
+    ts, valid_from, test_from = pl.col("timestamp"), cuts["valid_from"], cuts["test_from"]
+    return {
+        "train": requests.filter(ts < valid_from),
+        "valid": requests.filter((ts >= valid_from) & (ts < test_from)),
+        "test": requests.filter(ts >= test_from),
     }
-    return parts, {"valid_from": valid_from, "test_from": test_from}

@@ -60,7 +60,8 @@ come later (features/build.py).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,14 +295,26 @@ def _first_line(exc: BaseException) -> str:
     return clip(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
-def _checked(lf: pl.LazyFrame, checks: list[Check], file: str, strict: bool) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+@contextmanager
+def reading_parquet(file: str) -> Iterator[None]:
+    """Errors of polars reading a damaged Parquet file -> a DataError naming ``file``."""
     try:
-        df = lf.pipe(with_checks, [*_int64_range(lf), *checks]).collect(engine="streaming")
+        yield
     except (pl.exceptions.ComputeError, OSError) as exc:  # a readable footer over damaged pages
         raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=file) from None
     except pl.exceptions.PanicException as exc:  # a footer whose page ranges run past the file's end
         raise DataError(f"cannot read Parquet (the reader failed on it: {_first_line(exc)}); the file is damaged or "
                         "truncated", file=file) from None
+
+
+def checked(lf: pl.LazyFrame, checks: list[Check]) -> pl.LazyFrame:
+    """``lf`` with each row tagged by its first failing check (those of :func:`_scan`'s casts first)."""
+    return lf.pipe(with_checks, [*_int64_range(lf), *checks])
+
+
+def _checked(lf: pl.LazyFrame, checks: list[Check], file: str, strict: bool) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    with reading_parquet(file):
+        df = checked(lf, checks).collect(engine="streaming")
     valid, rejects = split_rejects(df, file=file, strict=strict)
     return valid.select(pl.exclude("^_was_.*$")), rejects, df.height
 
@@ -310,56 +323,56 @@ def _ids_present(*columns: str) -> list[Check]:
     return [non_negative_int(c, pl.col(c), pl.col(c)) for c in columns]
 
 
+def synth_checks(name: str, items: pl.DataFrame | None = None) -> list[Check]:
+    """The row checks of a synth file (``items``: the valid item table, for the impressions)."""
+    if name == "items":
+        return [*_ids_present("item_id", "category_id", "brand_id", "price_bucket"),
+                Check(~pl.col("item_id").is_first_distinct(), "item_id", pl.col("item_id"), "duplicate item_id")]
+    if name == "users":
+        return [*_ids_present("user_id", "segment", "age_bucket"),
+                Check(~pl.col("user_id").is_first_distinct(), "user_id", pl.col("user_id"), "duplicate user_id")]
+    if name == "events":
+        return [*_ids_present("user_id", "item_id", "category_id"), known_behavior("behavior", pl.col("behavior")),
+                non_negative_int("timestamp", pl.col("timestamp"), pl.col("timestamp"))]
+    first_user = pl.col("user_id").first().over("request_id")
+    first_time = pl.col("timestamp").first().over("request_id")
+    return [*_ids_present("request_id", "user_id", "item_id", "position", "timestamp"),
+            Check(~pl.col("clicked").is_in([0, 1]), "clicked", pl.col("clicked"), "must be 0 or 1"),
+            Check(pl.col("true_prob").is_not_null() & ~pl.col("true_prob").is_between(0.0, 1.0), "true_prob",
+                  pl.col("true_prob"), "must be a probability in [0, 1]"),
+            Check(pl.col("user_id") != first_user, "user_id", pl.col("user_id"),
+                  pl.format("differs from the user of the request's first row ({})", first_user)),
+            Check(pl.col("timestamp") != first_time, "timestamp", pl.col("timestamp"),
+                  pl.format("differs from the time of the request's first row ({})", first_time)),
+            Check(~pl.col("item_id").is_in(items["item_id"].implode()), "item_id", pl.col("item_id"),
+                  "not in items.parquet")]
+
+
+def scan_synth(path: Path, name: str) -> pl.LazyFrame:
+    """A synth file, its rows numbered (``line``), as its checks expect it (behaviour as text)."""
+    lf = _scan(path, name)
+    return lf.with_columns(pl.col("behavior").cast(pl.String)) if name == "events" else lf
+
+
+def synth_events(valid: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame | pl.DataFrame:
+    """Checked events -> the events frame every reader returns (:data:`EVENTS_SCHEMA`)."""
+    return valid.with_columns(pl.col("behavior").replace_strict(BEHAVIOR_CODE, return_dtype=pl.Int8)).select(
+        list(EVENTS_SCHEMA))
+
+
 def read_synth(path: Path, *, strict: bool) -> SourceData:
     manifest = read_json(path / "manifest.json", what="synth manifest")
     rows: dict[str, int] = {}
     rejects = [empty_rejects()]
-
-    items, rej, rows["items"] = _checked(
-        _scan(path, "items"),
-        [*_ids_present("item_id", "category_id", "brand_id", "price_bucket"),
-         Check(~pl.col("item_id").is_first_distinct(), "item_id", pl.col("item_id"), "duplicate item_id")],
-        "items.parquet", strict)
-    rejects.append(rej)
-    users, rej, rows["users"] = _checked(
-        _scan(path, "users"),
-        [*_ids_present("user_id", "segment", "age_bucket"),
-         Check(~pl.col("user_id").is_first_distinct(), "user_id", pl.col("user_id"), "duplicate user_id")],
-        "users.parquet", strict)
-    rejects.append(rej)
-
-    behavior = pl.col("behavior").cast(pl.String)
-    events, rej, rows["events"] = _checked(
-        _scan(path, "events").with_columns(behavior),
-        [*_ids_present("user_id", "item_id", "category_id"), known_behavior("behavior", behavior),
-         non_negative_int("timestamp", pl.col("timestamp"), pl.col("timestamp"))],
-        "events.parquet", strict)
-    rejects.append(rej)
-    events = events.with_columns(pl.col("behavior").replace_strict(BEHAVIOR_CODE, return_dtype=pl.Int8))
-    events = events.select(list(EVENTS_SCHEMA))
-
-    first_user = pl.col("user_id").first().over("request_id")
-    first_time = pl.col("timestamp").first().over("request_id")
-    impressions, rej, rows["impressions"] = _checked(
-        _scan(path, "impressions"),
-        [*_ids_present("request_id", "user_id", "item_id", "position", "timestamp"),
-         Check(~pl.col("clicked").is_in([0, 1]), "clicked", pl.col("clicked"), "must be 0 or 1"),
-         Check(pl.col("true_prob").is_not_null() & ~pl.col("true_prob").is_between(0.0, 1.0), "true_prob",
-               pl.col("true_prob"), "must be a probability in [0, 1]"),
-         Check(pl.col("user_id") != first_user, "user_id", pl.col("user_id"),
-               pl.format("differs from the user of the request's first row ({})", first_user)),
-         Check(pl.col("timestamp") != first_time, "timestamp", pl.col("timestamp"),
-               pl.format("differs from the time of the request's first row ({})", first_time)),
-         Check(~pl.col("item_id").is_in(items["item_id"].implode()), "item_id", pl.col("item_id"),
-               "not in items.parquet")],
-        "impressions.parquet", strict)
-    rejects.append(rej)
+    frames = {}
+    for name in ("items", "users", "events", "impressions"):
+        frames[name], rej, rows[name] = _checked(scan_synth(path, name), synth_checks(name, frames.get("items")),
+                                                 f"{name}.parquet", strict)
+        rejects.append(rej)
     return SourceData(
-        kind="synth", path=path, events=events, rows_read=rows, rejects=pl.concat(rejects),
-        impressions=impressions, items=items, users=users, manifest=manifest,
+        kind="synth", path=path, events=synth_events(frames["events"]), rows_read=rows, rejects=pl.concat(rejects),
+        impressions=frames["impressions"], items=frames["items"], users=frames["users"], manifest=manifest,
     )
-
-
 
 # --------------------------------------------------------------------------------------------
 # One example a line: the Amazon DIN/DIEN files, the PaddleRec DIN sample and Alimama DMR

@@ -41,15 +41,18 @@ class Vocab:
     @classmethod
     def fit(cls, name: str, values: pl.Series, *, min_count: int = 1) -> Vocab:
         """Count ``values`` (raw int ids; nulls ignored) and keep those seen >= min_count times."""
-        counts = (
-            values.drop_nulls().cast(pl.Int64).value_counts(name="count")
-            .rename({values.name: "raw"})
-            .sort(["count", "raw"], descending=[True, False])
-        )
+        return cls.from_counts(name, count_ids(values.rename("raw").to_frame().lazy()), min_count=min_count)
+
+    @classmethod
+    def from_counts(cls, name: str, counts: pl.DataFrame, *, min_count: int = 1) -> Vocab:
+        """The vocabulary of ids already counted: ``counts`` has one row per distinct raw id
+        (``raw``, ``count``), as :func:`count_ids` gives, from memory or from files streamed."""
+        counts = counts.select(pl.col("raw").cast(pl.Int64), pl.col("count").cast(pl.Int64)).sort(
+            ["count", "raw"], descending=[True, False])
         kept = counts.filter(pl.col("count") >= min_count)
         dropped = int(counts.height and counts.filter(pl.col("count") < min_count)["count"].sum())
         oov = pl.DataFrame({"raw": [None], "count": [dropped]}, schema={"raw": pl.Int64, "count": pl.Int64})
-        table = pl.concat([oov, kept.select("raw", pl.col("count").cast(pl.Int64))])
+        table = pl.concat([oov, kept])
         table = table.with_row_index("index").with_columns(pl.col("index").cast(pl.Int32))
         return cls(name=name, table=table.select(list(VOCAB_SCHEMA)), min_count=min_count)
 
@@ -78,3 +81,14 @@ class Vocab:
         if dict(table.schema) != VOCAB_SCHEMA or table.height == 0 or table["raw"][0] is not None:
             raise DataError(f"not a vocabulary (expected columns {list(VOCAB_SCHEMA)} with the OOV row first)", file=str(path))
         return cls(name=name, table=table, min_count=None)
+
+
+def count_ids(ids: pl.LazyFrame) -> pl.DataFrame:
+    """``raw, count``: how often each id of the one-column frame ``ids`` occurs (nulls ignored).
+
+    Run by polars' streaming engine, so a frame over files larger than memory is counted in
+    memory proportional to its distinct ids only.
+    """
+    column = ids.collect_schema().names()[0]
+    return (ids.select(pl.col(column).cast(pl.Int64).alias("raw")).drop_nulls()
+            .group_by("raw").agg(pl.len().alias("count")).collect(engine="streaming"))

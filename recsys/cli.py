@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training requests split by time. Bad rows are skipped into rejects.csv (or, with\n"
         "--strict, stop the build naming file, line, field and value).",
         epilog="examples:\n  recsys data build --source synth:out/world --out out/data\n"
+        "  recsys data build --source synth:out/large --out out/large --memory-gb 4    # out of core\n"
         "  recsys data build --source taobao:UserBehavior.csv --out out/taobao --strict\n"
         "  recsys data build --source table:logs/ --mapping configs/mappings/example.yaml --out out/mine\n"
         "  recsys data build --source recbole:datasets/ml-100k --out out/ml100k --set \"sampling.positive_behaviors=[buy]\"",
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--mapping", type=Path, metavar="FILE", help="for table: sources, the mapping YAML (TableMapping schema): "
                        "which columns are user, item, category, behaviour (and how its values map onto pv/cart/fav/buy) "
                        "and time, and an optional impressions table; see docs/DATA.md and configs/mappings/example.yaml")
+    build.add_argument("--memory-gb", type=float, metavar="GB",
+                       help="memory budget (default: half of this machine's memory). A synth: source whose in-memory "
+                       "build would need more (about 190 bytes an event) is built out of core, in partitions sized "
+                       "to the budget, to the same bytes; spill files go next to --out")
+    where = build.add_mutually_exclusive_group()
+    where.add_argument("--out-of-core", dest="out_of_core", action="store_const", const=True,
+                       help="build a synth: source out of core whatever its size")
+    where.add_argument("--in-memory", dest="out_of_core", action="store_const", const=False,
+                       help="build in memory whatever the budget says")
     _add_common(build)
     build.set_defaults(handler=_cmd_build)
 
@@ -603,7 +613,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if path is None and (config_dir() / "data" / "default.yaml").is_file():
         path = config_dir() / "data" / "default.yaml"
     cfg = load_config(BuildConfig, path, args.overrides)
-    report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite, mapping=args.mapping)
+    report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite, mapping=args.mapping,
+                   memory_gb=args.memory_gb, out_of_core=args.out_of_core)
     print(format_report(report))
     return 0
 
