@@ -54,7 +54,7 @@ from features.requests import (
 )
 from features.sources import SourceData, most_frequent_category, parse_source, read_source
 from features.validate import write_rejects
-from features.vocab import Vocab, count_ids
+from features.vocab import Vocab, add_counts, count_ids
 from recsys import __version__
 from recsys.config import dump_config
 from recsys.errors import DataError, RecsysError
@@ -267,36 +267,29 @@ def why_no_events(src: SourceData) -> str:
 # Vocabularies and tables
 
 
-def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None) -> dict[str, Vocab]:
+def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None,
+               counted: dict[str, pl.DataFrame] | None = None) -> dict[str, Vocab]:
     """user_id, item_id, category_id always; brand_id, price_bucket, segment, age_bucket where present.
 
     ``before`` (unix seconds) fits the item, category and brand vocabularies, and their frequency
     thresholds, on what was seen before that time only: events and impressions before it, and the
     catalog rows of the items seen then. Users, profile values and price buckets are always fit on
     the whole source: the user vocabulary keys the history store, the others are static attributes.
+
+    ``counted``: the counts of the events and impressions (:func:`event_counts`), where the caller
+    has them (the out-of-core build counts them in one pass over files larger than memory); else
+    they are counted here. The small tables (items, users) are counted here either way.
     """
     mc = cfg.vocab.min_count
-
-    def lazy(frame: pl.DataFrame | pl.LazyFrame | None) -> pl.LazyFrame | None:
-        return frame.lazy() if isinstance(frame, pl.DataFrame) else frame
-
-    def counts(column: str, *frames: pl.LazyFrame | None) -> pl.DataFrame:
-        present = [f.select(column) for f in frames if f is not None and column in f.collect_schema().names()]
-        return count_ids(pl.concat(present))
-
-    # The events and impressions may be frames over files larger than memory (features/out_of_core.py):
-    # they are only counted, by the streaming engine.
-    events, impressions, catalog = lazy(src.events), lazy(src.impressions), src.items
-    if before is not None:
-        events = events.filter(pl.col("timestamp") < before)
-        impressions = None if impressions is None else impressions.filter(pl.col("timestamp") < before)
-    item_vocab = Vocab.from_counts("item_id", counts("item_id", events, impressions), min_count=mc.item_id)
+    catalog = src.items
+    counted = counted if counted is not None else event_counts(src, before)
+    item_vocab = Vocab.from_counts("item_id", counted["item_id"], min_count=mc.item_id)
     if before is not None and catalog is not None:
         catalog = catalog.filter(pl.col("item_id").is_in(item_vocab.table["raw"].slice(1).implode()))
     vocabs = {
-        "user_id": Vocab.from_counts("user_id", counts("user_id", lazy(src.events), lazy(src.impressions), lazy(src.users))),
+        "user_id": Vocab.from_counts("user_id", add_counts(counted["user_id"], _counts("user_id", src.users))),
         "item_id": item_vocab,
-        "category_id": Vocab.from_counts("category_id", counts("category_id", events, lazy(catalog)),
+        "category_id": Vocab.from_counts("category_id", add_counts(counted["category_id"], _counts("category_id", catalog)),
                                          min_count=mc.category_id),
     }
     if catalog is not None and "brand_id" in catalog.columns:
@@ -307,6 +300,24 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None) 
         for column in PROFILE_FEATURES:
             vocabs[column] = Vocab.fit(column, src.users[column])
     return vocabs
+
+
+def event_counts(src: SourceData, before: int | None = None) -> dict[str, pl.DataFrame]:
+    """The id counts (:func:`features.vocab.count_ids`) that :func:`fit_vocabs` takes from the events
+    and impressions: ``user_id`` over both, whole; ``item_id`` over both and ``category_id`` over
+    the events, before ``before`` (None: whole)."""
+    events, impressions = src.events.lazy(), None if src.impressions is None else src.impressions.lazy()
+    if before is not None:
+        events = events.filter(pl.col("timestamp") < before)
+        impressions = None if impressions is None else impressions.filter(pl.col("timestamp") < before)
+    return {"user_id": _counts("user_id", src.events, src.impressions),
+            "item_id": _counts("item_id", events, impressions),
+            "category_id": _counts("category_id", events)}
+
+
+def _counts(column: str, *frames: pl.DataFrame | pl.LazyFrame | None) -> pl.DataFrame:
+    present = [f.lazy().select(column) for f in frames if f is not None and column in f.collect_schema().names()]
+    return count_ids(pl.concat(present)) if present else add_counts()
 
 
 # Vocabularies refit on the training span.

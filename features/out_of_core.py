@@ -12,9 +12,10 @@ each one streaming (polars' streaming engine) or one partition at a time:
    a request's rows are together, then checked one partition at a time (their checks compare a
    row with its request's first row).
 2. **Split and vocabularies.** The split times come from the requests' times (one per request,
-   small). The vocabularies are counted by streaming group-bys over the spilled events and
-   impressions, on the whole span and, with ``vocab.fit_on: train``, on the training span, as the
-   in-memory build's refit does.
+   small). The ids are counted in one batched pass over the spilled events and one over the
+   impressions (:class:`features.vocab.IdCounter`), on the whole span and, with ``vocab.fit_on:
+   train``, on the training span, and the vocabularies are fit from those counts as the
+   in-memory build fits them (its refit on the training span included).
 3. **History.** The events, encoded, are split by user index range into partitions. Each partition
    is sorted into history order (user, time, row) and appended to raw column files, its users'
    slice of the category index too, and the history lengths at the requests' cut-offs are read
@@ -42,12 +43,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -86,7 +88,7 @@ from features.sources import (
 )
 from features.spill import SpilledColumn, write_ipc_file
 from features.validate import empty_rejects, split_rejects
-from features.vocab import Vocab
+from features.vocab import IdCounter, Vocab
 from recsys.errors import DataError
 from recsys.io import read_json
 from recsys.progress import Steps, bar, note
@@ -162,8 +164,10 @@ def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict:
         raise DataError(why_no_events(src), file="events.parquet")
     with timer("vocabularies"):
         _, cuts = split_by_time(keys.select("timestamp"), cfg.split)
-        whole = fit_vocabs(src, cfg)
-        vocabs = fit_vocabs(src, cfg, before=cuts["valid_from"]) if cfg.vocab.fit_on == "train" else whole
+        before = cuts["valid_from"] if cfg.vocab.fit_on == "train" else None
+        counted = _event_counts(work / EVENTS, imp_parts, before)
+        whole = fit_vocabs(src, cfg, counted=counted["whole"])
+        vocabs = fit_vocabs(src, cfg, before=before, counted=counted["span"]) if before is not None else whole
         items, users = item_table(src, vocabs), user_table(src, vocabs)
         item_cols = [c for c in items.columns if c not in ("item", "item_id")]
         if cfg.vocab.fit_on == "train":
@@ -295,6 +299,40 @@ def empty_tagged(lf: pl.LazyFrame) -> pl.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
+# 2. Vocabularies
+
+
+def _event_counts(events: Path, impressions: list[Path], before: int | None) -> dict[str, dict[str, pl.DataFrame]]:
+    """The events' and impressions' id counts that :func:`features.build.fit_vocabs` needs, for the
+    whole span and (``before`` not None) the training span, in one batched pass over each file."""
+    spans = {"whole": None} if before is None else {"whole": None, "span": before}
+    counters = {(span, name): IdCounter() for span in spans for name in ("user_id", "item_id", "category_id")}
+
+    def add(df: pl.DataFrame, names: tuple[str, ...]) -> None:
+        for span, cut in spans.items():
+            part = df if cut is None else df.filter(pl.col("timestamp") < cut)
+            for name in names:
+                if name != "user_id" or cut is None:  # users are always counted on the whole span
+                    counters[span, name].add(part[name])
+
+    for batch in _batches(events, ["user_id", "item_id", "category_id", "timestamp", "_reason"]):
+        add(pl.from_arrow(batch).filter(pl.col("_reason").is_null()), ("user_id", "item_id", "category_id"))
+    for file in impressions:
+        for batch in _batches(file, ["user_id", "item_id", "timestamp"]):
+            add(pl.from_arrow(batch), ("user_id", "item_id"))
+    counts = {span: {name: counters[span, name].counts() for name in ("user_id", "item_id", "category_id")}
+              for span in spans}
+    counts.setdefault("span", counts["whole"])["user_id"] = counts["whole"]["user_id"]
+    return counts
+
+
+def _batches(file: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The rows of a Parquet file, :data:`_BATCH` at a time. ``pre_buffer`` off: with it, pyarrow
+    kept what it had read of a 4.5 GB file, and memory grew with the file (5 GB more on ``large``)."""
+    yield from pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=_BATCH, columns=columns)
+
+
+# --------------------------------------------------------------------------------------------
 # Partitions
 
 
@@ -311,7 +349,7 @@ def partition_rows(file: Path, out: Path, n_parts: int, part_of: Callable[[pl.Da
     paths: list[Path | None] = [None] * n_parts
     writers: dict[int, ipc.RecordBatchStreamWriter] = {}
     try:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=_BATCH):
+        for batch in _batches(file):
             df = pl.from_arrow(batch)
             df = transform(df) if transform is not None else df
             part = np.asarray(part_of(df), dtype=np.int64)
