@@ -80,7 +80,14 @@ from features.sources import (
     stable_id,
     string_ids,
 )
-from features.validate import Check, empty_rejects, line_shape, split_rejects, with_checks
+from features.validate import (
+    Check,
+    empty_rejects,
+    line_shape,
+    split_rejects,
+    stop_if_cut_mid_row,
+    with_checks,
+)
 from recsys.errors import DataError, clip
 from recsys.schemas import BuildConfig, RecBoleConfig
 from recsys.types import BEHAVIOR_CODE
@@ -217,6 +224,7 @@ def _unique(column: str) -> Check:
 
 def _checked(f: AtomicFile, checks: list[Check], *, strict: bool) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     df = scan_atomic(f).pipe(with_checks, [*line_shape(len(f.columns)), *checks]).collect(engine="streaming")
+    stop_if_cut_mid_row(f.path, df)
     valid, rejects = split_rejects(df, file=f.name, strict=strict, raw="raw")
     return valid, rejects, df.height
 

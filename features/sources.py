@@ -81,10 +81,11 @@ from features.validate import (
     non_negative_int_list,
     require_columns,
     split_rejects,
+    stop_if_cut_mid_row,
     with_checks,
 )
 from recsys.errors import DataError, RecsysError, clip
-from recsys.io import read_json
+from recsys.io import disk_full, read_json
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIOR_CODE
 
@@ -245,6 +246,7 @@ def read_taobao(path: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
         .pipe(typed_events)
         .collect(engine="streaming")
     )
+    stop_if_cut_mid_row(path, checked)
     valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
     events = valid.select(list(EVENTS_SCHEMA))
     return SourceData(kind="taobao", path=path, events=events, rows_read={"events": checked.height}, rejects=rejects)
@@ -301,6 +303,8 @@ def reading_parquet(file: str) -> Iterator[None]:
     try:
         yield
     except (pl.exceptions.ComputeError, OSError) as exc:  # a readable footer over damaged pages
+        if disk_full(exc):  # a write of the out-of-core build's spill files, not the file read
+            raise
         raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=file) from None
     except pl.exceptions.PanicException as exc:  # a footer whose page ranges run past the file's end
         raise DataError(f"cannot read Parquet (the reader failed on it: {_first_line(exc)}); the file is damaged or "
@@ -579,6 +583,7 @@ def read_lines(path: Path, fmt: LineFormat, cfg: BuildConfig, *, strict: bool) -
         .with_columns(raw=pl.when(bad).then(pl.col("raw")))  # only rejects keep their text
         .collect(engine="streaming")
     )
+    stop_if_cut_mid_row(path, checked)
     valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
     ids = _id_mapper(valid, fmt, path.name)
     examples = valid.select(
@@ -796,6 +801,7 @@ def read_alimama(path: Path, cfg: BuildConfig, *, strict: bool) -> SourceData:
         .pipe(typed_dmr)
         .collect(engine="streaming")
     )
+    stop_if_cut_mid_row(path, checked)
     valid, rejects = split_rejects(checked, file=path.name, strict=strict, raw="raw")
     examples = pseudo_users(valid.sort("line"), ["uid", "hist_behavior", "hist_category", "hist_brand"])
     src = line_source("alimama", path, examples, cfg, lines=checked.height, rejects=rejects)

@@ -203,3 +203,35 @@ def require_columns(schema: pl.Schema, required: dict[str, str], *, file: str) -
             raise DataError(f"missing column {column!r} (columns present: {', '.join(schema.names())})", file=file)
         if not kinds[kind](schema[column]):
             raise DataError(f"column {column!r} has type {schema[column]}, expected {kind}", file=file)
+
+
+def stop_if_cut_mid_row(path: Path, checked: pl.DataFrame, *, name: str | None = None) -> None:
+    """Stop when a text file looks cut short: its last line is bad and has no line end.
+
+    A copy or download that stopped early ends mid-row, after rows that are valid. Skipping that
+    row as a bad one would build from a part of the file without a word, so the build stops,
+    naming the file and the line. A last line that is valid or ends with a line end, and a file
+    with no valid row at all (not a cut file: every row is bad), are left to the checks.
+
+    Args:
+        checked: the file's rows after :func:`with_checks` (``line``, ``_reason``, ``_field``).
+        name: the file's name in the error (default: ``path.name``).
+
+    Raises:
+        DataError: the last line is bad and the file's last byte is not a line end.
+    """
+    if checked.height == 0 or checked["_reason"].is_not_null().all():  # no valid row: not a cut, all bad
+        return
+    last = checked.row(int(checked["line"].arg_max()), named=True)
+    if last["_reason"] is None or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+    raise DataError(
+        f"the file ends in the middle of a row: its last line has no line end and is bad ({last['_reason']}); "
+        "it looks cut short, as by a copy or download that stopped early, so the build stopped rather than "
+        "build from part of it. Fetch the whole file again (or end the line with a newline to have it "
+        "skipped as a bad row)",
+        file=name or path.name, line=int(last["line"]), field=last["_field"])

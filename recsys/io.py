@@ -239,10 +239,33 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
     staging.mkdir()
     try:
         yield staging
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        why = disk_full(exc)
+        if why:
+            kept = "what it held is untouched" if path.exists() else "nothing was written"
+            raise RecsysError(f"cannot write {path}: {why} (on the file system of {path.parent}); "
+                              f"the job stopped and {kept}") from exc
         raise
     commit_output(staging, path)
+
+
+#: errno values of a write that found no room: the disk is full, a file passed the size limit
+#: (``ulimit -f``), or the user's quota is spent.
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file would pass the file size limit",
+             errno.EDQUOT: "the disk quota is spent"}
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What a write error says when it is for want of room (:data:`DISK_FULL`), else None. Also
+    reads the errors of polars and pyarrow, which carry the OS error in their message."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return DISK_FULL[exc.errno]
+    text = str(exc)
+    for code, why in DISK_FULL.items():
+        if f"os error {code})" in text or f"[errno {code}]" in text.lower() or os.strerror(code) in text:
+            return why
+    return None
 
 
 @contextlib.contextmanager

@@ -67,6 +67,12 @@ def _read(data: bytes, *, strict: bool, item: bytes | None = None):
 def test_any_inter_body_is_read_with_every_bad_row_rejected(case):
     data, keep = case
     lenient = _read(data, strict=False)
+    if isinstance(lenient, DataError) and "the file ends in the middle of a row" in str(lenient):
+        # a bad last line without a line end after valid rows: the file looks cut short
+        assert not data.endswith(b"\n"), str(lenient)
+        assert check_message(lenient, file=f"{NAME}.inter").startswith(f"{NAME}.inter:{physical_lines(data)}: ")
+        assert str(_read(data, strict=True)) == str(lenient)
+        return
     assert not isinstance(lenient, RecsysError), str(lenient)
     lines = physical_lines(data)
     rejected = set(lenient.rejects["line"].to_list())
