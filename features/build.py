@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from recsys.errors import DataError, RecsysError
 from recsys.io import atomic_output_dir, check_output_dir, write_json
 from recsys.metrics import auc
 from recsys.progress import Steps, note
+from recsys.ray_env import ray_session
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIORS, OOV_INDEX
 
@@ -71,6 +72,7 @@ PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 def build(
     source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False,
     mapping: str | Path | None = None, memory_gb: float | None = None, out_of_core: bool | None = None,
+    ray: bool = False,
 ) -> dict[str, Any]:
     """Build training data from ``source`` (``KIND:PATH``, features/sources.py) into ``out``.
 
@@ -80,6 +82,8 @@ def build(
     ``memory_gb`` is the memory budget (default: half the machine's). A ``synth:`` source whose
     in-memory build would exceed it is built out of core (features/out_of_core.py), in partitions
     sized to the budget, to the same bytes; ``out_of_core`` True or False forces the choice.
+    ``ray``: build out of core with each pass's tasks on Ray Data (a local Ray, or the cluster at
+    ``RAY_ADDRESS``; on a cluster the source and ``out`` must be on storage every node mounts).
 
     Returns:
         The report (also written to ``out/report.json``).
@@ -96,13 +100,16 @@ def build(
         raise RecsysError(f"--memory-gb must be a number > 0, got {memory_gb}")
     budget = ooc.default_budget() if memory_gb is None else int(memory_gb * 2**30)
     kind, path = parse_source(source)
+    if ray and out_of_core is False:
+        raise RecsysError("--ray builds out of core; it cannot be combined with --in-memory")
+    out_of_core = True if ray else out_of_core
     if out_of_core and kind != "synth":
-        raise RecsysError(f"--out-of-core builds synth: sources only; a {kind}: source is read in memory "
-                          "(docs/DATA.md gives its memory per event)")
+        raise RecsysError(f"--{'ray' if ray else 'out-of-core'} builds synth: sources only; a {kind}: source is read "
+                          "in memory (docs/DATA.md gives its memory per event)")
     if out_of_core or (out_of_core is None and kind == "synth" and ooc.needs_out_of_core(path, budget)):
         timer = Steps("build")
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            report = ooc.build_synth(source, path, tmp, cfg, strict=strict, budget=budget, timer=timer)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp, ray_session() if ray else nullcontext():
+            report = ooc.build_synth(source, path, tmp, cfg, strict=strict, budget=budget, timer=timer, ray=ray)
         if report["rows_rejected"]:
             note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
         return report
@@ -202,7 +209,8 @@ def _requests(
     source has them, else sampled from the positive events (negatives from ``items``)."""
     item_cols = [c for c in items.columns if c not in ("item", "item_id")]
     if src.impressions is not None:
-        requests = requests_from_impressions(encode_impressions(src, vocabs), items, item_cols, store)
+        imp = encode_impressions(src.impressions, vocabs, truth=has_true_prob(src))
+        requests = requests_from_impressions(imp, items, item_cols, store)
         if not has_true_prob(src):  # null like sampled requests, not a list of nulls
             requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
     else:
@@ -210,13 +218,14 @@ def _requests(
     return request_columns(requests, users, item_cols)
 
 
-def encode_impressions(src: SourceData, vocabs: dict[str, Vocab], impressions: pl.LazyFrame | None = None) -> pl.LazyFrame:
-    """The source's impressions (or ``impressions``, a part of them) with ``user`` and ``item``
-    indices, and ``true_prob`` null where the source has none."""
-    imp = (src.impressions if impressions is None else impressions).lazy().with_columns(
+def encode_impressions(impressions: pl.DataFrame | pl.LazyFrame, vocabs: dict[str, Vocab], *, truth: bool
+                       ) -> pl.LazyFrame:
+    """Impressions with ``user`` and ``item`` indices, and ``true_prob`` null where the source has
+    none (``truth`` false)."""
+    imp = impressions.lazy().with_columns(
         user=vocabs["user_id"].encode_expr("user_id"), item=vocabs["item_id"].encode_expr("item_id")
     )
-    return imp if has_true_prob(src) else imp.with_columns(true_prob=pl.lit(None, pl.Float32))
+    return imp if truth else imp.with_columns(true_prob=pl.lit(None, pl.Float32))
 
 
 def request_columns(requests: pl.DataFrame, users: pl.DataFrame, item_cols: list[str]) -> pl.DataFrame:

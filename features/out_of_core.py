@@ -34,6 +34,14 @@ candidate's label and true probability (5 bytes a candidate). Disk: the spill fi
 twice the source's size until the build ends, inside the staging directory next to ``--out``, so
 that a build that fails leaves nothing behind and the previous output untouched.
 
+Each pass is a list of tasks over slices of the source, partitions or parts (:class:`Tasks`): a
+pure function of its number and of files in the spill directory, whose results come back in task
+order. Here they run one after another; with ``--ray`` they run as a Ray Data dataset of task
+numbers mapped in parallel, on a local Ray or the cluster at ``RAY_ADDRESS`` (each user range's
+history, for instance, is written by one task), and the driver puts the pieces together in task
+order, so the output is the same bytes wherever the tasks ran. On a cluster the spill directory
+(next to ``--out``) and the source must be on storage that every node mounts.
+
 Only ``synth:`` sources are built out of core; the other kinds are read in memory (their sizes
 are in docs/DATA.md).
 """
@@ -42,8 +50,10 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +98,7 @@ from features.sources import (
 )
 from features.spill import SpilledColumn, write_ipc_file
 from features.validate import empty_rejects, split_rejects
-from features.vocab import IdCounter, Vocab
+from features.vocab import IdCounter, Vocab, add_counts
 from recsys.errors import DataError
 from recsys.io import read_json
 from recsys.progress import Steps, bar, note
@@ -147,25 +157,30 @@ def partitions(rows: int, bytes_per_row: int, budget: int) -> int:
 
 
 def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict: bool, budget: int,
-                timer: Steps) -> dict[str, Any]:
+                timer: Steps, ray: bool = False) -> dict[str, Any]:
     """Build the synth source at ``path`` into the staging directory ``tmp`` (see the module
-    docstring); the caller renames ``tmp`` into place. Returns the report."""
+    docstring); the caller renames ``tmp`` into place. ``ray``: run each pass's tasks on Ray Data
+    (a Ray session must be started). Returns the report."""
     work = tmp / ".spill"
     work.mkdir()
     rows = source_rows(path)
     n_event_parts = partitions(rows["events"], EVENT_BYTES, budget)
     n_imp_parts = partitions(rows["impressions"], IMPRESSION_BYTES, budget)
+    tasks = Tasks(ray)
     note(f"[build] out of core, budget {budget / 2**30:.3g} GB: {rows['events']:,} events in {n_event_parts} "
-         f"partitions, {rows['impressions']:,} impressions in {n_imp_parts}; spill files in {work}")
+         f"partitions, {rows['impressions']:,} impressions in {n_imp_parts}; {tasks.where}; spill files in {work}")
+    plan = Plan(source=path, work=work, event_slices=slices(rows["events"], n_event_parts),
+                impression_slices=slices(rows["impressions"], n_imp_parts), event_parts=n_event_parts,
+                impression_parts=n_imp_parts)
 
     with timer("read and validate"):
-        src, keys, imp_parts, valid_events = _read(path, work, strict=strict, n_imp_parts=n_imp_parts)
+        src, keys, valid_events = _read(plan, tasks, strict=strict)
     if valid_events == 0:
         raise DataError(why_no_events(src), file="events.parquet")
     with timer("vocabularies"):
         _, cuts = split_by_time(keys.select("timestamp"), cfg.split)
         before = cuts["valid_from"] if cfg.vocab.fit_on == "train" else None
-        counted = _event_counts(work / EVENTS, imp_parts, before)
+        counted = _event_counts(plan, tasks, before)
         whole = fit_vocabs(src, cfg, counted=counted["whole"])
         vocabs = fit_vocabs(src, cfg, before=before, counted=counted["span"]) if before is not None else whole
         items, users = item_table(src, vocabs), user_table(src, vocabs)
@@ -178,14 +193,14 @@ def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict:
     with timer("history"):
         (tmp / "history").mkdir()
         user = vocabs["user_id"].encode(keys["user_id"]).to_numpy()
-        hist_len = _history(work / EVENTS, vocabs, tmp / "history", work, user, keys["timestamp"].to_numpy(),
-                            n_event_parts)
+        hist_len = _history(plan, tasks, vocabs, tmp / "history", user, keys["timestamp"].to_numpy())
         store = HistoryStore.open(tmp / "history" / "history.arrow")
         users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
     with timer("requests"):
         (tmp / "requests").mkdir()
-        stats = _requests(src, whole, whole_items, item_cols, maps, users, keys, hist_len, imp_parts, cuts,
-                          tmp / "requests")
+        inputs = RequestInputs(truth=has_true_prob(src), vocabs=whole, items=whole_items, item_cols=item_cols,
+                               maps=maps, users=users, request_ids=keys["request_id"].to_numpy(), hist_len=hist_len)
+        stats = _requests(plan, tasks, inputs, cuts, tmp / "requests")
     with timer("write"):
         (tmp / "vocab").mkdir()
         for v in vocabs.values():
@@ -198,15 +213,81 @@ def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict:
 
 
 # --------------------------------------------------------------------------------------------
+# Tasks: the passes' units of work, run here in order or on Ray Data
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every task of a build needs to find its input and place its output: the source, the
+    spill directory (on a cluster, storage every node mounts), and how the rows are cut."""
+
+    source: Path
+    work: Path
+    event_slices: list[tuple[int, int]]  # row ranges of events.parquet, one validation task each
+    impression_slices: list[tuple[int, int]]
+    event_parts: int  # user ranges, one history task each
+    impression_parts: int  # request id ranges, one check and one requests task each
+
+    def events(self, j: int) -> Path:
+        """Slice j of the checked events (each row tagged by its checks)."""
+        return self.work / f"events-{j:05d}.parquet"
+
+    def impressions(self, k: int) -> Path:
+        """Part k of the valid impressions."""
+        return self.work / f"impressions-{k:05d}.parquet"
+
+
+def slices(rows: int, n: int) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges cutting ``rows`` into ``n`` (about equal; at least one)."""
+    bounds = [rows * j // max(n, 1) for j in range(max(n, 1) + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class Tasks:
+    """Runs a pass's tasks ``fn(i, *shared)`` for i in 0..n-1 and returns their results in that
+    order: one after another in this process, or (``ray``) as a Ray Data dataset of the task
+    numbers mapped in parallel, one Ray task per number, ``shared`` sent through the object store
+    once. Results come back in task order either way, so the output does not depend on where or
+    when a task ran. An exception in a task is raised here (the first in task order), as it would
+    have been raised in this process."""
+
+    def __init__(self, ray: bool) -> None:
+        self.ray = ray
+        self.where = "tasks on Ray Data" if ray else "tasks in this process"
+
+    def run(self, desc: str, fn: Callable[..., Any], n: int, *shared: Any) -> list[Any]:
+        if not self.ray:
+            return [fn(i, *shared) for i in bar(range(n), total=n, desc=desc, unit="task")]
+        import ray
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        shared_ref = ray.put(shared)
+
+        def call(row: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return {"i": row["i"], "ok": True, "out": pickle.dumps(fn(row["i"], *ray.get(shared_ref)))}
+            except Exception as exc:  # noqa: BLE001 (sent back and raised in the driver, in task order)
+                return {"i": row["i"], "ok": False, "out": pickle.dumps(exc)}
+
+        rows = ray.data.from_items([{"i": i} for i in range(n)], override_num_blocks=max(n, 1)).map(call).take_all()
+        note(f"[build] {desc}: {n} Ray tasks")
+        rows.sort(key=lambda r: r["i"])
+        for r in rows:
+            if not r["ok"]:
+                raise pickle.loads(r["out"])
+        return [pickle.loads(r["out"]) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
 # 1. Validation
 
 
-def _read(path: Path, work: Path, *, strict: bool, n_imp_parts: int
-          ) -> tuple[SourceData, pl.DataFrame, list[Path], int]:
+def _read(plan: Plan, tasks: Tasks, *, strict: bool) -> tuple[SourceData, pl.DataFrame, int]:
     """Validate the source, spilling what is large. Returns the source (its events and impressions
     lazy frames over the spill files), one row per request (``request_id, user_id, timestamp``,
-    by request id), the valid impressions' partition files, in request id order (at least one,
-    perhaps empty), and the number of valid events."""
+    by request id) and the number of valid events."""
+    path = plan.source
     manifest = read_json(path / "manifest.json", what="synth manifest")
     rows: dict[str, int] = {}
     bad: dict[str, pl.DataFrame] = {}
@@ -219,22 +300,30 @@ def _read(path: Path, work: Path, *, strict: bool, n_imp_parts: int
         frames[name] = _valid(frames[name])
         _raise_first(bad[name], f"{name}.parquet", strict)
 
-    events_file = work / EVENTS
-    with reading_parquet("events.parquet"):
-        checked(scan_synth(path, "events"), synth_checks("events")).sink_parquet(events_file, compression="lz4")
-    spilled = pl.scan_parquet(events_file)
-    rows["events"] = spilled.select(pl.len()).collect().item()
-    bad["events"] = spilled.filter(pl.col("_reason").is_not_null()).collect()
+    checked_slices = tasks.run("check events", _check_events, len(plan.event_slices), plan)
+    rows["events"] = sum(n for n, _ in checked_slices)
+    bad["events"] = pl.concat([b for _, b in checked_slices], how="vertical_relaxed")
     _raise_first(bad["events"], "events.parquet", strict)
+    spilled = pl.scan_parquet([plan.events(j) for j in range(len(plan.event_slices))])
     events = synth_events(spilled.filter(pl.col("_reason").is_null()).select(pl.exclude("^_was_.*$")))
 
-    imp_parts, keys, rows["impressions"], bad["impressions"] = _impressions(path, work, frames["items"], n_imp_parts)
+    keys, rows["impressions"], bad["impressions"] = _impressions(plan, tasks, frames["items"])
     _raise_first(bad["impressions"], "impressions.parquet", strict)
     rejects = [empty_rejects()] + [split_rejects(bad[n], file=f"{n}.parquet", strict=False)[1] for n in bad]
+    impressions = pl.scan_parquet([plan.impressions(k) for k in range(plan.impression_parts)])
     src = SourceData(kind="synth", path=path, events=events, rows_read=rows, rejects=pl.concat(rejects),
-                     impressions=pl.scan_parquet(imp_parts), items=frames["items"], users=frames["users"],
-                     manifest=manifest)
-    return src, keys, imp_parts, rows["events"] - bad["events"].height
+                     impressions=impressions, items=frames["items"], users=frames["users"], manifest=manifest)
+    return src, keys, rows["events"] - bad["events"].height
+
+
+def _check_events(j: int, plan: Plan) -> tuple[int, pl.DataFrame]:
+    """Task: check slice j of the events into its spill file; its rows read and its bad rows."""
+    out = plan.events(j)
+    with reading_parquet("events.parquet"):
+        checked(scan_synth(plan.source, "events", rows=plan.event_slices[j]), synth_checks("events")).sink_parquet(
+            out, compression="lz4")
+    spilled = pl.scan_parquet(out)
+    return spilled.select(pl.len()).collect().item(), spilled.filter(pl.col("_reason").is_not_null()).collect()
 
 
 def _raise_first(bad: pl.DataFrame, file: str, strict: bool) -> None:
@@ -243,45 +332,57 @@ def _raise_first(bad: pl.DataFrame, file: str, strict: bool) -> None:
         split_rejects(bad, file=file, strict=True)
 
 
-def _impressions(path: Path, work: Path, items: pl.DataFrame, n_parts: int
-                 ) -> tuple[list[Path], pl.DataFrame, int, pl.DataFrame]:
-    """Split the impressions by request id range, then check each partition (a request's rows are
-    in one partition, in file order). Returns the valid partitions' files, one row per request,
-    the rows read and the bad rows (tagged)."""
-    lf = scan_synth(path, "impressions")
+def _impressions(plan: Plan, tasks: Tasks, items: pl.DataFrame) -> tuple[pl.DataFrame, int, pl.DataFrame]:
+    """Split the impressions by request id range, then check each part (a request's rows are in
+    one part, in file order) into its valid file. Returns one row per request, the rows read and
+    the bad rows (tagged)."""
+    lf = scan_synth(plan.source, "impressions")
     with reading_parquet("impressions.parquet"):
-        lo, hi, n_rows = lf.select(pl.col("request_id").min().alias("lo"), pl.col("request_id").max().alias("hi"), pl.len()).collect(
-            engine="streaming").row(0)
-    lo, hi = int(lo or 0), int(hi or 0)
-    width = (hi - lo) // n_parts + 1
-    scanned = work / "impressions_scanned.parquet"
+        lo, hi, n_rows = lf.select(pl.col("request_id").min().alias("lo"), pl.col("request_id").max().alias("hi"),
+                                   pl.len()).collect(engine="streaming").row(0)
+    ranges = RequestRanges(int(lo or 0), int(hi or 0), plan.impression_parts)
+    tasks.run("split impressions", _split_impressions, len(plan.impression_slices), plan, ranges)
+    checked_parts = tasks.run("check impressions", _check_impressions, plan.impression_parts, plan, items)
+    keys = pl.concat([k for k, _ in checked_parts])
+    return keys, n_rows, pl.concat([empty_tagged(lf), *(b for _, b in checked_parts)], how="vertical_relaxed")
+
+
+@dataclass(frozen=True)
+class RequestRanges:
+    """Request ids ``[lo, hi]`` cut into ``n`` ranges of equal width (a null id goes to the first)."""
+
+    lo: int
+    hi: int
+    n: int
+
+    def part_of(self, df: pl.DataFrame) -> np.ndarray:
+        width = (self.hi - self.lo) // self.n + 1
+        return (df["request_id"].fill_null(self.lo).clip(self.lo, self.hi).to_numpy() - self.lo) // width
+
+
+def _split_impressions(j: int, plan: Plan, ranges: RequestRanges) -> None:
+    """Task: slice j of the impressions, by request id range, into ``impressions_raw/part-K/``."""
+    scanned = plan.work / f"impressions-scanned-{j:05d}.parquet"
     with reading_parquet("impressions.parquet"):
-        lf.sink_parquet(scanned, compression="lz4")
-
-    def part_of(df: pl.DataFrame) -> np.ndarray:
-        return (df["request_id"].fill_null(lo).clip(lo, hi).to_numpy() - lo) // width
-
-    raw = partition_rows(scanned, work / "impressions_raw", n_parts, part_of)
+        scan_synth(plan.source, "impressions", rows=plan.impression_slices[j]).sink_parquet(scanned, compression="lz4")
+    partition_rows(scanned, plan.work / "impressions_raw", ranges.n, ranges.part_of, tag=j)
     scanned.unlink()
-    files, keys, bad = [], [], [empty_tagged(lf)]
+
+
+def _check_impressions(k: int, plan: Plan, items: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Task: check part k of the impressions into its valid file (always written, perhaps empty);
+    its requests (one row each) and its bad rows."""
     checks = synth_checks("impressions", items)
-    for k in bar(range(n_parts), total=n_parts, desc="check impressions", unit="part"):
-        if raw[k] is None:
-            continue
-        df = checked(read_part(raw[k]).lazy(), checks).collect()
-        raw[k].unlink()
-        bad.append(df.filter(pl.col("_reason").is_not_null()))
-        valid = _valid(df)
-        if valid.height:
-            files.append(work / f"impressions_{k:05d}.parquet")
-            valid.write_parquet(files[-1], compression="lz4")
-            keys.append(_request_keys(valid))
-    if not files:  # no valid impression: one empty partition, which gives empty splits
-        files.append(work / "impressions_none.parquet")
-        valid = _valid(bad[0])
-        valid.write_parquet(files[-1])
-        keys.append(_request_keys(valid))
-    return files, pl.concat(keys), n_rows, pl.concat(bad, how="vertical_relaxed")
+    pieces = part_files(plan.work / "impressions_raw", k)
+    if pieces:
+        df = checked(read_parts(pieces).lazy(), checks).collect()
+    else:
+        df = empty_tagged(scan_synth(plan.source, "impressions"))
+    for piece in pieces:
+        piece.unlink()
+    valid = _valid(df)
+    valid.write_parquet(plan.impressions(k), compression="lz4")
+    return _request_keys(valid), df.filter(pl.col("_reason").is_not_null())
 
 
 def _valid(tagged: pl.DataFrame) -> pl.DataFrame:
@@ -301,29 +402,44 @@ def empty_tagged(lf: pl.LazyFrame) -> pl.DataFrame:
 # --------------------------------------------------------------------------------------------
 # 2. Vocabularies
 
+_COUNTED = ("user_id", "item_id", "category_id")
 
-def _event_counts(events: Path, impressions: list[Path], before: int | None) -> dict[str, dict[str, pl.DataFrame]]:
+
+def _event_counts(plan: Plan, tasks: Tasks, before: int | None) -> dict[str, dict[str, pl.DataFrame]]:
     """The events' and impressions' id counts that :func:`features.build.fit_vocabs` needs, for the
-    whole span and (``before`` not None) the training span, in one batched pass over each file."""
+    whole span and (``before`` not None) the training span: a batched pass over each spill file
+    (a task each), the tasks' counts then summed."""
     spans = {"whole": None} if before is None else {"whole": None, "span": before}
-    counters = {(span, name): IdCounter() for span in spans for name in ("user_id", "item_id", "category_id")}
+    parts = [*tasks.run("count events", _count_events, len(plan.event_slices), plan, spans),
+             *tasks.run("count impressions", _count_impressions, plan.impression_parts, plan, spans)]
+    counts = {span: {name: add_counts(*(p[span][name] for p in parts)) for name in _COUNTED} for span in spans}
+    counts.setdefault("span", counts["whole"])["user_id"] = counts["whole"]["user_id"]  # users: always whole
+    return counts
 
-    def add(df: pl.DataFrame, names: tuple[str, ...]) -> None:
+
+def _count(batches: Iterator[pl.DataFrame], names: tuple[str, ...], spans: dict[str, int | None]
+           ) -> dict[str, dict[str, pl.DataFrame]]:
+    counters = {span: {name: IdCounter() for name in _COUNTED} for span in spans}
+    for df in batches:
         for span, cut in spans.items():
             part = df if cut is None else df.filter(pl.col("timestamp") < cut)
             for name in names:
-                if name != "user_id" or cut is None:  # users are always counted on the whole span
-                    counters[span, name].add(part[name])
+                if name != "user_id" or cut is None:
+                    counters[span][name].add(part[name])
+    return {span: {name: c.counts() for name, c in by_name.items()} for span, by_name in counters.items()}
 
-    for batch in _batches(events, ["user_id", "item_id", "category_id", "timestamp", "_reason"]):
-        add(pl.from_arrow(batch).filter(pl.col("_reason").is_null()), ("user_id", "item_id", "category_id"))
-    for file in impressions:
-        for batch in _batches(file, ["user_id", "item_id", "timestamp"]):
-            add(pl.from_arrow(batch), ("user_id", "item_id"))
-    counts = {span: {name: counters[span, name].counts() for name in ("user_id", "item_id", "category_id")}
-              for span in spans}
-    counts.setdefault("span", counts["whole"])["user_id"] = counts["whole"]["user_id"]
-    return counts
+
+def _count_events(j: int, plan: Plan, spans: dict[str, int | None]) -> dict[str, dict[str, pl.DataFrame]]:
+    """Task: the ids of slice j of the valid events, counted."""
+    batches = (pl.from_arrow(b).filter(pl.col("_reason").is_null())
+               for b in _batches(plan.events(j), ["user_id", "item_id", "category_id", "timestamp", "_reason"]))
+    return _count(batches, _COUNTED, spans)
+
+
+def _count_impressions(k: int, plan: Plan, spans: dict[str, int | None]) -> dict[str, dict[str, pl.DataFrame]]:
+    """Task: the ids of part k of the valid impressions, counted."""
+    batches = (pl.from_arrow(b) for b in _batches(plan.impressions(k), ["user_id", "item_id", "timestamp"]))
+    return _count(batches, ("user_id", "item_id"), spans)
 
 
 def _batches(file: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
@@ -337,16 +453,12 @@ def _batches(file: Path, columns: list[str] | None = None) -> Iterator[pa.Record
 
 
 def partition_rows(file: Path, out: Path, n_parts: int, part_of: Callable[[pl.DataFrame], np.ndarray],
-                   transform: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> list[Path | None]:
-    """Split the rows of the Parquet ``file`` into ``n_parts`` Arrow IPC stream files in ``out``,
-    reading :data:`_BATCH` rows at a time: ``transform`` (if given) maps a batch first, and
-    ``part_of`` gives each row's part. Rows keep their order within a part.
-
-    Returns:
-        Part k's file, or None where no row went to part k.
-    """
-    out.mkdir()
-    paths: list[Path | None] = [None] * n_parts
+                   transform: Callable[[pl.DataFrame], pl.DataFrame] | None = None, *, tag: int = 0) -> None:
+    """Split the rows of the Parquet ``file`` into parts, reading :data:`_BATCH` rows at a time:
+    ``transform`` (if given) maps a batch first, and ``part_of`` gives each row's part (0 to
+    ``n_parts`` - 1). Part k's rows go to ``out/part-K/TAG.arrows`` (an Arrow IPC stream), in
+    their order; a task per slice of the input writes its own ``tag``, so that the pieces of a part,
+    read in tag order (:func:`part_files`), hold its rows in the input's order."""
     writers: dict[int, ipc.RecordBatchStreamWriter] = {}
     try:
         for batch in _batches(file):
@@ -358,19 +470,26 @@ def partition_rows(file: Path, out: Path, n_parts: int, part_of: Callable[[pl.Da
             table = df[order].to_arrow()
             for k in np.flatnonzero(np.diff(bounds)).tolist():
                 if k not in writers:
-                    paths[k] = out / f"part-{k:05d}.arrows"
-                    writers[k] = ipc.new_stream(str(paths[k]), table.schema)
+                    (out / f"part-{k:05d}").mkdir(parents=True, exist_ok=True)
+                    writers[k] = ipc.new_stream(str(out / f"part-{k:05d}" / f"{tag:05d}.arrows"), table.schema)
                 writers[k].write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]))
     finally:
         for writer in writers.values():
             writer.close()
-    return paths
 
 
-def read_part(path: Path) -> pl.DataFrame:
-    """A part written by :func:`partition_rows`."""
-    with ipc.open_stream(str(path)) as reader:
-        return pl.from_arrow(reader.read_all())
+def part_files(out: Path, k: int) -> list[Path]:
+    """The pieces of part k written by :func:`partition_rows`, in tag order."""
+    return sorted((out / f"part-{k:05d}").glob("*.arrows"))
+
+
+def read_parts(pieces: list[Path]) -> pl.DataFrame:
+    """The pieces of a part, in order, as one frame."""
+    tables = []
+    for piece in pieces:
+        with ipc.open_stream(str(piece)) as reader:
+            tables.append(reader.read_all())
+    return pl.from_arrow(pa.concat_tables(tables)) if len(tables) > 1 else pl.from_arrow(tables[0])
 
 
 class Encoder:
@@ -394,103 +513,172 @@ class Encoder:
 # --------------------------------------------------------------------------------------------
 # 3. History
 
+_HISTORY = (("item", np.int32), ("category", np.int32), ("behavior", np.int8), ("timestamp", np.int64))
+_INDEX = (("keys", np.int64), ("offsets", np.int64), ("positions", np.int32))
 
-def _history(events: Path, vocabs: dict[str, Vocab], out: Path, work: Path, request_user: np.ndarray,
-             request_time: np.ndarray, n_parts: int) -> np.ndarray:
-    """Write history.arrow and the category index into ``out`` one user range at a time; return
-    each request's history length at its cut-off (``request_user``, ``request_time``). ``events``
-    is the checked events' spill file."""
-    num_users, num_categories = vocabs["user_id"].size, vocabs["category_id"].size
+
+@dataclass(frozen=True)
+class UserRanges:
+    """The user index ranges of the history parts, and the encoders of the events' ids."""
+
+    bounds: np.ndarray  # [P+1] part k holds users bounds[k] .. bounds[k+1] - 1
+    user: Encoder
+    item: Encoder
+    category: Encoder
+    num_categories: int
+
+    def part_of(self, df: pl.DataFrame) -> np.ndarray:
+        return np.searchsorted(self.bounds, df["user"].to_numpy(), side="right") - 1
+
+    def encode(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Checked events -> the valid ones with indices (``user, item, category, behavior, timestamp, line``)."""
+        df = synth_events(df.filter(pl.col("_reason").is_null()))
+        return pl.DataFrame({
+            "user": self.user(df["user_id"].to_numpy()), "item": self.item(df["item_id"].to_numpy()),
+            "category": self.category(df["category_id"].to_numpy()), "behavior": df["behavior"],
+            "timestamp": df["timestamp"], "line": df["line"]})
+
+
+def _history(plan: Plan, tasks: Tasks, vocabs: dict[str, Vocab], out: Path, request_user: np.ndarray,
+             request_time: np.ndarray) -> np.ndarray:
+    """Write history.arrow and the category index into ``out`` one user range at a time (a task
+    each); return each request's history length at its cut-off (``request_user``, ``request_time``)."""
+    num_users, n_parts = vocabs["user_id"].size, plan.event_parts
     # User ranges of about equal weight: a user's count in the vocabulary (events, impressions and
     # profile rows) stands in for its events; the most active users come first, equal ranges of
     # users would put most events in the first part.
     weight = np.cumsum(vocabs["user_id"].table["count"].to_numpy())
     bounds = np.searchsorted(weight, weight[-1] * np.arange(1, n_parts) / n_parts, side="right")
-    bounds = np.r_[0, bounds, num_users].astype(np.int64)
-    user_of, item_of, category_of = (Encoder(vocabs[name]) for name in ("user_id", "item_id", "category_id"))
+    ranges = UserRanges(np.r_[0, bounds, num_users].astype(np.int64), *(Encoder(vocabs[name]) for name in _COUNTED),
+                        num_categories=vocabs["category_id"].size)
+    tasks.run("split events by user", _split_events, len(plan.event_slices), plan, ranges)
+    order = np.argsort(request_user, kind="stable")
+    at = np.searchsorted(request_user[order], ranges.bounds)
+    requests = [(request_user[order[at[k]:at[k + 1]]], request_time[order[at[k]:at[k + 1]]]) for k in range(n_parts)]
+    results = tasks.run("history", _history_part, n_parts, plan, ranges, requests)
 
-    def encode(df: pl.DataFrame) -> pl.DataFrame:
-        df = synth_events(df.filter(pl.col("_reason").is_null()))
-        return pl.DataFrame({
-            "user": user_of(df["user_id"].to_numpy()), "item": item_of(df["item_id"].to_numpy()),
-            "category": category_of(df["category_id"].to_numpy()), "behavior": df["behavior"],
-            "timestamp": df["timestamp"], "line": df["line"]})
-
-    by_user = partition_rows(events, work / "events_by_user", n_parts,
-                             lambda df: np.searchsorted(bounds, df["user"].to_numpy(), side="right") - 1, encode)
-    cols = {name: SpilledColumn(work / f"history_{name}.bin", dtype)
-            for name, dtype in (("item", np.int32), ("category", np.int32), ("behavior", np.int8), ("timestamp", np.int64))}
-    index = {name: SpilledColumn(work / f"index_{name}.bin", dtype)
-             for name, dtype in (("keys", np.int64), ("offsets", np.int64), ("positions", np.int32))}
+    cols = {name: SpilledColumn(plan.work / f"history_{name}.bin", dtype) for name, dtype in _HISTORY}
+    index = {name: SpilledColumn(plan.work / f"index_{name}.bin", dtype) for name, dtype in _INDEX}
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     hist_len = np.zeros(len(request_user), dtype=np.int64)
-    order = np.argsort(request_user, kind="stable")
-    sorted_users = request_user[order]
-    written = 0
-    for k in bar(range(n_parts), total=n_parts, desc="history", unit="part"):
-        u0, u1 = int(bounds[k]), int(bounds[k + 1])
-        if by_user[k] is not None:
-            part = read_part(by_user[k]).sort("user", "timestamp", "line")
-            by_user[k].unlink()
-        else:
-            part = pl.DataFrame(schema={"user": pl.Int32, "item": pl.Int32, "category": pl.Int32,
-                                        "behavior": pl.Int8, "timestamp": pl.Int64, "line": pl.Int64})
+    for k, (lengths, part_hist_len) in enumerate(results):
+        u0, u1 = int(ranges.bounds[k]), int(ranges.bounds[k + 1])
+        offsets[u0 + 1:u1 + 1] = cols["item"].length + np.cumsum(lengths)
+        hist_len[order[at[k]:at[k + 1]]] = part_hist_len
         for name, col in cols.items():
-            col.append(part[name].to_numpy())
-        local = np.zeros(u1 - u0 + 1, dtype=np.int64)
-        np.cumsum(np.bincount(part["user"].to_numpy() - u0, minlength=u1 - u0), out=local[1:])
-        offsets[u0 + 1:u1 + 1] = written + local[1:]
-        category = part["category"].to_numpy()
-        piece = CategoryIndex.from_arrays(category, local, num_categories=num_categories, first_user=u0)
-        index["keys"].append(piece.keys)
-        index["offsets"].append(piece.offsets[:-1] + index["positions"].length)
-        index["positions"].append(piece.positions)
-        # the history lengths of this range's requests: events strictly before each cut-off
-        lo, hi = np.searchsorted(sorted_users, [u0, u1])
-        rows = order[lo:hi]
-        if len(rows):
-            ts = part["timestamp"].to_numpy()
-            first = local[request_user[rows] - u0]
-            hist_len[rows] = first_true(first, local[request_user[rows] - u0 + 1],
-                                        lambda i, cut=request_time[rows], ts=ts: ts[i] >= cut) - first
-        written += part.height
-        del part, category, piece
+            col.append_file(_history_piece(plan, k, name))
+        base = index["positions"].length
+        index["keys"].append_file(_history_piece(plan, k, "keys"))
+        index["offsets"].append_file(_history_piece(plan, k, "offsets"), add=base)
+        index["positions"].append_file(_history_piece(plan, k, "positions"))
     index["offsets"].append(np.array([index["positions"].length]))
 
     batch = history_batch(offsets, *(c.array() for c in cols.values()))
     write_ipc_file(out / "history.arrow", batch, list(cols.values()))
-    batch = index_batch(*(c.array() for c in index.values()), num_categories=num_categories, per_category=None)
+    batch = index_batch(*(c.array() for c in index.values()), num_categories=ranges.num_categories, per_category=None)
     write_ipc_file(out / CATEGORY_INDEX, batch, list(index.values()))
     return hist_len
+
+
+def _split_events(j: int, plan: Plan, ranges: UserRanges) -> None:
+    """Task: slice j of the checked events, encoded, by user range into ``events_by_user/part-K/``."""
+    partition_rows(plan.events(j), plan.work / "events_by_user", len(ranges.bounds) - 1, ranges.part_of,
+                   ranges.encode, tag=j)
+    plan.events(j).unlink()
+
+
+def _history_piece(plan: Plan, k: int, name: str) -> Path:
+    return plan.work / "history_parts" / f"{k:05d}.{name}.bin"
+
+
+def _history_part(k: int, plan: Plan, ranges: UserRanges, requests: list[tuple[np.ndarray, np.ndarray]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Task: user range k's events in history order, its slice of the category index (offsets
+    from 0, keys of the real users), each written as raw column files; returns the range's
+    users' history lengths and the history lengths of its requests at their cut-offs."""
+    u0, u1 = int(ranges.bounds[k]), int(ranges.bounds[k + 1])
+    pieces = part_files(plan.work / "events_by_user", k)
+    if pieces:
+        part = read_parts(pieces).sort("user", "timestamp", "line")
+    else:
+        part = pl.DataFrame(schema={"user": pl.Int32, "item": pl.Int32, "category": pl.Int32,
+                                    "behavior": pl.Int8, "timestamp": pl.Int64, "line": pl.Int64})
+    for piece in pieces:
+        piece.unlink()
+    (plan.work / "history_parts").mkdir(exist_ok=True)
+    for name, dtype in _HISTORY:
+        part[name].to_numpy().astype(dtype, copy=False).tofile(_history_piece(plan, k, name))
+    lengths = np.bincount(part["user"].to_numpy() - u0, minlength=u1 - u0)
+    local = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    index = CategoryIndex.from_arrays(part["category"].to_numpy(), local, num_categories=ranges.num_categories,
+                                      first_user=u0)
+    for (name, dtype), values in zip(_INDEX, (index.keys, index.offsets[:-1], index.positions), strict=True):
+        np.asarray(values, dtype=dtype).tofile(_history_piece(plan, k, name))
+    # the history lengths of this range's requests: events strictly before each cut-off
+    users, cutoffs = requests[k]
+    ts = part["timestamp"].to_numpy()
+    first = local[users - u0]
+    hist_len = first_true(first, local[users - u0 + 1], lambda i: ts[i] >= cutoffs) - first
+    return lengths, hist_len
 
 
 # --------------------------------------------------------------------------------------------
 # 4. Requests
 
 
-def _requests(src: SourceData, vocabs: dict[str, Vocab], items: pl.DataFrame, item_cols: list[str],
-              maps: dict[str, np.ndarray] | None, users: pl.DataFrame, keys: pl.DataFrame, hist_len: np.ndarray,
-              parts: list[Path], cuts: dict[str, int], out: Path) -> dict[str, SplitStats]:
-    """Each impression partition -> its requests, appended to the split files. ``vocabs`` and
-    ``items`` are those the candidates are first encoded with (the whole span's), ``maps`` moves
-    them to the training span's (None: no refit), as the in-memory build does."""
-    request_ids = keys["request_id"].to_numpy()
-    truth = has_true_prob(src)
+@dataclass(frozen=True)
+class RequestInputs:
+    """What every requests task reads: ``vocabs`` and ``items`` are those the candidates are first
+    encoded with (the whole span's), ``maps`` moves them to the training span's (None: no refit),
+    as the in-memory build does; ``hist_len`` is each request's, by ``request_ids`` (sorted)."""
+
+    truth: bool
+    vocabs: dict[str, Vocab]
+    items: pl.DataFrame
+    item_cols: list[str]
+    maps: dict[str, np.ndarray] | None
+    users: pl.DataFrame
+    request_ids: np.ndarray
+    hist_len: np.ndarray
+
+
+def _requests(plan: Plan, tasks: Tasks, inputs: RequestInputs, cuts: dict[str, int], out: Path
+              ) -> dict[str, SplitStats]:
+    """Each impression part -> its requests by split (a task each), then appended to the split
+    files in part order."""
+    tasks.run("requests", _requests_part, plan.impression_parts, plan, inputs, cuts)
     writers = {s: RequestsWriter(out / f"{s}.parquet") for s in SPLITS}
     stats = {s: SplitStats() for s in SPLITS}
-    for file in bar(parts, total=len(parts), desc="requests", unit="part"):
-        requests = group_impressions(encode_impressions(src, vocabs, pl.scan_parquet(file))).collect()
-        requests = with_item_features(requests, items, item_cols)
-        at = np.searchsorted(request_ids, requests["request_id"].to_numpy())
-        requests = requests.with_columns(hist_len=pl.Series(hist_len[at], dtype=pl.Int32))
-        if not truth:
-            requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
-        requests = request_columns(requests, users, item_cols)
-        if maps is not None:
-            requests = remap_lists(requests, maps)
-        for s, part in split_at(requests, cuts).items():
+    for k in range(plan.impression_parts):
+        for s in SPLITS:
+            piece = _requests_piece(plan, k, s)
+            with ipc.open_file(str(piece)) as reader:
+                part = pl.from_arrow(reader.read_all())
             writers[s].write(part)
-            stats[s].add(part, truth=truth)
+            stats[s].add(part, truth=inputs.truth)
+            piece.unlink()
     for writer in writers.values():
         writer.close()
     return stats
+
+
+def _requests_piece(plan: Plan, k: int, split: str) -> Path:
+    return plan.work / "requests_parts" / f"{k:05d}.{split}.arrow"
+
+
+def _requests_part(k: int, plan: Plan, inputs: RequestInputs, cuts: dict[str, int]) -> None:
+    """Task: part k of the valid impressions -> its requests, one Arrow file per split."""
+    imp = encode_impressions(pl.scan_parquet(plan.impressions(k)), inputs.vocabs, truth=inputs.truth)
+    requests = with_item_features(group_impressions(imp).collect(), inputs.items, inputs.item_cols)
+    at = np.searchsorted(inputs.request_ids, requests["request_id"].to_numpy())
+    requests = requests.with_columns(hist_len=pl.Series(inputs.hist_len[at], dtype=pl.Int32))
+    if not inputs.truth:
+        requests = requests.with_columns(true_prob=pl.lit(None, pl.List(pl.Float32)))
+    requests = request_columns(requests, inputs.users, inputs.item_cols)
+    if inputs.maps is not None:
+        requests = remap_lists(requests, inputs.maps)
+    (plan.work / "requests_parts").mkdir(exist_ok=True)
+    for s, part in split_at(requests, cuts).items():
+        table = part.to_arrow()
+        with ipc.new_file(str(_requests_piece(plan, k, s)), table.schema) as writer:
+            writer.write_table(table)

@@ -264,7 +264,7 @@ SYNTH_COLUMNS = {
 }
 
 
-def _scan(path: Path, name: str) -> pl.LazyFrame:
+def _scan(path: Path, name: str, rows: tuple[int, int] | None = None) -> pl.LazyFrame:
     file = path / f"{name}.parquet"
     if not file.is_file():
         raise DataError(f"missing {name}.parquet in the synth source directory", file=str(path))
@@ -275,7 +275,10 @@ def _scan(path: Path, name: str) -> pl.LazyFrame:
         raise DataError(f"cannot read Parquet: {_first_line(exc)}", file=str(file)) from None
     require_columns(schema, SYNTH_COLUMNS[name], file=f"{name}.parquet")
     # Latent truth (true_*) is never a feature; only true_prob travels, as an evaluation label.
-    lf = lf.select(list(SYNTH_COLUMNS[name])).with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+    lf = lf.select(list(SYNTH_COLUMNS[name]))
+    if rows is not None:  # a slice of the file (the out-of-core build's tasks), numbered as in the whole
+        lf = lf.slice(rows[0], rows[1] - rows[0])
+    lf = lf.with_row_index("line", offset=1 + (rows[0] if rows else 0)).with_columns(pl.col("line").cast(pl.Int64))
     # Integer columns of another type (UInt64, Int8, ...) become Int64, which every later step
     # expects; a value that does not fit is rejected by the first check of _checked, shown as it was.
     other = [c for c, kind in SYNTH_COLUMNS[name].items() if kind == "int" and schema[c] != pl.Int64]
@@ -352,9 +355,10 @@ def synth_checks(name: str, items: pl.DataFrame | None = None) -> list[Check]:
                   "not in items.parquet")]
 
 
-def scan_synth(path: Path, name: str) -> pl.LazyFrame:
-    """A synth file, its rows numbered (``line``), as its checks expect it (behaviour as text)."""
-    lf = _scan(path, name)
+def scan_synth(path: Path, name: str, rows: tuple[int, int] | None = None) -> pl.LazyFrame:
+    """A synth file (``rows``: only rows ``[start, end)``), its rows numbered (``line``, 1-based in
+    the whole file), as its checks expect it (behaviour as text)."""
+    lf = _scan(path, name, rows)
     return lf.with_columns(pl.col("behavior").cast(pl.String)) if name == "events" else lf
 
 

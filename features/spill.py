@@ -58,6 +58,18 @@ class SpilledColumn:
         self._file.write(memoryview(values).cast("B"))
         self.length += len(values)
 
+    def append_file(self, path: str | Path, *, add: int = 0) -> None:
+        """Append the raw values in ``path`` (same dtype), ``add`` added to each, and delete it.
+        Read in pieces of 64 MiB, so memory does not grow with the file."""
+        if self._file is None:
+            raise ValueError(f"{self.path.name} is closed: nothing can be appended")
+        step = max(_PIECE // self.dtype.itemsize, 1)
+        total = Path(path).stat().st_size // self.dtype.itemsize
+        for start in range(0, total, step):
+            values = np.fromfile(path, dtype=self.dtype, count=min(step, total - start), offset=start * self.dtype.itemsize)
+            self.append(values + add if add else values)
+        Path(path).unlink()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -46,8 +46,8 @@ What happens, in order:
   features/build.py): a positive behaviour at time t, ``sampling.negatives`` sampled items,
   history strictly before t.
 
-Everything read is held in memory (docs/DATA.md gives the bytes per event); an out-of-core build
-is not done yet.
+Everything read is held in memory (docs/DATA.md gives the bytes per event); the out-of-core build
+(features/out_of_core.py) covers synth sources only.
 """
 
 from __future__ import annotations

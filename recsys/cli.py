@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict, stop the build naming file, line, field and value).",
         epilog="examples:\n  recsys data build --source synth:out/world --out out/data\n"
         "  recsys data build --source synth:out/large --out out/large --memory-gb 4    # out of core\n"
+        "  RAY_ADDRESS=auto recsys data build --source synth:/shared/large --out /shared/data --ray   # on a cluster node\n"
         "  recsys data build --source taobao:UserBehavior.csv --out out/taobao --strict\n"
         "  recsys data build --source table:logs/ --mapping configs/mappings/example.yaml --out out/mine\n"
         "  recsys data build --source recbole:datasets/ml-100k --out out/ml100k --set \"sampling.positive_behaviors=[buy]\"",
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build a synth: source out of core whatever its size")
     where.add_argument("--in-memory", dest="out_of_core", action="store_const", const=False,
                        help="build in memory whatever the budget says")
+    build.add_argument("--ray", action="store_true",
+                       help="build a synth: source out of core with each pass's tasks on Ray Data: a local Ray, or the "
+                       "cluster at RAY_ADDRESS (then the source and --out must be on storage every node mounts); "
+                       "the same bytes as without")
     _add_common(build)
     build.set_defaults(handler=_cmd_build)
 
@@ -614,7 +619,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         path = config_dir() / "data" / "default.yaml"
     cfg = load_config(BuildConfig, path, args.overrides)
     report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite, mapping=args.mapping,
-                   memory_gb=args.memory_gb, out_of_core=args.out_of_core)
+                   memory_gb=args.memory_gb, out_of_core=args.out_of_core, ray=args.ray)
     print(format_report(report))
     return 0
 

@@ -78,6 +78,17 @@ def test_the_command_line_builds_out_of_core_when_the_budget_says_so(tiny_world,
     assert_same_output(tmp_path / "memory", tmp_path / "ooc")
 
 
+def test_on_ray_data_the_build_writes_the_same_bytes(tiny_world, tmp_path):
+    """The tasks of every pass on Ray Data (a local Ray here), against the same tasks in process."""
+    cfg = load_config(BuildConfig, overrides=["vocab.min_count.item_id=2"])
+    build(f"synth:{tiny_world}", tmp_path / "here", cfg, out_of_core=True, memory_gb=BUDGET_GB)
+    result = run_cli("data", "build", "--source", f"synth:{tiny_world}", "--out", str(tmp_path / "ray"), "--ray",
+                     "--memory-gb", str(BUDGET_GB), "--set", "vocab.min_count.item_id=2")
+    assert result.returncode == 0, result.stderr
+    assert "tasks on Ray Data" in result.stderr and "[build] history: 28 Ray tasks" in result.stderr
+    assert_same_output(tmp_path / "here", tmp_path / "ray")
+
+
 def _bad_world(tiny_world: Path, root: Path) -> Path:
     """The tiny world with bad rows in its events and impressions."""
     bad = root / "bad"
