@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import signal
@@ -385,7 +386,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             pos = Position(epoch=epoch, global_step=pos.global_step, metrics_lines=pos.metrics_lines)
         start = time.perf_counter() - pos.seconds
         dmp.train()
-        for table in agreement.batches(_train_batches(loop_config, run, epoch, skip=pos.step)):
+        tables = _train_batches(loop_config, run, epoch, skip=pos.step)
+        if tc.max_steps is not None:  # every rank takes as many, so all stop together ("exhausted")
+            tables = itertools.islice(tables, max(tc.max_steps - pos.step, 0))
+        for table in agreement.batches(tables):
             table = drop_histories(table, share=tc.history_dropout, seed=tc.seed, epoch=epoch)
             batch = batch_from_requests(run.spec, table, store, max_history=run.history_len,
                                         search_k=run.search_k, index=index).to(device)
@@ -671,18 +675,21 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
     ``skip`` of a new order.
     """
     tc = run.config.train
+    budget, cap = tc.max_history_events, run.history_len
     if loop_config["source"] == "ray" and tc.ray_order == "stream":  # [ray] this worker's shard (Ray Data)
-        import itertools
-
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
         by_request = tc.shuffle and tc.batch_by == "request"  # by user: the driver ordered the rows
-        yield from itertools.islice(shard.iter_batches(
+        tables = shard.iter_batches(
             batch_size=tc.batch_size, batch_format="pyarrow", drop_last=False,
             local_shuffle_buffer_size=4 * tc.batch_size if by_request else None,
             local_shuffle_seed=tc.seed * 1000 + epoch if by_request else None,
-        ), skip, None)
+        )
+        if budget is not None:  # each worker cuts its own batches: their counts may differ (see _Agreement)
+            tables = (table.slice(a, b - a) for table in tables
+                      for a, b in history_budget_steps(table.column("hist_len").to_numpy(), budget, cap))
+        yield from itertools.islice(tables, skip, None)
         return
     table = pq.read_table(split_path(run.data_dir, "train"))
     order = np.arange(table.num_rows)
@@ -694,12 +701,37 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         order = np.lexsort((table.column("timestamp").to_numpy(), key))
     elif tc.shuffle:
         rng.shuffle(order)
-    starts = range(0, table.num_rows, tc.batch_size)
-    if loop_config["source"] == "ray":  # [ray] ray_order seeded: every W-th batch, the same count on each rank
+    steps = [(start, min(start + tc.batch_size, table.num_rows)) for start in range(0, table.num_rows, tc.batch_size)]
+    if budget is not None:  # cut before the ranks take their share, so that all have as many steps
+        hist_len = table.column("hist_len").to_numpy()[order]
+        steps = [(start + a, start + b) for start, end in steps
+                 for a, b in history_budget_steps(hist_len[start:end], budget, cap)]
+    if loop_config["source"] == "ray":  # [ray] ray_order seeded: every W-th step, the same count on each rank
         rank, world = dist.get_rank(), dist.get_world_size()
-        starts = starts[rank:len(starts) - len(starts) % world:world]
-    for start in starts[skip:]:
-        yield table.take(order[start:start + tc.batch_size])
+        steps = steps[rank:len(steps) - len(steps) % world:world]
+    for start, end in steps[skip:]:
+        yield table.take(order[start:end])
+
+
+def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None) -> list[tuple[int, int]]:
+    """A batch's requests cut into consecutive ``[start, end)`` steps whose history events (each
+    request's ``hist_len``, up to ``cap`` where the model reads only the last ``cap``) sum to at
+    most ``budget``; a request over the budget alone is a step of its own.
+
+    Example:
+        >>> history_budget_steps(np.array([5, 5, 20, 1, 1, 8]), 10, None)
+        [(0, 2), (2, 3), (3, 6)]
+    """
+    events = np.asarray(hist_len, dtype=np.int64) if cap is None else np.minimum(hist_len, cap)
+    steps, start, total = [], 0, 0
+    for i, n in enumerate(events.tolist()):
+        if total + n > budget and i > start:
+            steps.append((start, i))
+            start, total = i, 0
+        total += n
+    if len(events):
+        steps.append((start, len(events)))
+    return steps
 
 
 def _end_epoch(run: Run, epoch: int, state: dict[str, torch.Tensor], *, steps: int, seconds: float,

@@ -384,6 +384,16 @@ class TrainConfig(Schema):
         0, ge=0, description="stop when select_by's valid metric has not improved for this many epochs (0: off; "
         "needs eval_every_epoch and a select_by other than last)",
     )
+    max_steps: int | None = Field(
+        None, ge=1, description="end each epoch after this many steps of every worker (None: the whole training "
+        "split); for quick runs and throughput measurements, such as the scaling figures of docs/BENCHMARKS.md",
+    )
+    max_history_events: int | None = Field(
+        None, ge=1, description="the most history events a step carries, summed over its requests (each counted up to "
+        "the model's history length): a batch over it is cut into consecutive smaller steps (a request alone over "
+        "it is a step of its own). Bounds a step's memory where whole histories are read (KSA) and users have "
+        "long ones; None: batch_size requests whatever their histories",
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="also save a resumable checkpoint every this many steps within an epoch (0: at epoch "
         "ends only); on Ray with ray_order stream a mid-epoch state resumes at the step it reached but in a new "

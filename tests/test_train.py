@@ -181,3 +181,50 @@ def test_taobao_sample_trains_and_evaluates_end_to_end(tmp_path):
     result = evaluate_run(run.path, "test")
     assert result["examples"] > 0 and result["oracle_auc"] is None  # no ground truth in real logs
     assert 0 <= result["auc"] <= 1 and math.isfinite(result["logloss"])
+
+
+def test_max_steps_ends_each_epoch_after_that_many_steps(tiny_data, tmp_path):
+    from pipelines.train import train
+
+    cfg = load_config(RunConfig, DIN, ["train.epochs=2", "train.max_steps=3", "train.batch_size=8",
+                                       "train.eval_every_epoch=false"])
+    run = train(cfg, tiny_data, tmp_path / "run", workers=0)
+    epochs = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["steps"]) for e in epochs] == [(1, 3), (2, 3)]
+    requests = json.loads((tiny_data / "dataset.json").read_text())["requests"]["train"]["requests"]
+    assert requests > 3 * 8  # the epochs ended early, not with the data
+
+
+def test_history_budget_steps_cover_the_batch_in_order_within_the_budget():
+    import numpy as np
+
+    from pipelines.train import history_budget_steps
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        hist_len = rng.integers(0, 3000, rng.integers(1, 60))
+        budget, cap = int(rng.integers(1, 5000)), [None, 100][int(rng.integers(0, 2))]
+        steps = history_budget_steps(hist_len, budget, cap)
+        events = hist_len if cap is None else np.minimum(hist_len, cap)
+        assert steps[0][0] == 0 and steps[-1][1] == len(hist_len)
+        assert all(a < b and b == c for (a, b), (c, _) in zip(steps, [*steps[1:], (len(hist_len), None)], strict=True))
+        assert all(events[a:b].sum() <= budget or b - a == 1 for a, b in steps)
+        # greedy: a step ends only where the next request would pass the budget
+        assert all(events[a:b + 1].sum() > budget for a, b in steps[:-1])
+
+
+def test_a_history_budget_cuts_batches_into_more_steps_and_trains_on_every_request(tiny_data, tmp_path):
+    from pipelines.train import train
+
+    ds = json.loads((tiny_data / "dataset.json").read_text())
+    # DIN reads the last 100 events of a request: a step of 16 requests carries up to 1,600, cut at 500
+    cfg = load_config(RunConfig, DIN, ["train.epochs=1", "train.batch_size=16", "train.max_history_events=500",
+                                       "train.eval_every_epoch=false"])
+    run = train(cfg, tiny_data, tmp_path / "run", workers=0)
+    epoch = json.loads((run.path / "metrics.jsonl").read_text().splitlines()[0])
+    requests = ds["requests"]["train"]["requests"]
+    assert epoch["steps"] > math.ceil(requests / 16)
+    import polars as pl
+
+    train_split = pl.read_parquet(tiny_data / "requests" / "train.parquet")
+    assert epoch["examples"] == train_split["item"].list.len().sum()
