@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -41,7 +43,7 @@ def timed_build(world: Path, out: Path, *flags: str) -> dict:
         with open(out.parent / f"{out.name}.log", "w") as log:
             os.dup2(log.fileno(), 2)
             os.execv(cmd[0], cmd)
-    tree_peak, done = [0], threading.Event()
+    tree_peak, done = [0, []], threading.Event()
     sampler = threading.Thread(target=_sample_tree, args=(pid, tree_peak, done), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(pid, 0)
@@ -51,15 +53,24 @@ def timed_build(world: Path, out: Path, *flags: str) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: see {out.parent / f'{out.name}.log'}")
     report = json.loads((out / "report.json").read_text())
+    # the step of each sample: steps run one after another, and end where the run ends
+    ends = np.cumsum(list(report["seconds"].values()))
+    ends = ends + (seconds - ends[-1])
+    by_step: dict[str, float] = {}
+    for at, rss in tree_peak[1]:
+        step = list(report["seconds"])[min(int(np.searchsorted(ends, at)), len(ends) - 1)]
+        by_step[step] = max(by_step.get(step, 0.0), round(rss / 2**30, 2))
     return {"command": " ".join(cmd[1:]), "seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-            "peak_tree_rss_gb": round(tree_peak[0] / 2**30, 2),
+            "peak_tree_rss_gb": round(tree_peak[0] / 2**30, 2), "peak_tree_rss_gb_by_step": by_step,
             "events": report["events"], "events_per_s": round(report["events"] / seconds),
             "steps": report["seconds"]}
 
 
-def _sample_tree(root: int, peak: list[int], done: threading.Event) -> None:
-    """Keep in ``peak[0]`` the largest sum of resident bytes of ``root`` and its descendants."""
+def _sample_tree(root: int, peak: list, done: threading.Event) -> None:
+    """Keep in ``peak[0]`` the largest sum of resident bytes of ``root`` and its descendants, and
+    in ``peak[1]`` every sample as (seconds since the start, bytes)."""
     page = os.sysconf("SC_PAGE_SIZE")
+    start = time.perf_counter()
     while not done.wait(0.5):
         parent, rss = {}, {}
         for entry in os.scandir("/proc"):
@@ -77,7 +88,9 @@ def _sample_tree(root: int, peak: list[int], done: threading.Event) -> None:
             more = {p for p, pp in parent.items() if pp in tree} - tree
             tree |= more
             grew = bool(more)
-        peak[0] = max(peak[0], sum(rss.get(p, 0) for p in tree))
+        total = sum(rss.get(p, 0) for p in tree)
+        peak[0] = max(peak[0], total)
+        peak[1].append((time.perf_counter() - start, total))
 
 
 def main() -> int:

@@ -405,6 +405,7 @@ def empty_tagged(lf: pl.LazyFrame) -> pl.DataFrame:
 # 2. Vocabularies
 
 _COUNTED = ("user_id", "item_id", "category_id")
+_MERGE = 8  # count files summed at once
 
 
 def _event_counts(plan: Plan, tasks: Tasks, before: int | None) -> dict[str, dict[str, pl.DataFrame]]:
@@ -419,11 +420,12 @@ def _event_counts(plan: Plan, tasks: Tasks, before: int | None) -> dict[str, dic
     for span in spans:
         counts[span] = {}
         for name in _COUNTED:
+            paths = [task_files[span, name] for task_files in files if (span, name) in task_files]
             total = add_counts()
-            for task_files in files:
-                if (span, name) in task_files:
-                    total = add_counts(total, pl.read_parquet(task_files[span, name]))
-                    task_files[span, name].unlink()
+            for at in range(0, len(paths), _MERGE):  # a few tasks' counts at a time: bounded, and few passes
+                total = add_counts(total, *(pl.read_parquet(p) for p in paths[at:at + _MERGE]))
+            for p in paths:
+                p.unlink()
             counts[span][name] = total
     counts.setdefault("span", counts["whole"])["user_id"] = counts["whole"]["user_id"]  # users: always whole
     return counts
