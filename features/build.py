@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,6 @@ from recsys.errors import DataError, RecsysError
 from recsys.io import atomic_output_dir, check_output_dir, write_json
 from recsys.metrics import auc
 from recsys.progress import Steps, note
-from recsys.ray_env import ray_session
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIORS, OOV_INDEX
 
@@ -72,7 +71,7 @@ PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 def build(
     source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False,
     mapping: str | Path | None = None, memory_gb: float | None = None, out_of_core: bool | None = None,
-    ray: bool = False,
+    tasks: Any = None,
 ) -> dict[str, Any]:
     """Build training data from ``source`` (``KIND:PATH``, features/sources.py) into ``out``.
 
@@ -82,7 +81,9 @@ def build(
     ``memory_gb`` is the memory budget (default: half the machine's). A ``synth:`` source whose
     in-memory build would exceed it is built out of core (features/out_of_core.py), in partitions
     sized to the budget, to the same bytes; ``out_of_core`` True or False forces the choice.
-    ``ray``: build out of core with each pass's tasks on Ray Data (a local Ray, or the cluster at
+    ``tasks``: the runner of the out-of-core passes' tasks (``features.out_of_core.Tasks``'s
+    interface; entered here for the build). Given, the build is out of core; ``--ray`` passes
+    pipelines/ray_tasks.py's, which runs them on Ray Data (a local Ray, or the cluster at
     ``RAY_ADDRESS``; on a cluster the source and ``out`` must be on storage every node mounts).
 
     Returns:
@@ -100,16 +101,17 @@ def build(
         raise RecsysError(f"--memory-gb must be a number > 0, got {memory_gb}")
     budget = ooc.default_budget() if memory_gb is None else int(memory_gb * 2**30)
     kind, path = parse_source(source)
-    if ray and out_of_core is False:
+    flag = "--out-of-core" if tasks is None else "--ray"
+    if tasks is not None and out_of_core is False:
         raise RecsysError("--ray builds out of core; it cannot be combined with --in-memory")
-    out_of_core = True if ray else out_of_core
+    out_of_core = True if tasks is not None else out_of_core
     if out_of_core and kind != "synth":
-        raise RecsysError(f"--{'ray' if ray else 'out-of-core'} builds synth: sources only; a {kind}: source is read "
+        raise RecsysError(f"{flag} builds synth: sources only; a {kind}: source is read "
                           "in memory (docs/DATA.md gives its memory per event)")
     if out_of_core or (out_of_core is None and kind == "synth" and ooc.needs_out_of_core(path, budget)):
         timer = Steps("build")
-        with atomic_output_dir(out, overwrite=overwrite) as tmp, ray_session() if ray else nullcontext():
-            report = ooc.build_synth(source, path, tmp, cfg, strict=strict, budget=budget, timer=timer, ray=ray)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp, tasks or ooc.Tasks() as runner:
+            report = ooc.build_synth(source, path, tmp, cfg, strict=strict, budget=budget, timer=timer, tasks=runner)
         if report["rows_rejected"]:
             note(f"[build] {report['rows_rejected']:,} bad rows skipped: see {Path(out) / 'rejects.csv'}")
         return report

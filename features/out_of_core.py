@@ -48,10 +48,8 @@ are in docs/DATA.md).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,16 +156,16 @@ def partitions(rows: int, bytes_per_row: int, budget: int) -> int:
 
 
 def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict: bool, budget: int,
-                timer: Steps, ray: bool = False) -> dict[str, Any]:
+                timer: Steps, tasks: Tasks | None = None) -> dict[str, Any]:
     """Build the synth source at ``path`` into the staging directory ``tmp`` (see the module
-    docstring); the caller renames ``tmp`` into place. ``ray``: run each pass's tasks on Ray Data
-    (a Ray session must be started). Returns the report."""
+    docstring); the caller renames ``tmp`` into place. ``tasks`` runs each pass's tasks (default:
+    here, in order; entered by the caller). Returns the report."""
     work = tmp / ".spill"
     work.mkdir()
     rows = source_rows(path)
     n_event_parts = partitions(rows["events"], EVENT_BYTES, budget)
     n_imp_parts = partitions(rows["impressions"], IMPRESSION_BYTES, budget)
-    tasks = Tasks(ray)
+    tasks = tasks or Tasks()
     note(f"[build] out of core, budget {budget / 2**30:.3g} GB: {rows['events']:,} events in {n_event_parts} "
          f"partitions, {rows['impressions']:,} impressions in {n_imp_parts}; {tasks.where}; spill files in {work}")
     plan = Plan(source=path, work=work, event_slices=slices(rows["events"], n_event_parts),
@@ -245,40 +243,21 @@ def slices(rows: int, n: int) -> list[tuple[int, int]]:
 
 
 class Tasks:
-    """Runs a pass's tasks ``fn(i, *shared)`` for i in 0..n-1 and returns their results in that
-    order: one after another in this process, or (``ray``) as a Ray Data dataset of the task
-    numbers mapped in parallel, one Ray task per number, ``shared`` sent through the object store
-    once. Results come back in task order either way, so the output does not depend on where or
-    when a task ran. An exception in a task is raised here (the first in task order), as it would
-    have been raised in this process."""
+    """Runs a pass's tasks ``fn(i, *shared)`` for i in 0..n-1, one after another in this process,
+    and returns their results in task order. pipelines/ray_tasks.py has the same interface on Ray
+    Data (``--ray``); a runner is also a context manager, entered for the whole build (this one
+    holds nothing)."""
 
-    def __init__(self, ray: bool) -> None:
-        self.ray = ray
-        self.where = "tasks on Ray Data" if ray else "tasks in this process"
+    where = "tasks in this process"
+
+    def __enter__(self) -> Tasks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     def run(self, desc: str, fn: Callable[..., Any], n: int, *shared: Any) -> list[Any]:
-        if not self.ray:
-            return [fn(i, *shared) for i in bar(range(n), total=n, desc=desc, unit="task")]
-        import ray
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per dataset otherwise; ours says the same
-        shared_ref = ray.put(shared)
-
-        def call(row: dict[str, Any]) -> dict[str, Any]:
-            try:
-                return {"i": row["i"], "ok": True, "out": pickle.dumps(fn(row["i"], *ray.get(shared_ref)))}
-            except Exception as exc:  # noqa: BLE001 (sent back and raised in the driver, in task order)
-                return {"i": row["i"], "ok": False, "out": pickle.dumps(exc)}
-
-        rows = ray.data.from_items([{"i": i} for i in range(n)], override_num_blocks=max(n, 1)).map(call).take_all()
-        note(f"[build] {desc}: {n} Ray tasks")
-        rows.sort(key=lambda r: r["i"])
-        for r in rows:
-            if not r["ok"]:
-                raise pickle.loads(r["out"])
-        return [pickle.loads(r["out"]) for r in rows]
+        return [fn(i, *shared) for i in bar(range(n), total=n, desc=desc, unit="task")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -820,7 +820,7 @@ def _fit_on_ray(loop_config: dict[str, Any], data_dir: Path, workers: int, cpus_
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recsys.ray_env import ray_session
+    from pipelines.ray_env import ray_session
 
     run = Run.open(loop_config["run_dir"])
     tc = run.config.train

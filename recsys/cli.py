@@ -618,8 +618,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if path is None and (config_dir() / "data" / "default.yaml").is_file():
         path = config_dir() / "data" / "default.yaml"
     cfg = load_config(BuildConfig, path, args.overrides)
+    tasks = None
+    if args.ray:
+        from pipelines.ray_tasks import RayTasks
+
+        tasks = RayTasks()
     report = build(args.source, args.out, cfg, strict=args.strict, overwrite=args.overwrite, mapping=args.mapping,
-                   memory_gb=args.memory_gb, out_of_core=args.out_of_core, ray=args.ray)
+                   memory_gb=args.memory_gb, out_of_core=args.out_of_core, tasks=tasks)
     print(format_report(report))
     return 0
 

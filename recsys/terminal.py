@@ -1,6 +1,6 @@
 """Starting background services from a command: their stray output and the terminal's Ctrl-C.
 
-Ray's driver and services (recsys/ray_env.py for training and the out-of-core build, serving/ray_serve.py for the Ray
+Ray's driver and services (pipelines/ray_env.py for training and the out-of-core build, serving/ray_serve.py for the Ray
 Serve replicas) print status lines on stdout and run in the terminal's process group; these two
 context managers keep stdout for results and the Ctrl-C for the command itself.
 """

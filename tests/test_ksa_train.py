@@ -38,6 +38,7 @@ def test_user_batches_keep_each_users_requests_together_in_time_order(tiny_data)
     class FakeRun:  # only what _train_batches reads
         config = cfg
         data_dir = tiny_data
+        history_len = None  # whole histories
 
     orders = []
     for epoch in (1, 2):
