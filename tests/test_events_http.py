@@ -4,6 +4,7 @@ client streams events (SQLite and a real Redis)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -11,6 +12,8 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -188,26 +191,51 @@ def kill_9_rounds(command: list[str], log_path: Path, streamer: Streamer, rounds
                 streamer.base = None
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield str(tmp_path / "state.sqlite")
-        return
-    with redis_base_url(tmp_path / "redis") as url:
-        yield with_prefix(url, f"t{uuid.uuid4().hex[:8]}")
+STORES = ["sqlite", "redis"]
+
+
+@pytest.fixture(scope="module")
+def kill_9_streams(export_dir, ids, tmp_path_factory) -> Iterator[dict[str, tuple[str, Streamer | BaseException]]]:
+    """The kill -9 rounds of the test below for each store, the stores at the same time (a round
+    mostly waits: for a fresh server to import its stack, and while the client streams): per store,
+    its state url and the client (the ids it got acknowledged), or what the rounds raised. Redis
+    stays up until the module's tests are done; without one, ``"redis"`` is left out and
+    ``skipped`` says why."""
+    tmp = tmp_path_factory.mktemp("kill_9")
+    with contextlib.ExitStack() as stack:
+        urls, skipped = {"sqlite": str(tmp / "state.sqlite")}, None
+        try:
+            urls["redis"] = with_prefix(stack.enter_context(redis_base_url(tmp / "redis")), f"t{uuid.uuid4().hex[:8]}")
+        except pytest.skip.Exception as exc:
+            skipped = str(exc)
+
+        def rounds(store: str) -> Streamer:
+            rng = random.Random(7)
+            streamer = Streamer(ids, run=uuid.uuid4().hex[:6])
+            streamer.thread.start()
+            try:
+                kill_9_rounds(serve_command(export_dir, "--state", urls[store]), tmp / f"{store}.log", streamer,
+                              rounds=4, rng=rng)
+            finally:
+                streamer.stop.set()
+                streamer.thread.join(timeout=30)
+            return streamer
+
+        with ThreadPoolExecutor(len(urls)) as pool:
+            futures = {store: pool.submit(rounds, store) for store in urls}
+            streams = {store: (urls[store], f.exception() or f.result()) for store, f in futures.items()}
+        yield {**streams, "skipped": skipped}
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_server_loses_no_acknowledged_event(export_dir, ids, state_url, tmp_path):
-    rng = random.Random(7)
-    streamer = Streamer(ids, run=uuid.uuid4().hex[:6])
-    streamer.thread.start()
+@pytest.mark.parametrize("kind", STORES)
+def test_kill_9_of_the_server_loses_no_acknowledged_event(kill_9_streams, export_dir, ids, kind, tmp_path):
+    if kind not in kill_9_streams:
+        pytest.skip(kill_9_streams["skipped"])
+    state_url, streamer = kill_9_streams[kind]
+    if isinstance(streamer, BaseException):
+        raise streamer
     command = serve_command(export_dir, "--state", state_url)
-    try:
-        kill_9_rounds(command, tmp_path / "server.log", streamer, rounds=4, rng=rng)
-    finally:
-        streamer.stop.set()
-        streamer.thread.join(timeout=30)
     assert len(streamer.acked) >= 4 * Streamer.BATCH, "the client got too few batches through to test anything"
     with open_store(state_url) as store:
         logged, _ = store.events_since(0)

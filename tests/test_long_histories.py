@@ -22,8 +22,11 @@ def test_the_full_model_trains_evaluates_and_serves_the_longest_histories(tmp_pa
     from recsys.schemas import BuildConfig
 
     world, data, run, export = (tmp_path / x for x in ("world", "data", "run", "export"))
-    # a quarter of the users are heavy: log-uniform event counts up to 8,000
-    generate(tiny_config("activity.heavy_share=0.25", "activity.max_events=8000"), world)
+    # 40 users, half of them heavy: log-uniform event counts in [800, 8,000]; 10 candidates a request
+    # (the tiny world's 120 users, a quarter heavy, with 20 candidates had twice the time to train
+    # and no longer histories)
+    generate(tiny_config("num_users=40", "activity.heavy_share=0.5", "activity.max_events=8000",
+                         "impressions.candidates=10"), world)
     build(f"synth:{world}", data, BuildConfig())
     r = run_cli("train", "--config", str(ROOT / "configs" / "models" / "full.yaml"), "--data", str(data),
                 "--out", str(run), "--workers", "0", "--set", "train.epochs=1")

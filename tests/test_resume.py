@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -227,8 +229,9 @@ def test_resume_arguments_are_checked(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_ray_training_saves_and_exits_130(tiny_data, tmp_path):
-    """Ctrl-C goes to the terminal's whole process group, Ray's services included."""
+def test_ctrl_c_during_ray_training_saves_and_exits_130(tiny_data, tmp_path, diverged_on_ray):
+    """Ctrl-C goes to the terminal's whole process group, Ray's services included. (The diverging
+    run of test_an_error_of_ours_on_ray_is_not_retried trains beside this one: ``diverged_on_ray``.)"""
     run = tmp_path / "run"
     proc = start_cli(*train_args(tiny_data, run, "train.checkpoint_every=0", workers=2))
     wait_for(proc, lambda: "epoch 1/2 step 5:" in (run / "train.log").read_text() if (run / "train.log").is_file()
@@ -254,28 +257,105 @@ def test_ctrl_c_during_ray_training_saves_and_exits_130(tiny_data, tmp_path):
 SEEDED = ("train.ray_order=seeded", "train.checkpoint_every=3")
 
 
+#: A Ray instance that the runs of :func:`ray_cluster` join, held until this process's stdin
+#: closes: room for two runs of 2 workers at 0.5 CPU each and Ray Data's readers at once.
+HOLD_RAY = """
+import logging, os, sys
+import ray
+ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+print(ray.get_runtime_context().gcs_address, os.environ.get("RAY_AUTH_MODE", ""), flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A local Ray instance that this module's Ray runs join, held by a process of its own: the
+    environment that makes a command join it (RAY_ADDRESS, and RAY_AUTH_MODE as ray.init set it).
+    A command that joins connects where one of its own would start Ray's services and stop them.
+    The Ctrl-C test starts Ray itself: it checks that the services the command started ignore the
+    terminal's SIGINT."""
+    log = tmp_path_factory.mktemp("ray_cluster") / "stderr"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env, start_new_session=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line, f"the Ray instance did not start:\n{log.read_text()[-3000:]}"
+        yield {"RAY_ADDRESS": line[0]} | ({"RAY_AUTH_MODE": line[1]} if len(line) > 1 else {})
+    finally:
+        proc.stdin.close()  # ray.shutdown() stops the instance's services
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def on_ray_cluster(ray_cluster, monkeypatch) -> None:
+    """The test's Ray commands join :func:`ray_cluster` (run_cli and start_cli pass the environment on)."""
+    for key, value in ray_cluster.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def diverged_on_ray(tiny_data, ray_cluster, tmp_path_factory) -> Iterator[Callable[[], tuple[Path, str]]]:
+    """A run on :func:`ray_cluster` whose loss is not finite at its second step, started by the
+    first test that asks for it and trained beside that test's own Ray run (a Ray run spends much
+    of its time waiting for its workers to start and stop): the function that waits for it and
+    gives (run directory, its stderr); the command's exit status must be 2."""
+    tmp = tmp_path_factory.mktemp("diverged")
+    run = tmp / "run"
+    with open(tmp / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *train_args(tiny_data, run, "train.lr=1e12",
+                                 "train.embedding_lr=1e12", workers=2)], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, **ray_cluster}, text=True, start_new_session=True)
+
+    def result() -> tuple[Path, str]:
+        code = proc.wait(timeout=300)
+        stderr = (tmp / "stderr").read_text()
+        assert code == 2, stderr[-3000:]
+        return run, stderr
+
+    try:
+        yield result
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.slow
-def test_a_ray_worker_killed_mid_epoch_is_restarted_and_the_run_ends_as_if_never_stopped(tiny_data, tmp_path):
+def test_a_ray_worker_killed_mid_epoch_is_restarted_and_the_run_ends_as_if_never_stopped(tiny_data, tmp_path,
+                                                                                           on_ray_cluster):
     """kill -9 of one Ray training worker (by the pid it wrote): Ray Train starts the workers again,
     they go on from the last mid-epoch state in the same data order, and the run ends with the
     weights and losses of an uninterrupted run of the same seed, bit for bit."""
-    reference = tmp_path / "reference"
+    reference, run = tmp_path / "reference", tmp_path / "run"
     start = time.monotonic()
-    r = run_cli(*train_args(tiny_data, reference, *SEEDED, workers=2))
+    # The reference trains beside the killed run: a run spends much of its time waiting for Ray
+    # (its workers' start and stop), and on 2 cores the pair takes two thirds of the time of both.
+    with ThreadPoolExecutor(1) as pool:
+        uninterrupted = pool.submit(run_cli, *train_args(tiny_data, reference, *SEEDED, workers=2))
+        proc = start_cli(*train_args(tiny_data, run, *SEEDED, workers=2))
+        try:
+            wait_for(proc, lambda: info(run).get("resume", {}).get("epoch") == 1 and info(run)["resume"]["step"] >= 3,
+                     "a mid-epoch state in epoch 1")
+            pid = int((run / "workers" / "rank-1.pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            _, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        r = uninterrupted.result()
+    print(f"the reference beside the killed and restarted run: {time.monotonic() - start:.1f} s")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "restarts" not in info(reference)
-    took = time.monotonic() - start
-
-    run = tmp_path / "run"
-    start = time.monotonic()
-    proc = start_cli(*train_args(tiny_data, run, *SEEDED, workers=2))
-    wait_for(proc, lambda: info(run).get("resume", {}).get("epoch") == 1 and info(run)["resume"]["step"] >= 3,
-             "a mid-epoch state in epoch 1")
-    pid = int((run / "workers" / "rank-1.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    print(f"uninterrupted {took:.1f} s; killed and restarted {time.monotonic() - start:.1f} s")
     assert "[train] a worker failed; Ray Train started the workers again (restart 1): going on from epoch 1 step" in err
     done = info(run)
     assert done["status"] == "finished" and done["epochs_done"] == 2 and done["restarts"] == 1
@@ -287,16 +367,12 @@ def test_a_ray_worker_killed_mid_epoch_is_restarted_and_the_run_ends_as_if_never
 
 
 @pytest.mark.slow
-def test_an_error_of_ours_on_ray_is_not_retried(tiny_data, tmp_path):
+def test_an_error_of_ours_on_ray_is_not_retried(diverged_on_ray):
     """A diverging loss on Ray fails once, with its message, although the run allows restarts:
     a restart would diverge again."""
-    run = tmp_path / "run"
-    start = time.monotonic()
-    r = run_cli(*train_args(tiny_data, run, "train.lr=1e12", "train.embedding_lr=1e12", workers=2))
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "training failed on a Ray worker: NonFiniteLoss: the loss is not finite at step" in r.stderr
+    run, stderr = diverged_on_ray()
+    assert "training failed on a Ray worker: NonFiniteLoss: the loss is not finite at step" in stderr
     assert "restarts" not in info(run) and info(run)["status"] == "failed"
-    print(f"failed in {time.monotonic() - start:.1f} s")
 
 
 @pytest.mark.slow

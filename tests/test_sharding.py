@@ -16,11 +16,24 @@ CROSSES = ["model.can.enabled=true", "model.can.max_len=20", "model.can.pairs=[{
            "{induction: brand, feed: profile.segment}]"]
 
 
-def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str, out: str, extra: tuple[str, ...] = (),
-            same_init: bool = False) -> None:
-    """Two real updates on a sharded model; rank 0 compares its logits with the gathered plain model's
-    and writes the result (and the full state). ``same_init``: the sharded tables start from the
-    plain model's init (DMP initialises each shard on its rank, so two plans start apart)."""
+#: Every configuration the tests below check, by name: (train.sharding, more overrides, same_init).
+#: One spawn of 2 processes computes them all (a spawn costs each process the import of torch and
+#: torchrec and the gloo set-up: most of a configuration's time).
+CASES: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "table_wise": ("table_wise", (), False),
+    "column_wise": ("column_wise", (), False),
+    "table_wise+crosses": ("table_wise", tuple(CROSSES), False),
+    "rows": ("table_wise", ("train.table_sharding={item: row_wise}",), True),
+    "whole": ("table_wise", (), True),
+}
+
+
+def _worker(rank: int, world: int, store_file: str, data_dir: str, out_dir: str) -> None:
+    """Every configuration of :data:`CASES` in turn, in one process group: two real updates on a
+    sharded model; rank 0 compares its logits with the gathered plain model's and writes the result
+    (``OUT_DIR/NAME.json``) and the full state (``OUT_DIR/NAME.json.state.pt``). ``same_init``: the
+    sharded tables start from the plain model's init (DMP initialises each shard on its rank, so two
+    plans start apart)."""
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -37,52 +50,60 @@ def _worker(rank: int, world: int, store_file: str, data_dir: str, sharding: str
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
                             timeout=dt.timedelta(seconds=120))
     try:
-        cfg = load_config(RunConfig, overrides=[f"train.sharding={sharding}", "model.din.max_len=20", *extra])
         dataset = json.loads(open(f"{data_dir}/dataset.json").read())
         spec = FeatureSpec.from_dataset(dataset, time_gap_buckets=20, use_user_id=False)
         store = HistoryStore.open(f"{data_dir}/history/history.arrow")
         table = pq.read_table(f"{data_dir}/requests/train.parquet")
-        torch.manual_seed(0)
-        model = build_model(cfg.model, spec)
-        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        dmp, optimizer = shard(model, cfg.train, torch.device("cpu"))
-        if same_init:
-            load_full_state(dmp, optimizer, init, None)
-        for step in range(2):  # a couple of real updates, so the tables are not at their init
-            b = batch_from_requests(spec, table.slice((2 * step + rank) * 8, 8), store, max_history=20)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(b), b.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        probe = batch_from_requests(spec, table.slice(100 + rank * 8, 8), store, max_history=20)
-        dmp.eval()
-        with torch.no_grad():
-            logits = dmp(probe)
-        state = full_state_dict(dmp)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, logits)
-        if rank == 0:
-            plain = build_model(cfg.model, spec).eval()
-            plain.load_state_dict(state)
+        for name, (sharding, extra, same_init) in CASES.items():
+            cfg = load_config(RunConfig, overrides=[f"train.sharding={sharding}", "model.din.max_len=20", *extra])
+            torch.manual_seed(0)  # every configuration from the same seed, whatever ran before it
+            model = build_model(cfg.model, spec)
+            init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            dmp, optimizer = shard(model, cfg.train, torch.device("cpu"))
+            if same_init:
+                load_full_state(dmp, optimizer, init, None)
+            for step in range(2):  # a couple of real updates, so the tables are not at their init
+                b = batch_from_requests(spec, table.slice((2 * step + rank) * 8, 8), store, max_history=20)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(b), b.labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            probe = batch_from_requests(spec, table.slice(100 + rank * 8, 8), store, max_history=20)
+            dmp.eval()
             with torch.no_grad():
-                again = [plain(batch_from_requests(spec, table.slice(100 + r * 8, 8), store, max_history=20))
-                         for r in range(world)]
-            diff = max(float((a - b).abs().max()) for a, b in zip(gathered, again, strict=True))
-            plan = str(dmp.plan)
-            torch.save(state, f"{out}.state.pt")
-            with open(out, "w") as f:
-                json.dump({"max_abs_diff": diff, "plan": plan, "described": describe_plan(dmp)}, f)
+                logits = dmp(probe)
+            state = full_state_dict(dmp)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, logits)
+            if rank == 0:
+                plain = build_model(cfg.model, spec).eval()
+                plain.load_state_dict(state)
+                with torch.no_grad():
+                    again = [plain(batch_from_requests(spec, table.slice(100 + r * 8, 8), store, max_history=20))
+                             for r in range(world)]
+                diff = max(float((a - b).abs().max()) for a, b in zip(gathered, again, strict=True))
+                out = f"{out_dir}/{name}.json"
+                torch.save(state, f"{out}.state.pt")
+                with open(out, "w") as f:
+                    json.dump({"max_abs_diff": diff, "plan": str(dmp.plan), "described": describe_plan(dmp)}, f)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def sharded(tiny_data, tmp_path_factory) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """Each configuration's result and gathered full state, by name (:data:`CASES`)."""
+    out = tmp_path_factory.mktemp("sharded")
+    mp.spawn(_worker, args=(2, str(out / "rendezvous"), str(tiny_data), str(out)), nprocs=2, join=True)
+    return {name: (json.loads((out / f"{name}.json").read_text()),
+                   torch.load(out / f"{name}.json.state.pt", weights_only=True)) for name in CASES}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("sharding", "crosses"), [("table_wise", False), ("column_wise", False), ("table_wise", True)])
-def test_sharded_model_equals_the_gathered_plain_model(tiny_data, tmp_path, sharding, crosses):
-    out = tmp_path / "result.json"
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_data), sharding, str(out), tuple(CROSSES) if crosses else ()),
-             nprocs=2, join=True)
-    result = json.loads(out.read_text())
+def test_sharded_model_equals_the_gathered_plain_model(sharded, sharding, crosses):
+    result, _ = sharded[f"{sharding}+crosses" if crosses else sharding]
     assert sharding in result["plan"]
     assert "rank:1" in result["plan"]  # both ranks hold tables (it really is sharded)
     if crosses:
@@ -93,18 +114,12 @@ def test_sharded_model_equals_the_gathered_plain_model(tiny_data, tmp_path, shar
 
 
 @pytest.mark.slow
-def test_an_item_table_split_by_rows_over_two_workers_trains_to_the_same_model(tiny_data, tmp_path):
+def test_an_item_table_split_by_rows_over_two_workers_trains_to_the_same_model(sharded):
     """train.table_sharding {item: row_wise}: the item table's rows are split over the 2 ranks (the
     plan says which rows each holds), the model computes what the plain model computes, and after
     the same steps its full state dict equals that of the same training with every table whole on
     one rank (table_wise)."""
-    results = {}
-    for name, extra in (("rows", ("train.table_sharding={item: row_wise}",)), ("whole", ())):
-        out = tmp_path / f"{name}.json"
-        mp.spawn(_worker, args=(2, str(tmp_path / f"rendezvous-{name}"), str(tiny_data), "table_wise", str(out), extra,
-                                True), nprocs=2, join=True)
-        results[name] = (json.loads(out.read_text()), torch.load(f"{out}.state.pt", weights_only=True))
-    (rows, split), (_, whole) = results["rows"], results["whole"]
+    (rows, split), (_, whole) = sharded["rows"], sharded["whole"]
     item = next(line for line in rows["described"] if line.startswith("item ("))
     assert ": row_wise, rank 0 rows 0-" in item and ", rank 1 rows " in item, item
     assert all("row_wise" not in line for line in rows["described"] if not line.startswith("item ("))
