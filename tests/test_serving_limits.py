@@ -486,7 +486,7 @@ def _after(where, value, future=86400, ms=None):
     (_one(timestamp=2**63 - 1), "timestamp", 2**63 - 1, (2**63 - 1) // 1000),
     (_one(history=[_event(timestamp=1_700_000_000_123)]), "history[0].timestamp", 1_700_000_000_123, 1_700_000_000),
     (_one(timestamp=int(time.time()) + 3 * 86400), "timestamp", int(time.time()) + 3 * 86400, None),
-])
+], ids=["milliseconds", "int64-max", "history-milliseconds", "three-days-ahead"])  # ids without the clock: the same in every process
 def test_timestamps_in_the_future_are_refused_with_a_hint_for_milliseconds(default_server, body, where, value, ms):
     before = int(time.time())
     status, answer = post(default_server + "/v1/score", body)
