@@ -310,9 +310,12 @@ def test_bench_quant_json(made, tiny_data):
     assert out["examples"] == sum(len(x) for x in pq.read_table(tiny_data / "requests" / "test.parquet")["label"].to_pylist())
 
     # the export holds the same weights: the same figures
+    # (the logloss to 1e-9: this process and the CLI's may sum in different thread counts)
     same = bench_quant(data=tiny_data, export=export)
-    assert [(row["table_bytes"], row["auc"], row["logloss"]) for row in same["rows"]] == \
-        [(row["table_bytes"], row["auc"], row["logloss"]) for row in out["rows"]]
+    assert [(row["table_bytes"], row["auc"]) for row in same["rows"]] == \
+        [(row["table_bytes"], row["auc"]) for row in out["rows"]]
+    assert [row["logloss"] for row in same["rows"]] == \
+        pytest.approx([row["logloss"] for row in out["rows"]], rel=1e-9, abs=0)
 
 
 def test_bench_quant_refuses_a_source_it_cannot_score(made, tiny_data, tmp_path):
