@@ -688,7 +688,8 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         )
         if budget is not None:  # each worker cuts its own batches: their counts may differ (see _Agreement)
             tables = (table.slice(a, b - a) for table in tables
-                      for a, b in history_budget_steps(table.column("hist_len").to_numpy(), budget, cap))
+                      for a, b in history_budget_steps(table.column("hist_len").to_numpy(), budget, cap,
+                                                       table.column("user").to_numpy()))
         yield from itertools.islice(tables, skip, None)
         return
     table = pq.read_table(split_path(run.data_dir, "train"))
@@ -703,9 +704,9 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         rng.shuffle(order)
     steps = [(start, min(start + tc.batch_size, table.num_rows)) for start in range(0, table.num_rows, tc.batch_size)]
     if budget is not None:  # cut before the ranks take their share, so that all have as many steps
-        hist_len = table.column("hist_len").to_numpy()[order]
+        hist_len, users = table.column("hist_len").to_numpy()[order], table.column("user").to_numpy()[order]
         steps = [(start + a, start + b) for start, end in steps
-                 for a, b in history_budget_steps(hist_len[start:end], budget, cap)]
+                 for a, b in history_budget_steps(hist_len[start:end], budget, cap, users[start:end])]
     if loop_config["source"] == "ray":  # [ray] ray_order seeded: every W-th step, the same count on each rank
         rank, world = dist.get_rank(), dist.get_world_size()
         steps = steps[rank:len(steps) - len(steps) % world:world]
@@ -713,22 +714,35 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         yield table.take(order[start:end])
 
 
-def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None) -> list[tuple[int, int]]:
+def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None,
+                         users: np.ndarray | None = None) -> list[tuple[int, int]]:
     """A batch's requests cut into consecutive ``[start, end)`` steps whose history events (each
     request's ``hist_len``, up to ``cap`` where the model reads only the last ``cap``) sum to at
     most ``budget``; a request over the budget alone is a step of its own.
 
+    ``users`` (with ``cap`` None): a model that reads whole histories encodes each user's once per
+    step, for all their requests (``RequestBatch.history_source``). A step then counts each user's
+    longest history once, and a user whose history alone is over the budget is a step of their own
+    with all their requests: cutting those apart would encode the same history again in each step.
+
     Example:
         >>> history_budget_steps(np.array([5, 5, 20, 1, 1, 8]), 10, None)
         [(0, 2), (2, 3), (3, 6)]
+        >>> history_budget_steps(np.array([3, 5, 9, 4, 6, 20, 30]), 10, None, users=np.array([1, 1, 1, 2, 2, 3, 3]))
+        [(0, 3), (3, 5), (5, 7)]
     """
     events = np.asarray(hist_len, dtype=np.int64) if cap is None else np.minimum(hist_len, cap)
-    steps, start, total = [], 0, 0
-    for i, n in enumerate(events.tolist()):
-        if total + n > budget and i > start:
+    shared = users is not None and cap is None
+    who = np.asarray(users).tolist() if shared else list(range(len(events)))
+    steps, start, total, longest = [], 0, 0, {}
+    for i, (n, u) in enumerate(zip(events.tolist(), who, strict=True)):
+        more = max(n - longest.get(u, 0), 0)
+        if total + more > budget and i > start and any(v != u for v in longest):
             steps.append((start, i))
-            start, total = i, 0
-        total += n
+            start, total, longest = i, 0, {}
+            more = n
+        total += more
+        longest[u] = max(n, longest.get(u, 0))
     if len(events):
         steps.append((start, len(events)))
     return steps

@@ -216,6 +216,32 @@ def test_history_budget_steps_cover_the_batch_in_order_within_the_budget():
         assert all(events[a:b + 1].sum() > budget for a, b in steps[:-1])
 
 
+def test_history_budget_steps_count_a_users_shared_encode_once():
+    import numpy as np
+
+    from pipelines.train import history_budget_steps
+
+    def encoded(hist_len, users, a, b):  # each user's longest history in the step, encoded once
+        return sum(hist_len[a:b][users[a:b] == u].max() for u in np.unique(users[a:b]))
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        users = np.repeat(rng.permutation(n), rng.integers(1, 6, n))[:n]  # a user's requests together
+        hist_len = np.concatenate([np.sort(rng.integers(0, 3000, (users == u).sum())) for u in dict.fromkeys(users)])
+        budget = int(rng.integers(1, 8000))
+        steps = history_budget_steps(hist_len, budget, None, users)
+        assert steps[0][0] == 0 and steps[-1][1] == n
+        assert all(a < b and b == c for (a, b), (c, _) in zip(steps, [*steps[1:], (n, None)], strict=True))
+        # within the budget, or one user's requests alone (cutting those would encode it again)
+        assert all(encoded(hist_len, users, a, b) <= budget or len(set(users[a:b])) == 1 for a, b in steps)
+        # greedy: a step ends only where the next request would pass the budget with another user in the step
+        assert all(encoded(hist_len, users, a, b + 1) > budget and len(set(users[a:b + 1])) > 1 for a, b in steps[:-1])
+    # a cap (the model reads the last cap events of each request's own copy): no sharing is counted
+    assert history_budget_steps(np.array([6, 6, 6]), 10, 100, np.array([1, 1, 1])) == [(0, 1), (1, 2), (2, 3)]
+    assert history_budget_steps(np.array([6, 6, 6]), 10, None, np.array([1, 1, 1])) == [(0, 3)]
+
+
 def test_a_history_budget_cuts_batches_into_more_steps_and_trains_on_every_request(tiny_data, tmp_path):
     from pipelines.train import train
 
