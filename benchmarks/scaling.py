@@ -6,7 +6,7 @@ Each run trains one epoch cut at ``--steps`` steps per worker (``train.max_steps
 evaluation off) with ``pipelines.bench.bench_workers``, and reports the epoch's examples/s (from
 metrics.jsonl: examples over the epoch's seconds, Ray start-up not included) and the wall time of
 ``train()`` (start-up included). Runs go one after another, models in order and worker counts in
-order. (No run of it is recorded in docs/BENCHMARKS.md yet.)
+order. docs/BENCHMARKS.md, "Scaling", records a run on `medium`.
 """
 
 from __future__ import annotations
