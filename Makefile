@@ -32,8 +32,10 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: $(STAMP)
 	$(BIN)/recsys demo --out $(DEMO)
 
+# Two pytest workers, a file each: on a 2-core machine the tests wait much of their time on
+# subprocesses and Ray. PYTEST_ARGS adds options, e.g. PYTEST_ARGS=--durations=30.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)  # two workers, a file each: a 2-core machine waits on subprocesses and Ray
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check recsys features models serving pipelines tests benchmarks

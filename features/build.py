@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -64,6 +64,9 @@ from recsys.progress import Steps, note
 from recsys.schemas import BuildConfig
 from recsys.types import BEHAVIORS, OOV_INDEX
 
+if TYPE_CHECKING:  # features.out_of_core builds on this module
+    from features.out_of_core import TaskRunner
+
 ITEM_FEATURES = {"category_id": "category", "brand_id": "brand", "price_bucket": "price_bucket"}
 PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 
@@ -71,7 +74,7 @@ PROFILE_FEATURES = {"segment": "segment", "age_bucket": "age_bucket"}
 def build(
     source: str, out: str | Path, cfg: BuildConfig, *, strict: bool = False, overwrite: bool = False,
     mapping: str | Path | None = None, memory_gb: float | None = None, out_of_core: bool | None = None,
-    tasks: Any = None,
+    tasks: TaskRunner | None = None,
 ) -> dict[str, Any]:
     """Build training data from ``source`` (``KIND:PATH``, features/sources.py) into ``out``.
 
@@ -103,7 +106,7 @@ def build(
     kind, path = parse_source(source)
     flag = "--out-of-core" if tasks is None else "--ray"
     if tasks is not None and out_of_core is False:
-        raise RecsysError("--ray builds out of core; it cannot be combined with --in-memory")
+        raise RecsysError("--ray (a task runner) builds out of core; it cannot be combined with --in-memory")
     out_of_core = True if tasks is not None else out_of_core
     if out_of_core and kind != "synth":
         raise RecsysError(f"{flag} builds synth: sources only; a {kind}: source is read "

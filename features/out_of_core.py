@@ -54,7 +54,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -156,7 +156,7 @@ def partitions(rows: int, bytes_per_row: int, budget: int) -> int:
 
 
 def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict: bool, budget: int,
-                timer: Steps, tasks: Tasks | None = None) -> dict[str, Any]:
+                timer: Steps, tasks: TaskRunner | None = None) -> dict[str, Any]:
     """Build the synth source at ``path`` into the staging directory ``tmp`` (see the module
     docstring); the caller renames ``tmp`` into place. ``tasks`` runs each pass's tasks (default:
     here, in order; entered by the caller). Returns the report."""
@@ -240,6 +240,18 @@ def slices(rows: int, n: int) -> list[tuple[int, int]]:
     """``[start, end)`` row ranges cutting ``rows`` into ``n`` (about equal; at least one)."""
     bounds = [rows * j // max(n, 1) for j in range(max(n, 1) + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class TaskRunner(Protocol):
+    """What runs a pass's tasks: :class:`Tasks` here, pipelines/ray_tasks.py's ``RayTasks`` on Ray Data."""
+
+    where: str  # for the build's first line, e.g. "tasks in this process"
+
+    def __enter__(self) -> TaskRunner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def run(self, desc: str, fn: Callable[..., Any], n: int, *shared: Any) -> list[Any]: ...
 
 
 class Tasks:

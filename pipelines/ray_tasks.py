@@ -32,9 +32,9 @@ class RayTasks:
         self._session: contextlib.ExitStack | None = None
 
     def __enter__(self) -> RayTasks:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(ray_session())
-            self._session = stack.pop_all()
+        session = contextlib.ExitStack()
+        session.enter_context(ray_session())  # raises before anything is held
+        self._session = session
         return self
 
     def __exit__(self, *exc: object) -> None:
