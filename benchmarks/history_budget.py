@@ -11,7 +11,8 @@ summed history lengths are largest. Each budget runs in a fresh child process: t
 steps, each a forward, the BCE loss and a backward (no optimizer: the memory of a step is its
 activations and gradients). Reported per budget: the steps, the largest step's history rows (every
 request's own copy) and encoded events (each user's longest history once), the time, and the
-child's peak resident memory (``ru_maxrss``) above its resident memory just before the first step. docs/BENCHMARKS.md, "Long histories end to end".
+child's peak resident memory (``ru_maxrss``) above its resident memory just before the first
+step. docs/BENCHMARKS.md, "Long histories end to end".
 """
 
 from __future__ import annotations
