@@ -17,6 +17,9 @@ Two plain tensors ride along (ids, not embeddings): ``hist_gap`` again as ``gap 
 ``interval [L_total]``, the bucket of the time since the previous event of the same history (a
 history's first event gets ``time_gap_buckets``). ``history_source [B]`` says, for whole histories,
 which request of the batch holds the longest history of the same user: the others are its prefixes.
+Those others may carry only the tail of their history that the blocks other than KSA read
+(:func:`batch_from_requests`' ``tail``): ``gap`` then holds every request's whole history's ids,
+at ``gap_offsets [B+1]``, for KSA's read-out, which reads the source's encode.
 
 Example:
     >>> spec = FeatureSpec(sizes={"item": 10, "category": 4}, time_gap_buckets=8)
@@ -43,7 +46,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from features.category_index import CategoryIndex
-from features.history import HistoryStore
+from features.history import HistoryStore, last_rows
 from recsys.errors import DataError
 from recsys.types import BEHAVIORS, Jagged
 
@@ -117,6 +120,10 @@ class RequestBatch:
     gap: torch.Tensor | None = None  # [L_total] int64, the hist_gap ids
     interval: torch.Tensor | None = None  # [L_total] int64
     history_source: torch.Tensor | None = None  # [B] int64, None: every request its own
+    # [B+1] int64, set where a request that shares its source's encode carries only the tail of its
+    # history in ``sequence`` (batch_from_requests' ``tail``): ``gap`` then holds each request's
+    # whole history's ids at these offsets (and ``interval`` follows ``sequence``)
+    gap_offsets: torch.Tensor | None = None
     search_offsets: torch.Tensor | None = None  # [G+1] int64: search group g's rows of the sim_* values
     cand_group: torch.Tensor | None = None  # [C] int64: each candidate's search group
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # per-candidate bookkeeping (not model input)
@@ -134,6 +141,7 @@ class RequestBatch:
             gap=None if self.gap is None else self.gap.to(device, non_blocking=non_blocking),
             interval=None if self.interval is None else self.interval.to(device, non_blocking=non_blocking),
             history_source=None if self.history_source is None else self.history_source.to(device, non_blocking=non_blocking),
+            gap_offsets=None if self.gap_offsets is None else self.gap_offsets.to(device, non_blocking=non_blocking),
             search_offsets=None if self.search_offsets is None else self.search_offsets.to(device, non_blocking=non_blocking),
             cand_group=None if self.cand_group is None else self.cand_group.to(device, non_blocking=non_blocking),
             extra=self.extra,
@@ -150,6 +158,7 @@ def make_batch(
     profile: Mapping[str, np.ndarray] | None = None,
     labels: np.ndarray | None = None,
     search: Searched | None = None,
+    whole_timestamp: Jagged | None = None,
 ) -> RequestBatch:
     """Build the KJTs of B requests from vocabulary indices (the only place that does).
 
@@ -160,6 +169,8 @@ def make_batch(
         num_candidates: [B] M_b. profile: feature -> [B] indices for ``spec.profile``.
         labels: [C] 0/1 or None (serving).
         search: SIM hard-search results (:func:`hard_search`); the ``sim_*`` features stay empty without.
+        whole_timestamp: where ``history`` holds only the tail of some requests' histories, each
+            request's whole history's timestamps: ``gap`` and ``gap_offsets`` are made from them.
     """
     offsets = history["item"].offsets
     hist_len = np.diff(offsets)  # [B]
@@ -193,12 +204,19 @@ def make_batch(
             values=torch.from_numpy(np.concatenate([np.asarray(profile[f], dtype=np.int64) for f in spec.profile])),
             lengths=torch.ones(b * len(spec.profile), dtype=torch.int32),
         )
+    gap_offsets = None
+    if whole_timestamp is not None:
+        whole_len = np.diff(whole_timestamp.offsets)
+        whole_gap = np.repeat(np.asarray(request_time, dtype=np.int64), whole_len) - whole_timestamp.values
+        gap_ids = time_gap_bucket(whole_gap, spec.time_gap_buckets)
+        gap_offsets = torch.from_numpy(np.asarray(whole_timestamp.offsets, dtype=np.int64))
     return RequestBatch(
         sequence=sequence,
         profile=prof,
         num_candidates=torch.from_numpy(num_candidates),
         labels=None if labels is None else torch.from_numpy(np.array(labels, dtype=np.float32)),  # a writable copy
         gap=torch.from_numpy(gap_ids),
+        gap_offsets=gap_offsets,
         interval=torch.from_numpy(interval_buckets(history["timestamp"].values, offsets, spec.time_gap_buckets)),
         search_offsets=None if search is None else torch.from_numpy(search.offsets),
         cand_group=None if search is None else torch.from_numpy(search.cand_group),
@@ -299,7 +317,7 @@ def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def batch_from_requests(
     spec: FeatureSpec, table: pa.Table, store: HistoryStore, *, max_history: int | None,
-    search_k: int | None = None, index: CategoryIndex | None = None,
+    search_k: int | None = None, index: CategoryIndex | None = None, tail: int | None = None,
 ) -> RequestBatch:
     """A batch from rows of ``requests/*.parquet`` (features/requests.py) and the history store.
 
@@ -307,12 +325,25 @@ def batch_from_requests(
         table: request rows (Arrow; Ray Data hands these over with ``batch_format="pyarrow"``).
         max_history: the most recent events each request needs (None: the whole history).
         search_k, index: SIM hard search: K behaviours per candidate, through the store's category index.
+        tail: with ``max_history`` None, a request whose user has a longer request in the batch (whose
+            encode it shares, ``history_source``) carries only its last ``tail`` events
+            (:attr:`models.ctr.CTRModel.copy_tail`: what the blocks other than KSA read); None: every
+            request its whole history.
 
     The batch's ``extra`` keeps per-candidate ``request_id``, ``user``, ``true_prob`` (when the
     data has it) for evaluation.
     """
     users = table.column("user").to_numpy().astype(np.int64)
-    rows, offsets = store.recent_index(users, table.column("hist_len").to_numpy(), max_history)
+    hist_len = table.column("hist_len").to_numpy().astype(np.int64)
+    whole_timestamp = None
+    if max_history is None and tail is not None:  # the sharing requests' own copies cut to their tails
+        ends = store.offsets[users] + hist_len
+        whole_rows, whole_offsets = last_rows(ends, hist_len, None)
+        whole_timestamp = Jagged(store.timestamp[whole_rows], whole_offsets)
+        shares = history_sources(users, hist_len) != np.arange(len(users))
+        rows, offsets = last_rows(ends, np.where(shares, np.minimum(hist_len, tail), hist_len), None)
+    else:
+        rows, offsets = store.recent_index(users, hist_len, max_history)
     history = {f: Jagged(getattr(store, f)[rows], offsets) for f in HISTORY_FIELDS}
     cands, num = {}, None
     for f in spec.candidate:
@@ -327,12 +358,13 @@ def batch_from_requests(
                              hist_len=table.column("hist_len").to_numpy(), cand_category=cands["category"],
                              num_candidates=num, k=search_k)
     batch = make_batch(spec, history=history, request_time=table.column("timestamp").to_numpy(),
-                       candidates=cands, num_candidates=num, profile=profile, labels=labels, search=search)
+                       candidates=cands, num_candidates=num, profile=profile, labels=labels, search=search,
+                       whole_timestamp=whole_timestamp)
     extra = {"request_id": np.repeat(table.column("request_id").to_numpy(), num),
              "user": np.repeat(users, num)}
     if "true_prob" in table.column_names and table.column("true_prob").null_count == 0:
         extra["true_prob"], _ = _flat_list(table, "true_prob")
     batch.extra = extra
     if max_history is None:  # whole histories of one user are prefixes of each other
-        batch.history_source = torch.from_numpy(history_sources(users, table.column("hist_len").to_numpy()))
+        batch.history_source = torch.from_numpy(history_sources(users, hist_len))
     return batch

@@ -88,6 +88,17 @@ class CTRModel(nn.Module):
         a block that reads the whole history will make it None)."""
         return self.history_len_without(())
 
+    @property
+    def copy_tail(self) -> int | None:
+        """The events of its own history a request needs in a batch when it shares another request's
+        encode (``RequestBatch.history_source``): where KSA alone reads whole histories, what the
+        other blocks read (DIN's and CAN's last ``max_len``); None where another block reads whole
+        histories too (SIM soft or KSA-guided search) or none is read whole. The batch builder's
+        ``tail`` (models/batch.py): a step's history rows are then about its encoded events."""
+        if self.history_len is not None or "ksa" not in self.blocks:
+            return None
+        return self.history_len_without(["ksa"])
+
     def history_len_without(self, names: Collection[str]) -> int | None:
         """:attr:`history_len` when the blocks ``names`` are not run (their outputs come from
         ``score(given=...)``): serving reads a KSA block from per-user states, so the batch then

@@ -59,6 +59,7 @@ class Embedded:
     hist_gap: torch.Tensor | None = None  # [L_total] ids (RequestBatch.gap)
     hist_interval: torch.Tensor | None = None  # [L_total] ids (RequestBatch.interval)
     history_source: torch.Tensor | None = None  # [B] (RequestBatch.history_source)
+    gap_offsets: torch.Tensor | None = None  # [B+1] (RequestBatch.gap_offsets): hist_gap's, where copies are tails
     search: dict[str, torch.Tensor] | None = None  # name in item, category, behavior, gap: [R, D] SIM hard search
     search_offsets: torch.Tensor | None = None  # [G+1] (RequestBatch.search_offsets)
     cand_group: torch.Tensor | None = None  # [C] (RequestBatch.cand_group)
@@ -188,6 +189,7 @@ class FeatureEmbeddings(nn.Module):
             hist_gap=batch.gap,
             hist_interval=batch.interval,
             history_source=batch.history_source,
+            gap_offsets=batch.gap_offsets,
             search=None if batch.search_offsets is None else {n: jt[f"sim_{n}"].values() for n in ("item", "category", "behavior", "gap")},
             search_offsets=batch.search_offsets,
             cand_group=batch.cand_group,

@@ -760,8 +760,9 @@ class KSABlock(nn.Module):
 
     def forward(self, emb, request: torch.Tensor) -> torch.Tensor:
         h = emb.history
-        hoff = emb.hist_offsets  # [B+1]
-        lengths = hoff[1:] - hoff[:-1]  # [B]
+        hoff = emb.hist_offsets  # [B+1] of the copies: a sharing request's may be a tail, its source's is whole
+        goff = emb.gap_offsets if emb.gap_offsets is not None else hoff  # [B+1] of the whole histories
+        lengths = goff[1:] - goff[:-1]  # [B]
         src = emb.history_source if emb.history_source is not None else torch.arange(len(lengths), device=hoff.device)
         reps = torch.unique(src)  # [U] requests whose histories get encoded
         rep_len = lengths[reps]
@@ -792,7 +793,7 @@ class KSABlock(nn.Module):
         key_row = torch.where(is_sum, n_ev + sum_off[u[kr]] + j, ev_off[u[kr]] + e)
         key_pos = torch.where(is_sum, summary_origin(j, chunk=C, summaries=S), e)
         # time gap to the request, read from the request's own hist_gap ids (its history is a prefix)
-        key_gap = emb.hist_gap[hoff[:-1][kr] + key_pos]
+        key_gap = emb.hist_gap[goff[:-1][kr] + key_pos]
         return self.readout(query=torch.cat([emb.candidate["item"], emb.candidate["category"]], -1),
                             cand_request=request, n=lengths, key_states=pool[key_row], key_pos=key_pos,
                             key_gap=key_gap, key_offsets=koff)

@@ -69,11 +69,12 @@ def score_requests(
 def _score(model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, history_len: int | None,
            batch_size: int, search_k: int | None, index: CategoryIndex | None) -> dict[str, np.ndarray]:
     parts: list[RequestBatch] = []
+    tail = getattr(model, "copy_tail", None)  # a CTRModel's (another module: every request its whole history)
 
     def batches():
         for start in range(0, table.num_rows, batch_size):
             b = batch_from_requests(spec, table.slice(start, batch_size), store, max_history=history_len,
-                                    search_k=search_k, index=index)
+                                    search_k=search_k, index=index, tail=tail)
             parts.append(b)
             yield b
 

@@ -392,7 +392,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         for table in agreement.batches(tables):
             table = drop_histories(table, share=tc.history_dropout, seed=tc.seed, epoch=epoch)
             batch = batch_from_requests(run.spec, table, store, max_history=run.history_len,
-                                        search_k=run.search_k, index=index).to(device)
+                                        search_k=run.search_k, index=index, tail=model.copy_tail).to(device)
             optimizer.zero_grad()
             if distill is None:
                 loss = loss_fn(dmp(batch), batch.labels)

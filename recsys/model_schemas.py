@@ -392,10 +392,9 @@ class TrainConfig(Schema):
         None, ge=1, description="the most history events a step carries, summed over its requests (each counted up to "
         "the model's history length; where the model reads whole histories (KSA), each user's longest once, as it "
         "is encoded once for all their requests): a batch over it is cut into consecutive smaller steps (a request, "
-        "or with whole histories a user's requests, alone over it is a step of its own). Bounds a step's encode "
-        "where whole histories are read and users have long ones (ksa.yaml, sim_ksa.yaml and full.yaml set 100000; "
-        "each request's own copy of its history is not counted, docs/TRAINING.md); None: batch_size requests "
-        "whatever their histories",
+        "or with whole histories a user's requests, alone over it is a step of its own). Bounds a step's memory "
+        "where whole histories are read and users have long ones (ksa.yaml, sim_ksa.yaml and full.yaml set 100000, "
+        "docs/TRAINING.md); None: batch_size requests whatever their histories",
     )
     checkpoint_every: int = Field(
         0, ge=0, description="also save a resumable checkpoint every this many steps within an epoch (0: at epoch "
