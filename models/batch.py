@@ -368,3 +368,37 @@ def batch_from_requests(
     if max_history is None:  # whole histories of one user are prefixes of each other
         batch.history_source = torch.from_numpy(history_sources(users, hist_len))
     return batch
+
+
+def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None,
+                         users: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """A batch's requests cut into consecutive ``[start, end)`` steps whose history events (each
+    request's ``hist_len``, up to ``cap`` where the model reads only the last ``cap``) sum to at
+    most ``budget``; a request over the budget alone is a step of its own.
+
+    ``users`` (with ``cap`` None): a model that reads whole histories encodes each user's once per
+    step, for all their requests (``RequestBatch.history_source``). A step then counts each user's
+    longest history once, and a user whose history alone is over the budget is a step of their own
+    with all their requests: cutting those apart would encode the same history again in each step.
+
+    Example:
+        >>> history_budget_steps(np.array([5, 5, 20, 1, 1, 8]), 10, None)
+        [(0, 2), (2, 3), (3, 6)]
+        >>> history_budget_steps(np.array([3, 5, 9, 4, 6, 20, 30]), 10, None, users=np.array([1, 1, 1, 2, 2, 3, 3]))
+        [(0, 3), (3, 5), (5, 7)]
+    """
+    events = np.asarray(hist_len, dtype=np.int64) if cap is None else np.minimum(hist_len, cap)
+    shared = users is not None and cap is None
+    who = np.asarray(users).tolist() if shared else list(range(len(events)))
+    steps, start, total, longest = [], 0, 0, {}
+    for i, (n, u) in enumerate(zip(events.tolist(), who, strict=True)):
+        more = max(n - longest.get(u, 0), 0)
+        if total + more > budget and i > start and any(v != u for v in longest):
+            steps.append((start, i))
+            start, total, longest = i, 0, {}
+            more = n
+        total += more
+        longest[u] = max(n, longest.get(u, 0))
+    if len(events):
+        steps.append((start, len(events)))
+    return steps

@@ -21,7 +21,7 @@ from torch import nn
 
 from features.category_index import CategoryIndex
 from features.history import HistoryStore
-from models.batch import FeatureSpec, RequestBatch, batch_from_requests
+from models.batch import FeatureSpec, RequestBatch, batch_from_requests, history_budget_steps
 
 
 @torch.no_grad()
@@ -39,6 +39,7 @@ def probabilities(model: nn.Module, batches: Iterable[RequestBatch]) -> np.ndarr
 def score_requests(
     model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, *,
     history_len: int | None, batch_size: int = 512, search_k: int | None = None, index: CategoryIndex | None = None,
+    max_history_events: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Score every candidate of a request table.
 
@@ -48,13 +49,16 @@ def score_requests(
 
     ``search_k`` and ``index``: the SIM hard search the model needs (``CTRModel.search_k``).
 
+    ``max_history_events``: each batch of ``batch_size`` requests is cut into smaller ones as
+    training cuts its steps (``train.max_history_events``, :func:`models.batch.history_budget_steps`).
+
     Returns:
         Per candidate [C]: ``request_id``, ``user``, ``label``, ``prob`` and, when the data has the
         ground truth, ``true_prob``.
     """
     if history_len is None and table.num_rows:
         perm = np.argsort(table.column("user").to_numpy(), kind="stable")  # sorted row -> table row
-        out = _score(model, spec, store, table.take(perm), None, batch_size, search_k, index)
+        out = _score(model, spec, store, table.take(perm), None, batch_size, search_k, index, max_history_events)
         counts = table.column("item").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
         sorted_counts = counts[perm]
         starts = np.cumsum(sorted_counts) - sorted_counts  # [R] first candidate of each sorted row
@@ -63,25 +67,31 @@ def score_requests(
         first = starts[inverse]  # [R] where table row r's candidates sit in the sorted output
         index = np.repeat(first, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
         return {k: v[index] for k, v in out.items()}
-    return _score(model, spec, store, table, history_len, batch_size, search_k, index)
+    return _score(model, spec, store, table, history_len, batch_size, search_k, index, max_history_events)
 
 
 def _score(model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.Table, history_len: int | None,
-           batch_size: int, search_k: int | None, index: CategoryIndex | None) -> dict[str, np.ndarray]:
-    parts: list[RequestBatch] = []
+           batch_size: int, search_k: int | None, index: CategoryIndex | None,
+           max_history_events: int | None) -> dict[str, np.ndarray]:
+    parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []  # each batch's extra and labels, not its tensors
     tail = getattr(model, "copy_tail", None)  # a CTRModel's (another module: every request its whole history)
+    steps = [(start, min(start + batch_size, table.num_rows)) for start in range(0, table.num_rows, batch_size)]
+    if max_history_events is not None:
+        hist_len, users = table.column("hist_len").to_numpy(), table.column("user").to_numpy()
+        steps = [(start + a, start + b) for start, end in steps
+                 for a, b in history_budget_steps(hist_len[start:end], max_history_events, history_len, users[start:end])]
 
     def batches():
-        for start in range(0, table.num_rows, batch_size):
-            b = batch_from_requests(spec, table.slice(start, batch_size), store, max_history=history_len,
+        for start, end in steps:
+            b = batch_from_requests(spec, table.slice(start, end - start), store, max_history=history_len,
                                     search_k=search_k, index=index, tail=tail)
-            parts.append(b)
+            parts.append((b.extra, b.labels.numpy()))
             yield b
 
     prob = probabilities(model, batches())
     out = {"prob": prob}
     for key in ("request_id", "user", "true_prob"):
-        if parts and all(key in p.extra for p in parts):
-            out[key] = np.concatenate([p.extra[key] for p in parts])
-    out["label"] = np.concatenate([p.labels.numpy() for p in parts]) if parts else np.zeros(0)
+        if parts and all(key in extra for extra, _ in parts):
+            out[key] = np.concatenate([extra[key] for extra, _ in parts])
+    out["label"] = np.concatenate([labels for _, labels in parts]) if parts else np.zeros(0)
     return out

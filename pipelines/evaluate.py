@@ -108,7 +108,7 @@ def cold_start_report(
     table = pq.read_table(split_path(run.data_dir, split))
     store = run.store()
     scores = score_requests(run.load_model(), run.spec, store, _with_empty_histories(table), history_len=run.history_len,
-                            search_k=run.search_k,
+                            search_k=run.search_k, max_history_events=run.config.train.max_history_events,
                             index=run.category_index(store) if run.search_k is not None else None)
     if len(scores["prob"]) == 0:
         raise RecsysError(f"the {split} split has no candidates to evaluate")

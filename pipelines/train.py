@@ -47,7 +47,7 @@ import torch.distributed as dist
 from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from features.requests import drop_histories
-from models.batch import FeatureSpec, batch_from_requests
+from models.batch import FeatureSpec, batch_from_requests, history_budget_steps
 from models.ctr import build_model, parameter_count
 from models.scoring import score_requests
 from pipelines.distributed import (
@@ -714,40 +714,6 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         yield table.take(order[start:end])
 
 
-def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None,
-                         users: np.ndarray | None = None) -> list[tuple[int, int]]:
-    """A batch's requests cut into consecutive ``[start, end)`` steps whose history events (each
-    request's ``hist_len``, up to ``cap`` where the model reads only the last ``cap``) sum to at
-    most ``budget``; a request over the budget alone is a step of its own.
-
-    ``users`` (with ``cap`` None): a model that reads whole histories encodes each user's once per
-    step, for all their requests (``RequestBatch.history_source``). A step then counts each user's
-    longest history once, and a user whose history alone is over the budget is a step of their own
-    with all their requests: cutting those apart would encode the same history again in each step.
-
-    Example:
-        >>> history_budget_steps(np.array([5, 5, 20, 1, 1, 8]), 10, None)
-        [(0, 2), (2, 3), (3, 6)]
-        >>> history_budget_steps(np.array([3, 5, 9, 4, 6, 20, 30]), 10, None, users=np.array([1, 1, 1, 2, 2, 3, 3]))
-        [(0, 3), (3, 5), (5, 7)]
-    """
-    events = np.asarray(hist_len, dtype=np.int64) if cap is None else np.minimum(hist_len, cap)
-    shared = users is not None and cap is None
-    who = np.asarray(users).tolist() if shared else list(range(len(events)))
-    steps, start, total, longest = [], 0, 0, {}
-    for i, (n, u) in enumerate(zip(events.tolist(), who, strict=True)):
-        more = max(n - longest.get(u, 0), 0)
-        if total + more > budget and i > start and any(v != u for v in longest):
-            steps.append((start, i))
-            start, total, longest = i, 0, {}
-            more = n
-        total += more
-        longest[u] = max(n, longest.get(u, 0))
-    if len(events):
-        steps.append((start, len(events)))
-    return steps
-
-
 def _end_epoch(run: Run, epoch: int, state: dict[str, torch.Tensor], *, steps: int, seconds: float,
                examples: int, loss: float) -> dict[str, Any]:
     """Rank 0: checkpoint, valid metrics, a metrics.jsonl line, progress."""
@@ -803,11 +769,13 @@ def evaluate_split(run: Run, split: str, *, state: dict[str, torch.Tensor] | Non
         model = build_model(run.config.model, run.spec)
         model.load_state_dict(state)
     return evaluate_model(model, run.spec, run.data_dir, split, history_len=run.history_len, search_k=run.search_k,
+                          max_history_events=run.config.train.max_history_events,
                           store=store or run.store(), with_scores=with_scores)
 
 
 def evaluate_model(model: torch.nn.Module, spec: FeatureSpec, data_dir: Path, split: str, *, history_len: int | None,
-                   search_k: int | None, store: HistoryStore | None = None, with_scores: bool = False) -> dict[str, Any]:
+                   search_k: int | None, store: HistoryStore | None = None, with_scores: bool = False,
+                   max_history_events: int | None = None) -> dict[str, Any]:
     """Metrics of ``model`` on a split of the built data at ``data_dir``: :func:`evaluate_split`'s
     path, for any model of that data (an exported one, one with quantized tables)."""
     table = pq.read_table(split_path(data_dir, split))
@@ -816,7 +784,8 @@ def evaluate_model(model: torch.nn.Module, spec: FeatureSpec, data_dir: Path, sp
     if search_k is not None:
         index = CategoryIndex.beside(Path(data_dir) / "history" / "history.arrow", store,
                                      num_categories=spec.sizes["category"])
-    scores = score_requests(model, spec, store, table, history_len=history_len, search_k=search_k, index=index)
+    scores = score_requests(model, spec, store, table, history_len=history_len, search_k=search_k, index=index,
+                            max_history_events=max_history_events)
     if len(scores["prob"]) == 0:
         raise RecsysError(f"the {split} split has no candidates to evaluate")
     metrics = evaluate(scores["label"], scores["prob"], scores["user"], true_prob=scores.get("true_prob"))

@@ -57,3 +57,39 @@ def test_sharing_requests_carry_only_the_tail_their_blocks_read_and_score_the_sa
     assert gw.keys() == gc.keys()
     for name in gw:
         assert torch.allclose(gw[name], gc[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_scoring_cuts_its_batches_by_the_history_budget_to_the_same_scores(tiny_data, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from features.history import HistoryStore
+    from models.ctr import build_model
+    from models.scoring import score_requests
+    from pipelines.runs import dataset_spec
+    from recsys.config import load_config
+    from recsys.model_schemas import RunConfig
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(RunConfig, root / "configs" / "models" / "ksa.yaml")
+    _, spec = dataset_spec(tiny_data, cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, spec)
+    table = pq.read_table(tiny_data / "requests" / "valid.parquet")
+    store = HistoryStore.open(tiny_data / "history" / "history.arrow")
+    import models.scoring
+
+    built = []  # the batches scoring builds, counted around the real builder
+    real = models.scoring.batch_from_requests
+    monkeypatch.setattr(models.scoring, "batch_from_requests", lambda *a, **k: built.append(1) or real(*a, **k))
+    whole = score_requests(model, spec, store, table, history_len=None, batch_size=64)
+    n_whole = len(built)
+    cut = score_requests(model, spec, store, table, history_len=None, batch_size=64, max_history_events=1500)
+    assert np.array_equal(whole["request_id"], cut["request_id"]) and np.array_equal(whole["label"], cut["label"])
+    assert np.allclose(whole["prob"], cut["prob"], atol=1e-6, rtol=0)
+    # the budget did cut: more batches than one per 64 requests
+    from models.batch import history_budget_steps
+
+    perm = np.argsort(table.column("user").to_numpy(), kind="stable")  # scoring's user order
+    hist_len, users = table.column("hist_len").to_numpy()[perm], table.column("user").to_numpy()[perm]
+    cuts = [history_budget_steps(hist_len[s:s + 64], 1500, None, users[s:s + 64]) for s in range(0, len(perm), 64)]
+    assert n_whole == len(cuts) and len(built) - n_whole == sum(map(len, cuts)) > len(cuts)
