@@ -336,11 +336,12 @@ def batch_from_requests(
     users = table.column("user").to_numpy().astype(np.int64)
     hist_len = table.column("hist_len").to_numpy().astype(np.int64)
     whole_timestamp = None
+    sources = history_sources(users, hist_len) if max_history is None else None  # whole histories: prefixes
     if max_history is None and tail is not None:  # the sharing requests' own copies cut to their tails
         ends = store.offsets[users] + hist_len
         whole_rows, whole_offsets = last_rows(ends, hist_len, None)
         whole_timestamp = Jagged(store.timestamp[whole_rows], whole_offsets)
-        shares = history_sources(users, hist_len) != np.arange(len(users))
+        shares = sources != np.arange(len(users))
         rows, offsets = last_rows(ends, np.where(shares, np.minimum(hist_len, tail), hist_len), None)
     else:
         rows, offsets = store.recent_index(users, hist_len, max_history)
@@ -365,8 +366,8 @@ def batch_from_requests(
     if "true_prob" in table.column_names and table.column("true_prob").null_count == 0:
         extra["true_prob"], _ = _flat_list(table, "true_prob")
     batch.extra = extra
-    if max_history is None:  # whole histories of one user are prefixes of each other
-        batch.history_source = torch.from_numpy(history_sources(users, hist_len))
+    if sources is not None:  # whole histories of one user are prefixes of each other
+        batch.history_source = torch.from_numpy(sources)
     return batch
 
 
@@ -389,11 +390,12 @@ def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None,
     """
     events = np.asarray(hist_len, dtype=np.int64) if cap is None else np.minimum(hist_len, cap)
     shared = users is not None and cap is None
-    who = np.asarray(users).tolist() if shared else list(range(len(events)))
+    who = np.asarray(users).tolist() if shared else list(range(len(events)))  # unshared: each request its own
     steps, start, total, longest = [], 0, 0, {}
     for i, (n, u) in enumerate(zip(events.tolist(), who, strict=True)):
         more = max(n - longest.get(u, 0), 0)
-        if total + more > budget and i > start and any(v != u for v in longest):
+        alone = len(longest) == 1 and u in longest  # the step so far is this user's requests only
+        if total + more > budget and i > start and not alone:
             steps.append((start, i))
             start, total, longest = i, 0, {}
             more = n
@@ -402,3 +404,20 @@ def history_budget_steps(hist_len: np.ndarray, budget: int, cap: int | None,
     if len(events):
         steps.append((start, len(events)))
     return steps
+
+
+def budget_steps(batch_size: int, hist_len: np.ndarray, users: np.ndarray, budget: int | None,
+                 cap: int | None) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` steps over requests in order: batches of ``batch_size``, each cut
+    by :func:`history_budget_steps` when ``budget`` is set (``hist_len`` and ``users`` in that order).
+
+    Example:
+        >>> budget_steps(3, np.array([5, 5, 20, 1, 1]), np.arange(5), 10, None)
+        [(0, 2), (2, 3), (3, 5)]
+    """
+    n = len(hist_len)
+    steps = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if budget is None:
+        return steps
+    return [(start + a, start + b) for start, end in steps
+            for a, b in history_budget_steps(hist_len[start:end], budget, cap, users[start:end])]

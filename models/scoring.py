@@ -21,7 +21,7 @@ from torch import nn
 
 from features.category_index import CategoryIndex
 from features.history import HistoryStore
-from models.batch import FeatureSpec, RequestBatch, batch_from_requests, history_budget_steps
+from models.batch import FeatureSpec, RequestBatch, batch_from_requests, budget_steps
 
 
 @torch.no_grad()
@@ -75,11 +75,8 @@ def _score(model: nn.Module, spec: FeatureSpec, store: HistoryStore, table: pa.T
            max_history_events: int | None) -> dict[str, np.ndarray]:
     parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []  # each batch's extra and labels, not its tensors
     tail = getattr(model, "copy_tail", None)  # a CTRModel's (another module: every request its whole history)
-    steps = [(start, min(start + batch_size, table.num_rows)) for start in range(0, table.num_rows, batch_size)]
-    if max_history_events is not None:
-        hist_len, users = table.column("hist_len").to_numpy(), table.column("user").to_numpy()
-        steps = [(start + a, start + b) for start, end in steps
-                 for a, b in history_budget_steps(hist_len[start:end], max_history_events, history_len, users[start:end])]
+    steps = budget_steps(batch_size, table.column("hist_len").to_numpy(), table.column("user").to_numpy(),
+                         max_history_events, history_len)
 
     def batches():
         for start, end in steps:

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from features.category_index import CategoryIndex
 from features.history import HistoryStore
 from features.requests import drop_histories
-from models.batch import FeatureSpec, batch_from_requests, history_budget_steps
+from models.batch import FeatureSpec, batch_from_requests, budget_steps, history_budget_steps
 from models.ctr import build_model, parameter_count
 from models.scoring import score_requests
 from pipelines.distributed import (
@@ -702,11 +702,9 @@ def _train_batches(loop_config: dict[str, Any], run: Run, epoch: int, *, skip: i
         order = np.lexsort((table.column("timestamp").to_numpy(), key))
     elif tc.shuffle:
         rng.shuffle(order)
-    steps = [(start, min(start + tc.batch_size, table.num_rows)) for start in range(0, table.num_rows, tc.batch_size)]
-    if budget is not None:  # cut before the ranks take their share, so that all have as many steps
-        hist_len, users = table.column("hist_len").to_numpy()[order], table.column("user").to_numpy()[order]
-        steps = [(start + a, start + b) for start, end in steps
-                 for a, b in history_budget_steps(hist_len[start:end], budget, cap, users[start:end])]
+    # a budget cuts before the ranks take their share, so that all have as many steps
+    steps = budget_steps(tc.batch_size, table.column("hist_len").to_numpy()[order], table.column("user").to_numpy()[order],
+                         budget, cap)
     if loop_config["source"] == "ray":  # [ray] ray_order seeded: every W-th step, the same count on each rank
         rank, world = dist.get_rank(), dist.get_world_size()
         steps = steps[rank:len(steps) - len(steps) % world:world]
