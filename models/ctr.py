@@ -54,19 +54,42 @@ class DINBlock(nn.Module):
         self.max_len = cfg.max_len
         self.attention = DINAttention(dim=2 * dim, hidden=cfg.attention_hidden, weighting=cfg.weighting)
         self.count_readout = cfg.count_readout
-        self.out_dim = 2 * dim + int(cfg.count_readout)
+        self.match_counts = tuple(cfg.match_counts)
+        self.out_dim = 2 * dim + int(cfg.count_readout) + len(self.match_counts)
 
-    def forward(self, emb: Embedded, request: torch.Tensor) -> torch.Tensor:
+    def inputs(self, emb: Embedded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's keys [B, N, 2D] (the last ``max_len`` behaviours, padded), mask [B, N] and
+        queries [C, 2D]."""
         h = emb.history
         tokens = torch.cat([h["item"], h["category"]], -1) + torch.cat([h["behavior"], h["gap"]], -1)  # [L_total, 2D]
         tokens, offsets = tail(tokens, emb.hist_offsets, self.max_len)
-        longest = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
-        keys, mask = pad(tokens, offsets, max(longest, 1))  # [B, N, 2D], [B, N]; N >= 1 so empty works
-        query = torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)  # [C, 2D]
+        longest = max(int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0, 1)  # N >= 1 so empty works
+        keys, mask = pad(tokens, offsets, longest)  # [B, N, 2D], [B, N]
+        return keys, mask, torch.cat([emb.candidate["item"], emb.candidate["category"]], -1)
+
+    def window_ids(self, emb: Embedded, feature: str) -> torch.Tensor:
+        """The ids [B, N] of ``feature`` (item, category) at the keys' places (0 on padding)."""
+        ids, offsets = tail(emb.hist_ids[feature], emb.hist_offsets, self.max_len)
+        longest = max(int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0, 1)
+        return pad(ids.unsqueeze(-1), offsets, longest)[0].squeeze(-1)
+
+    def forward(self, emb: Embedded, request: torch.Tensor) -> torch.Tensor:
+        keys, mask, query = self.inputs(emb)
         if not self.count_readout:
-            return self.attention(keys, mask, query, request)  # [C, 2D]: the paper's head input
-        pooled, mass = self.attention(keys, mask, query, request, with_mass=True)
-        return torch.cat([pooled, mass.unsqueeze(-1)], -1)  # [C, 2D + 1]: and the soft count
+            out = [self.attention(keys, mask, query, request)]  # [C, 2D]: the paper's head input
+        else:
+            pooled, mass = self.attention(keys, mask, query, request, with_mass=True)
+            out = [pooled, mass.unsqueeze(-1)]  # and the soft count [C, 1]
+        out += [self._match_count(emb, f, mask, request).unsqueeze(-1) for f in self.match_counts]
+        return torch.cat(out, -1) if len(out) > 1 else out[0]
+
+    def _match_count(self, emb: Embedded, feature: str, mask: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+        """log(1 + n) [C]: n = how many of the request's last ``max_len`` behaviours have the candidate's
+        ``feature`` id; id 0 (out of vocabulary) matches nothing."""
+        cand = emb.cand_ids[feature]  # [C]
+        hits = self.window_ids(emb, feature).index_select(0, request) == cand.unsqueeze(-1)  # [C, N]
+        n = (hits & mask.index_select(0, request) & (cand != 0).unsqueeze(-1)).sum(-1)  # [C]
+        return torch.log1p(n.to(emb.candidate[feature].dtype))
 
 
 class CTRModel(nn.Module):

@@ -57,6 +57,17 @@ class DINAttention(nn.Module):
         """keys [B, N, D], mask [B, N], queries [C, D], request [C] (candidate -> request) -> [C, D];
         ``with_mass`` also returns the sum of each candidate's weights [C] (raw weighting: a soft
         count of the behaviours the candidate matches)."""
+        weights, kc = self._weights(keys, mask, queries, request)
+        pooled = torch.bmm(weights.unsqueeze(1), kc).squeeze(1)  # [C, 1, N] @ [C, N, D] -> [C, D]
+        return (pooled, weights.sum(-1)) if with_mass else pooled
+
+    def weights(self, keys: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+        """The weights a [C, N] of each candidate on its request's behaviours (0 on padding):
+        what benchmarks/din_attention_probe.py reads."""
+        return self._weights(keys, mask, queries, request)[0]
+
+    def _weights(self, keys: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor,
+                 request: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dim
         w = self.first.weight  # [H, 4D]
         a, b, c, p = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]  # each [H, D]
@@ -72,8 +83,7 @@ class DINAttention(nn.Module):
             weights = scores * m
         else:
             weights = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1).nan_to_num(0.0)
-        pooled = torch.bmm(weights.unsqueeze(1), kc).squeeze(1)  # [C, 1, N] @ [C, N, D] -> [C, D]
-        return (pooled, weights.sum(-1)) if with_mass else pooled
+        return weights, kc  # [C, N], and the request's keys per candidate [C, N, D]
 
 
 def din_attention_reference(

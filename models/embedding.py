@@ -13,6 +13,8 @@ Output, for B requests with L_total history events and C candidates::
     candidate[name]   [C, D]         name in spec.candidate
     cand_offsets      [B+1]
     profile           [B, P*D]       concatenated profile embeddings (P may be 0)
+    hist_ids[name]    [L_total]      the ids behind history[name], name in item, category
+    cand_ids[name]    [C]            the ids behind candidate[name], name in item, category
     search[name]      [R, D]         SIM hard-search behaviours (sim_* features), when the batch has them
     extra[name]       (values, offsets)  the tables blocks ask for (:class:`ExtraTable`), below
 
@@ -64,6 +66,8 @@ class Embedded:
     search_offsets: torch.Tensor | None = None  # [G+1] (RequestBatch.search_offsets)
     cand_group: torch.Tensor | None = None  # [C] (RequestBatch.cand_group)
     extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (values, offsets)
+    hist_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # item, category: [L_total] ids of history[name]'s rows
+    cand_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # item, category: [C] ids of candidate[name]'s rows
 
 
 _MASK32 = 0xFFFFFFFF
@@ -194,6 +198,8 @@ class FeatureEmbeddings(nn.Module):
             search_offsets=batch.search_offsets,
             cand_group=batch.cand_group,
             extra=self._extra(batch) if self.extra is not None else {},
+            hist_ids={f: batch.sequence[f"hist_{f}"].values() for f in ("item", "category")},
+            cand_ids={f: batch.sequence[f"cand_{f}"].values() for f in ("item", "category")},
         )
 
     def _extra(self, batch: RequestBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

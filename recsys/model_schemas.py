@@ -47,11 +47,19 @@ class DINConfig(Schema):
         "soft count of the behaviours it matches, which the pooled vector holds only mixed with their embeddings "
         "(not in the paper)",
     )
+    match_counts: list[Literal["item", "category"]] = Field(
+        default_factory=list, description="for each feature named, give the head log(1 + n), n the number of "
+        "the last max_len behaviours whose id equals the candidate's (the out-of-vocabulary id 0 matches nothing): "
+        "an explicit cross-count feature, as industrial CTR models carry beside attention (not in the paper; "
+        "docs/RESULTS.md measures why DIN's attention alone does not learn this count)",
+    )
 
     @model_validator(mode="after")
     def _count_needs_raw(self) -> DINConfig:
         if self.count_readout and self.weighting != "raw":
             raise ValueError("count_readout needs weighting raw: softmax weights always sum to 1")
+        if len(set(self.match_counts)) != len(self.match_counts):
+            raise ValueError(f"match_counts names a feature twice: {self.match_counts}")
         return self
 
 

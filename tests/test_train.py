@@ -152,7 +152,7 @@ def test_command_errors_are_one_line(tiny_data, tmp_path):
 
     r = run_cli("ablation", "--data", str(tiny_data), "--models", "din,nosuch")
     assert r.returncode == 2
-    assert r.stderr.startswith("recsys: error: unknown model 'nosuch'; models: can, can_cartesian, cartesian, din, din_mba, full, ")
+    assert r.stderr.startswith("recsys: error: unknown model 'nosuch'; models: can, can_cartesian, cartesian, din, din_counts, din_mba, full, ")
 
     r = run_cli("train", "--config", str(DIN), "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--set", "train.epochs=0")
     assert r.returncode == 2 and "train.epochs" in r.stderr
