@@ -61,7 +61,7 @@ from recsys.errors import DataError, RecsysError
 from recsys.io import atomic_output_dir, check_output_dir, write_json
 from recsys.metrics import auc
 from recsys.progress import Steps, note
-from recsys.schemas import BuildConfig
+from recsys.schemas import BuildConfig, MinCountConfig
 from recsys.types import BEHAVIORS, OOV_INDEX
 
 if TYPE_CHECKING:  # features.out_of_core builds on this module
@@ -126,7 +126,9 @@ def build(
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with timer("vocabularies"):
-            vocabs = fit_vocabs(src, cfg)  # the whole span: where the time cut is comes from the requests
+            # the whole span, every id (where the time cut is comes from the requests); the thresholds
+            # apply when the vocabularies are refit below, so that an item below them keeps its features
+            vocabs = fit_vocabs(src, unthresholded(cfg))
             items = item_table(src, vocabs)
             users = user_table(src, vocabs)
         with timer("history"):
@@ -136,10 +138,11 @@ def build(
             users = users.with_columns(history_len=pl.Series(store.lengths(), dtype=pl.Int32))
         with timer("requests"), _naming_the_source(src):
             parts, cuts = split_by_time(_requests(src, cfg, vocabs, items, users, events, store), cfg.split)
-        if cfg.vocab.fit_on == "train":
-            with timer("training-span vocabularies"), _naming_the_source(src):
+        if refits(cfg):
+            with timer("training-span vocabularies" if cfg.vocab.fit_on == "train" else "thresholds"), _naming_the_source(src):
                 vocabs, items, catalog, events, parts = _refit_on_training_span(
-                    src, cfg, vocabs, items, events, parts, cuts["valid_from"], tmp / "history" / "history.arrow")
+                    src, cfg, vocabs, items, events, parts, cuts["valid_from"] if cfg.vocab.fit_on == "train" else None,
+                    tmp / "history" / "history.arrow")
                 store = HistoryStore.open(tmp / "history" / "history.arrow")
         else:
             catalog = items.clear().drop("item")
@@ -298,8 +301,8 @@ def fit_vocabs(src: SourceData, cfg: BuildConfig, *, before: int | None = None,
     catalog = src.items
     counted = counted if counted is not None else event_counts(src, before)
     item_vocab = Vocab.from_counts("item_id", counted["item_id"], min_count=mc.item_id)
-    if before is not None and catalog is not None:
-        catalog = catalog.filter(pl.col("item_id").is_in(item_vocab.table["raw"].slice(1).implode()))
+    if before is not None and catalog is not None:  # the items seen then, below the item threshold or not
+        catalog = catalog.filter(pl.col("item_id").is_in(counted["item_id"]["raw"].implode()))
     vocabs = {
         "user_id": Vocab.from_counts("user_id", add_counts(counted["user_id"], _counts("user_id", src.users))),
         "item_id": item_vocab,
@@ -336,6 +339,19 @@ def _counts(column: str, *frames: pl.DataFrame | pl.LazyFrame | None) -> pl.Data
 
 # Vocabularies refit on the training span.
 REFIT = ("item_id", "category_id", "brand_id")
+
+
+def unthresholded(cfg: BuildConfig) -> BuildConfig:
+    """``cfg`` with every min_count 1: the whole-span vocabularies that the requests and the item
+    table are first encoded with hold every id, so that an item below a threshold is still known
+    with its category, brand and price bucket when :func:`refit_maps` lists it in the catalog."""
+    return cfg.model_copy(update={"vocab": cfg.vocab.model_copy(update={"min_count": MinCountConfig()})})
+
+
+def refits(cfg: BuildConfig) -> bool:
+    """Whether the whole-span vocabularies are refit: on the training span (``fit_on: train``), or
+    on the whole span with the frequency thresholds (``fit_on: all`` with a min_count above 1)."""
+    return cfg.vocab.fit_on == "train" or cfg.vocab.min_count != MinCountConfig()
 #: Items outside the item vocabulary (first seen after the training span, or below min_count) with
 #: their candidate feature indices: item_id (raw), then the item table's feature columns.
 CATALOG = "catalog.parquet"
@@ -343,10 +359,11 @@ CATALOG = "catalog.parquet"
 
 def _refit_on_training_span(
     src: SourceData, cfg: BuildConfig, whole: dict[str, Vocab], whole_items: pl.DataFrame, events: pl.DataFrame,
-    parts: dict[str, pl.DataFrame], valid_from: int, history: Path,
+    parts: dict[str, pl.DataFrame], valid_from: int | None, history: Path,
 ) -> tuple[dict[str, Vocab], pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, pl.DataFrame]]:
-    """Refit the item, category and brand vocabularies on the training span (before ``valid_from``)
-    and move every index the whole-span ones wrote to the new ones: the history store (rewritten at
+    """Refit the item, category and brand vocabularies on the training span (before ``valid_from``;
+    None: the whole span, for its frequency thresholds) and move every index the whole-span ones
+    (every id, :func:`unthresholded`) wrote to the new ones: the history store (rewritten at
     ``history``), the item table and the requests' candidates. An id first seen in the valid or
     test span, or seen too rarely before it, maps to the out-of-vocabulary row; an item that does
     keeps its own category, brand and price bucket where those are known, and is listed with them

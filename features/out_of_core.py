@@ -71,8 +71,10 @@ from features.build import (
     has_true_prob,
     item_table,
     refit_maps,
+    refits,
     remap_lists,
     request_columns,
+    unthresholded,
     user_table,
     why_no_events,
 )
@@ -180,11 +182,11 @@ def build_synth(source: str, path: Path, tmp: Path, cfg: BuildConfig, *, strict:
         _, cuts = split_by_time(keys.select("timestamp"), cfg.split)
         before = cuts["valid_from"] if cfg.vocab.fit_on == "train" else None
         counted = _event_counts(plan, tasks, before)
-        whole = fit_vocabs(src, cfg, counted=counted["whole"])
-        vocabs = fit_vocabs(src, cfg, before=before, counted=counted["span"]) if before is not None else whole
+        whole = fit_vocabs(src, unthresholded(cfg), counted=counted["whole"])  # every id (build.unthresholded)
+        vocabs = fit_vocabs(src, cfg, before=before, counted=counted["span" if before is not None else "whole"]) if refits(cfg) else whole
         items, users = item_table(src, vocabs), user_table(src, vocabs)
         item_cols = [c for c in items.columns if c not in ("item", "item_id")]
-        if cfg.vocab.fit_on == "train":
+        if refits(cfg):
             whole_items = item_table(src, whole)
             catalog, maps = refit_maps(whole, vocabs, whole_items, item_cols)
         else:

@@ -222,3 +222,24 @@ def test_a_corrupted_parquet_file_is_named(tiny_world, tmp_path):
     with pytest.raises(DataError, match=rf"^{bad / 'users.parquet'}: cannot read Parquet"):
         build(f"synth:{bad}", tmp_path / "d", BuildConfig())
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("fit_on", ["train", "all"])
+def test_an_item_below_the_threshold_keeps_its_category_and_brand(tiny_world, tmp_path, fit_on):
+    """A rare item's candidates are the out-of-vocabulary item, with their own category and brand
+    (where those are known), not row 0's; before, an item below min_count over the whole span lost them."""
+    cfg = load_config(BuildConfig, overrides=["vocab.min_count.item_id=1000000000", f"vocab.fit_on={fit_on}"])
+    build(f"synth:{tiny_world}", tmp_path / "d", cfg)
+    shown = pl.concat([pl.read_parquet(tmp_path / "d" / "requests" / f"{s}.parquet") for s in ("train", "valid", "test")])
+    shown = shown.select("request_id", "item", "category", "brand", "position").explode("item", "category", "brand", "position")
+    truth = shown.join(pl.read_parquet(tiny_world / "impressions.parquet").select("request_id", "position", "item_id"),
+                       on=["request_id", "position"]).join(
+        pl.read_parquet(tiny_world / "items.parquet").select("item_id", "category_id", "brand_id"), on="item_id")
+    assert truth.height == shown.height > 0 and (truth["item"] == OOV_INDEX).all()
+    cats, brands = (Vocab.load(tmp_path / "d" / "vocab", v) for v in ("category_id", "brand_id"))
+    assert brands.size > 1 and (truth["category"] != OOV_INDEX).mean() > 0.9
+    known = truth.filter(pl.col("category") != OOV_INDEX)  # with fit_on train, a category first seen later is OOV
+    assert np.array_equal(known["category"].to_numpy(), cats.encode(known["category_id"]).to_numpy())
+    assert np.array_equal(truth["brand"].to_numpy(), brands.encode(truth["brand_id"]).to_numpy())
+    catalog = pl.read_parquet(tmp_path / "d" / "catalog.parquet")
+    assert set(truth["item_id"]) <= set(catalog["item_id"])
